@@ -1,0 +1,316 @@
+"""Typed configuration: YAML presets in configs/, `section.key=value` overrides, validation.
+
+Every field has a type and a default; loading checks unknown keys (suggesting the closest valid
+one), types and impossible values before anything heavy starts, and raises `ConfigError` with a
+one-line message naming the key and the file. The resolved config is written into every run
+directory, so a run can always be reproduced from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported to the user as one line (exit status 2)."""
+
+
+@dataclass
+class ModelConfig:
+    base_channels: int = 128  # `ch` in the DDPM code
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_heads: int = 1  # the DDPM reference is single-head
+    dropout: float = 0.1
+    attention_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000
+    schedule: Literal["linear", "cosine", "squaredcos_cap_v2", "scaled_linear"] = "linear"
+    beta_start: float = 1e-4  # linear and scaled_linear only
+    beta_end: float = 0.02
+    target: Literal["eps", "x0", "v"] = "eps"  # what the network predicts
+    timestep_sampling: Literal["uniform", "antithetic"] = "uniform"
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shapes"  # a folder written by `python -m engine.data.prepare`
+    image_size: int = 32
+    channels: int = 3
+    random_flip: bool = True
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000  # linear warmup, then constant (as in the DDPM code)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800_000  # total optimizer steps; the run stops there
+    batch_size: int = 128  # global batch size
+    seed: int = 0
+    run_dir: str = ""  # default: runs/<config file name>
+    device: str = "auto"  # auto = cuda if available, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the UNet
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # ema-pytorch's power-law warmup of the decay; the DDPM code has none
+    log_every: int = 100  # steps between metrics lines (the only host syncs of the step)
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    sample_every: int = 10_000  # steps between sample grids; 0 = only at the end
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: Optional[int] = None  # ddim steps; ddpm always runs all num_timesteps
+    eta: float = 0.0  # ddim only: 0 = deterministic, 1 = ddpm-like noise
+    variance: Literal["fixed_large", "fixed_small"] = "fixed_large"  # ddpm: beta_t or posterior
+    clip_denoised: bool = True  # clip the predicted x0 to [-1, 1]
+    num_images: int = 64  # images in the grid written during training
+    batch_size: int = 64
+    use_ema: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML preset, apply `section.key=value` overrides, check types and values."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot read config file ({error.strerror or error})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}:{line} malformed YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override, where)
+    config = _build(Config, raw, prefix="", where=where)
+    if not config.train.run_dir:
+        config.train.run_dir = str(Path("runs") / path.stem)
+    validate(config, where)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
+    """Rebuild a config (e.g. the one stored in a checkpoint or run directory) with the same checks."""
+    config = _build(Config, raw, prefix="", where=where)
+    validate(config, where)
+    return config
+
+
+def _apply_override(raw: dict, override: str, where: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    parts = key.split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # e.g. an unquoted string with a colon: take it verbatim
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is not a section ({where})")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
+            raise ConfigError(f"{where}: unknown key '{full}'{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", where)
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}", where)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key, where)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+            hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, args))}; got {value!r}{hint_text}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {_describe(value)}")
+        return [_coerce(item, args[0], f"{key}[{i}]", where) for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e5 in YAML is a float; accept whole numbers
+            raise ConfigError(f"{where}: {key} must be an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this file, not user input
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) < 40 else text[:37] + '...'}"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(config: Config, where: str) -> None:
+    """Impossible values, each reported against the key that holds it."""
+
+    def require(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{where}: {key} {message}")
+
+    model, diffusion, data, optim, train, sample = (
+        config.model, config.diffusion, config.data, config.optim, config.train, config.sample)
+
+    require(model.base_channels > 0, "model.base_channels", f"must be positive, got {model.base_channels}")
+    require(len(model.channel_mult) > 0 and all(m > 0 for m in model.channel_mult),
+            "model.channel_mult", f"must be a non-empty list of positive integers, got {model.channel_mult}")
+    require(model.num_res_blocks > 0, "model.num_res_blocks", f"must be positive, got {model.num_res_blocks}")
+    require(model.num_heads > 0, "model.num_heads", f"must be positive, got {model.num_heads}")
+    require(0.0 <= model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {model.dropout}")
+    for level, mult in enumerate(model.channel_mult):
+        channels = model.base_channels * mult
+        require(channels % model.num_heads == 0, "model.num_heads",
+                f"must divide the channels of every level ({channels} at level {level})")
+
+    require(diffusion.num_timesteps >= 2, "diffusion.num_timesteps", f"must be at least 2, got {diffusion.num_timesteps}")
+    if diffusion.schedule in ("linear", "scaled_linear"):
+        require(0.0 < diffusion.beta_start < 1.0, "diffusion.beta_start", f"must be in (0, 1), got {diffusion.beta_start}")
+        require(diffusion.beta_start < diffusion.beta_end < 1.0, "diffusion.beta_end",
+                f"must be greater than diffusion.beta_start ({diffusion.beta_start}) and below 1, got {diffusion.beta_end}")
+    if diffusion.timestep_sampling == "antithetic":
+        require(train.batch_size % 2 == 0, "train.batch_size", f"must be even for antithetic timestep sampling, got {train.batch_size}")
+
+    require(data.image_size > 0, "data.image_size", f"must be positive, got {data.image_size}")
+    require(data.channels in (1, 3, 4), "data.channels", f"must be 1, 3 or 4, got {data.channels}")
+    factor = 2 ** (len(model.channel_mult) - 1)
+    require(data.image_size % factor == 0, "data.image_size",
+            f"({data.image_size}) must be divisible by the UNet's downsampling factor {factor} "
+            f"(2 ** (len(model.channel_mult) - 1))")
+    resolutions = [data.image_size // 2 ** level for level in range(len(model.channel_mult))]
+    for resolution in model.attention_resolutions:
+        require(resolution in resolutions, "model.attention_resolutions",
+                f"contains {resolution}, which is not a resolution of this UNet (it has {resolutions})")
+    require(data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {data.shuffle_buffer}")
+    require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
+    require(bool(data.path), "data.path", "must name a prepared data folder")
+
+    require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
+    require(len(optim.betas) == 2 and all(0.0 <= b < 1.0 for b in optim.betas), "optim.betas",
+            f"must be two numbers in [0, 1), got {optim.betas}")
+    require(optim.eps > 0, "optim.eps", f"must be positive, got {optim.eps}")
+    require(optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {optim.weight_decay}")
+    require(optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {optim.warmup_steps}")
+    require(optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {optim.grad_clip}")
+
+    require(train.steps > 0, "train.steps", f"must be positive, got {train.steps}")
+    require(train.batch_size > 0, "train.batch_size", f"must be positive, got {train.batch_size}")
+    require(train.seed >= 0, "train.seed", f"must be >= 0, got {train.seed}")
+    require(train.device == "auto" or train.device == "cpu" or train.device.startswith("cuda"),
+            "train.device", f"must be auto, cpu or cuda[:N], got {train.device!r}")
+    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {train.ema_decay}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        value = getattr(train, key)
+        require(value > 0, f"train.{key}", f"must be positive, got {value}")
+    require(train.sample_every >= 0, "train.sample_every", f"must be >= 0 (0 = only at the end), got {train.sample_every}")
+
+    if sample.steps is not None:
+        require(0 < sample.steps <= diffusion.num_timesteps, "sample.steps",
+                f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {sample.steps}")
+        require(sample.sampler == "ddim" or sample.steps == diffusion.num_timesteps, "sample.steps",
+                f"applies to the ddim sampler; ddpm always runs all {diffusion.num_timesteps} steps")
+    require(sample.eta >= 0, "sample.eta", f"must be >= 0, got {sample.eta}")
+    require(sample.num_images > 0, "sample.num_images", f"must be positive, got {sample.num_images}")
+    require(sample.batch_size > 0, "sample.batch_size", f"must be positive, got {sample.batch_size}")

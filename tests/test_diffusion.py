@@ -1,0 +1,132 @@
+"""The forward process, losses and samplers, checked in float64 against the equations."""
+
+import pytest
+import torch
+
+from engine import diffusion
+from engine.schedule import NoiseSchedule
+
+T = 1000
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule.create("linear", T)
+
+
+def _batch(seed=0, shape=(6, 3, 4, 4)):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])[: shape[0]]
+    return x0, eps, t
+
+
+def test_the_two_forms_of_the_posterior_mean_agree(schedule):
+    x0, eps, t = _batch()
+    x_t = diffusion.q_sample(schedule, x0, t, eps)
+    via_x0 = diffusion.q_posterior_mean(schedule, diffusion.predict_x0_from_eps(schedule, x_t, t, eps), x_t, t)
+    direct = diffusion.posterior_mean_from_eps(schedule, x_t, t, eps)
+    torch.testing.assert_close(via_x0, direct, rtol=1e-9, atol=1e-9)
+
+
+def test_q_sample_has_the_stated_mean_and_variance(schedule):
+    # Monte Carlo over 200k draws: mean sqrt(abar) x0, variance 1 - abar
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    for t_value, x0_value in ((0, 0.7), (250, -0.3), (999, 0.9)):
+        x0 = torch.full((n, 1, 1, 1), x0_value, dtype=torch.float64)
+        t = torch.full((n,), t_value)
+        x_t = diffusion.q_sample(schedule, x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+        abar = schedule.alphas_cumprod[t_value].item()
+        assert x_t.mean().item() == pytest.approx(abar ** 0.5 * x0_value, abs=5 * (1 - abar) ** 0.5 / n ** 0.5 + 1e-12)
+        assert x_t.var().item() == pytest.approx(1 - abar, rel=0.02, abs=1e-6)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_each_target_maps_back_to_the_noise(schedule, target):
+    x0, eps, t = _batch()
+    x_t = diffusion.q_sample(schedule, x0, t, eps)
+    output = diffusion.training_target(schedule, x0, eps, t, target)
+    torch.testing.assert_close(diffusion.eps_from_model_output(schedule, x_t, t, output, target), eps, rtol=1e-7, atol=1e-7)
+
+
+def test_antithetic_timesteps_come_in_mirrored_pairs():
+    g = torch.Generator().manual_seed(0)
+    t = diffusion.sample_timesteps(64, T, "antithetic", generator=g)
+    assert t.shape == (64,)
+    torch.testing.assert_close(t[:32] + t[32:], torch.full((32,), T - 1))
+    u = diffusion.sample_timesteps(10_000, T, "uniform", generator=g)
+    assert u.min() >= 0 and u.max() <= T - 1 and len(u.unique()) > 900
+    with pytest.raises(ValueError, match="even"):
+        diffusion.sample_timesteps(5, T, "antithetic")
+
+
+def test_training_loss_is_the_mse_to_the_target(schedule):
+    x0, _, _ = _batch()
+    model = lambda x, t: 0.5 * x
+    loss = diffusion.training_loss(model, schedule, x0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, T, (x0.shape[0],), generator=g)
+    noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    expected = ((0.5 * diffusion.q_sample(schedule, x0, t, noise) - noise) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_ddim_with_eta_one_over_all_steps_is_the_ddpm_posterior(schedule):
+    x0, eps, t = _batch()
+    t = t.clamp(min=1)
+    x_t = diffusion.q_sample(schedule, x0, t, eps)
+    eps_hat = eps + 0.1
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ddpm = diffusion.posterior_step(schedule, x_t, t, eps_hat, z, variance="fixed_small")
+    ddim = diffusion.ddim_step(schedule, x_t, t, t - 1, eps_hat, z, eta=1.0)
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+
+
+def test_no_noise_is_added_at_the_last_step(schedule):
+    x0, eps, _ = _batch()
+    t = torch.zeros(x0.shape[0], dtype=torch.long)
+    x_t = diffusion.q_sample(schedule, x0, t, eps)
+    with_noise = diffusion.posterior_step(schedule, x_t, t, eps, torch.full_like(x0, 100.0))
+    torch.testing.assert_close(with_noise, diffusion.posterior_step(schedule, x_t, t, eps, torch.zeros_like(x0)))
+    torch.testing.assert_close(with_noise, x0)
+
+
+def test_ddim_timesteps_are_evenly_spaced():
+    assert diffusion.ddim_timesteps(1000, 1000) == list(range(1000))
+    steps = diffusion.ddim_timesteps(1000, 10)
+    assert len(steps) == 10 and steps[0] == 0 and steps[-1] == 999
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert max(gaps) - min(gaps) <= 1
+
+
+def _oracle(schedule, point):
+    """The ideal eps-predictor when the data set is the single point `point`."""
+    def model(x_t, t):
+        return (x_t - diffusion.extract(schedule.sqrt_alphas_cumprod, t, x_t) * point) / \
+            diffusion.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+    return model
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("options", [
+    dict(sampler="ddpm", variance="fixed_large", clip_denoised=True),
+    dict(sampler="ddpm", variance="fixed_small", clip_denoised=False),
+    dict(sampler="ddim", steps=50, eta=0.0, clip_denoised=False),
+    dict(sampler="ddim", steps=20, eta=1.0, clip_denoised=True),
+])
+def test_sampling_with_an_oracle_returns_the_training_point(name, options):
+    schedule = NoiseSchedule.create(name, T)
+    point = torch.rand((1, 3, 4, 4), generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 1.8 - 0.9
+    images = diffusion.sample(_oracle(schedule, point), schedule, (4, 3, 4, 4), generator=torch.Generator().manual_seed(0),
+                              dtype=torch.float64, **options)
+    torch.testing.assert_close(images, point.expand(4, -1, -1, -1), rtol=1e-7, atol=1e-7)
+
+
+def test_sampling_is_seeded(schedule):
+    model = lambda x, t: 0.1 * x
+    run = lambda seed: diffusion.sample(model, schedule, (2, 1, 2, 2), sampler="ddim", steps=5, eta=1.0,
+                                        generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
