@@ -1,0 +1,234 @@
+"""The DDPM UNet (Ho et al. 2020, appendix B; the `diffusion_tf` model, layer for layer).
+
+A PixelCNN++-style UNet: wide ResNet blocks conditioned on a sinusoidal timestep embedding,
+self-attention at chosen resolutions, and a skip connection from every down-path block to the
+up path. With the CIFAR-10 settings (ch=128, mult 1,2,2,2, attention at 16x16) it has 35.7M
+parameters. The forward pass branches only on construction-time Python values, so it compiles
+to a single graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.attention import resolve_attention_backend
+from engine.attention import attention as attend
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_unet(config: Config, device: torch.device | str) -> UNet:
+    """The UNet a run's config describes, on `device`; it predicts a tensor shaped like its input."""
+    model = config.model
+    return UNet(image_size=config.data.image_size, in_channels=config.data.channels,
+                out_channels=config.data.channels, base_channels=model.base_channels,
+                channel_mult=model.channel_mult, num_res_blocks=model.num_res_blocks,
+                attention_resolutions=model.attention_resolutions, dropout=model.dropout,
+                num_heads=model.num_heads, attention_backend=model.attention_backend, device=device).to(device)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) timesteps -> (B, dim) [sin | cos] features at geometric frequencies 1 .. 1/max_period."""
+    half = dim // 2
+    # float32 whatever the model dtype: bf16 cannot resolve t * freq for t near 1000
+    exponents = torch.arange(half, device=timesteps.device, dtype=torch.float32) / (half - 1)
+    freqs = torch.exp(-math.log(max_period) * exponents)
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(embedding, (0, dim % 2))  # odd dim: one zero column, as the reference does
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """32 groups as in the paper, or the largest divisor of `channels` below 32 for small models."""
+    groups = next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def _init(layer: nn.Conv2d | nn.Linear, scale: float = 1.0) -> nn.Module:
+    """The reference init: fan-avg uniform (Xavier) weights, zero biases; scale 0 zeroes the layer
+    so residual branches start as the identity."""
+    if scale == 0:
+        nn.init.zeros_(layer.weight)
+    else:
+        nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = _init(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.temb_proj = _init(nn.Linear(temb_channels, out_channels))
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _init(nn.Conv2d(out_channels, out_channels, 3, padding=1), scale=0.0)
+        # a 1x1 conv ("NIN") only where the residual must change width
+        self.shortcut = _init(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions, split into `num_heads` heads, added back residually."""
+
+    def __init__(self, channels: int, num_heads: int, backend: str):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide the channels ({channels})")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.norm = group_norm(channels)
+        self.q = _init(nn.Conv2d(channels, channels, 1))
+        self.k = _init(nn.Conv2d(channels, channels, 1))
+        self.v = _init(nn.Conv2d(channels, channels, 1))
+        self.proj_out = _init(nn.Conv2d(channels, channels, 1), scale=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, heads, H*W, head_dim)
+            return t.reshape(batch, self.num_heads, channels // self.num_heads, height * width).transpose(-2, -1)
+
+        h = attend(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), self.backend)
+        h = h.transpose(-2, -1).reshape(batch, channels, height, width)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _init(nn.Conv2d(channels, channels, 3, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # TensorFlow's 'SAME' padding for a stride-2 conv: one extra row/column at the bottom/right only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _init(nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the UNet: ResNet blocks, each followed by attention or nothing, then a resample."""
+
+    def __init__(self, blocks: list[ResnetBlock], attentions: list[nn.Module], resample: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attentions = nn.ModuleList(attentions)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    def __init__(self, *, image_size: int, in_channels: int, out_channels: int, base_channels: int = 128,
+                 channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_heads: int = 1,
+                 attention_backend: str = "sdpa", device: torch.device | str | None = None):
+        """`device` is where the model will run (default: CUDA if present); it only decides which attention
+        backend can run there. Parameters are created on the CPU; move them with `.to(device)`."""
+        super().__init__()
+        self.channel_mult = tuple(channel_mult)
+        if image_size % self.downsample_factor:
+            raise ValueError(f"image_size ({image_size}) must be divisible by the UNet's downsampling factor "
+                             f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
+        resolutions = [image_size // 2**level for level in range(len(self.channel_mult))]
+        unused = sorted(set(attention_resolutions) - set(resolutions))
+        if unused:
+            raise ValueError(f"attention_resolutions {unused} are not resolutions of this UNet ({resolutions})")
+        # resolved once, so forward dispatches on a constant string
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.attention_backend = resolve_attention_backend(attention_backend, device)
+        self.base_channels = base_channels
+        temb_channels = 4 * base_channels
+
+        def resnet(cin: int, cout: int) -> ResnetBlock:
+            return ResnetBlock(cin, cout, temb_channels, dropout)
+
+        def attention_or_identity(channels: int, resolution: int) -> nn.Module:
+            if resolution in attention_resolutions:
+                return AttentionBlock(channels, num_heads, self.attention_backend)
+            return nn.Identity()
+
+        self.time_embed = nn.Sequential(_init(nn.Linear(base_channels, temb_channels)), nn.SiLU(),
+                                        _init(nn.Linear(temb_channels, temb_channels)))
+        self.conv_in = _init(nn.Conv2d(in_channels, base_channels, 3, padding=1))
+
+        # down path; remember the width of every activation the up path will concatenate
+        skip_channels, channels = [base_channels], base_channels
+        self.down = nn.ModuleList()
+        for level, (mult, resolution) in enumerate(zip(self.channel_mult, resolutions)):
+            blocks, attentions = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(resnet(channels, base_channels * mult))
+                channels = base_channels * mult
+                attentions.append(attention_or_identity(channels, resolution))
+                skip_channels.append(channels)
+            is_last = level == len(self.channel_mult) - 1
+            self.down.append(Level(blocks, attentions, nn.Identity() if is_last else Downsample(channels)))
+            if not is_last:
+                skip_channels.append(channels)
+
+        self.mid_block1 = resnet(channels, channels)
+        self.mid_attention = AttentionBlock(channels, num_heads, self.attention_backend)
+        self.mid_block2 = resnet(channels, channels)
+
+        # up path: one block more per level than down, to consume the downsample's skip as well
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(self.channel_mult))):
+            blocks, attentions = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(resnet(channels + skip_channels.pop(), base_channels * self.channel_mult[level]))
+                channels = base_channels * self.channel_mult[level]
+                attentions.append(attention_or_identity(channels, resolutions[level]))
+            self.up.append(Level(blocks, attentions, Upsample(channels) if level > 0 else nn.Identity()))
+
+        self.norm_out = group_norm(channels)
+        self.conv_out = _init(nn.Conv2d(channels, out_channels, 3, padding=1), scale=0.0)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        temb = self.time_embed(timestep_embedding(timesteps, self.base_channels).to(x.dtype))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for block, attention in zip(level.blocks, level.attentions):
+                h = attention(block(h, temb))
+                skips.append(h)
+            if not isinstance(level.resample, nn.Identity):
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid_block2(self.mid_attention(self.mid_block1(h, temb)), temb)
+
+        for level in self.up:
+            for block, attention in zip(level.blocks, level.attentions):
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), temb))
+            h = level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
