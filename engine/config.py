@@ -192,6 +192,8 @@ def _build(cls, raw: Any, prefix: str, where: str):
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} is a single value, not a section (got {_describe(value)})")
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None

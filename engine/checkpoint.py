@@ -1,0 +1,95 @@
+"""Checkpoints that a crash or kill cannot destroy.
+
+Each checkpoint is written to a temporary name, flushed and fsynced, then renamed into place; the
+`latest` pointer is replaced the same way only after that. Loading falls back to the previous
+checkpoint when the newest cannot be read, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+_NAME = re.compile(r"^step-(\d{8,})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files are never listed)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write `state` as the checkpoint of `step`, point `latest` at it, keep the newest `keep`."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / checkpoint_name(step)
+    atomic_write(path, lambda file: torch.save(state, file))
+    atomic_write(folder / LATEST, lambda file: file.write(path.name.encode() + b"\n"))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(run_dir: str | Path, map_location: Any = "cpu") -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint of a run and its path, or None when the run has none."""
+    candidates = list_checkpoints(run_dir)
+    pointer = Path(run_dir) / CHECKPOINT_DIR / LATEST
+    if pointer.is_file():  # trust the pointer first; it is only written after a complete save
+        named = pointer.parent / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.append(named)
+    for path in reversed(candidates):
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # truncated or corrupt: fall back to the one before
+            warnings.warn(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); trying the previous one")
+            continue
+        if not isinstance(state, dict) or "step" not in state or "model" not in state:
+            warnings.warn(f"checkpoint {path} is not a complete training checkpoint; trying the previous one")
+            continue
+        return state, path
+    return None

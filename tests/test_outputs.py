@@ -1,0 +1,57 @@
+"""What a run leaves for people to read and look at: metrics JSONL, loss curve, sample grids, EMA."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.ema import build_ema, update_ema
+from engine.images import make_grid, save_grid, to_uint8
+from engine.metrics import MetricsLog, plot_loss_curve, read_metrics
+
+
+def test_metrics_log_appends_and_drops_steps_past_a_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": 1.0 / step})
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"step": 40, "lo')  # a line cut off by a kill
+    MetricsLog(path, resume_step=20).close()
+    assert [r["step"] for r in read_metrics(path)] == [10, 20]
+
+
+def test_loss_curve_is_a_png(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) + "\n" for s in range(100)))
+    png = plot_loss_curve(path, tmp_path / "loss.png")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 300
+
+
+def test_to_uint8_maps_minus_one_to_zero_and_one_to_255():
+    images = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2)
+    assert to_uint8(images).reshape(-1).tolist() == [0, 128, 255, 255]
+
+
+def test_grid_places_every_image(tmp_path):
+    images = np.stack([np.full((4, 4, 3), i * 10, np.uint8) for i in range(6)])
+    grid = make_grid(images, columns=3, padding=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
+    assert grid[1, 1, 0] == 0 and grid[1, 6, 0] == 10 and grid[6, 11, 0] == 50
+    path = save_grid(torch.zeros(4, 1, 8, 8), tmp_path / "grid.png")
+    with Image.open(path) as image:
+        assert image.mode == "L" and image.width >= 8 * 2 * 8  # small images are enlarged
+
+
+def test_ema_follows_the_fixed_decay_from_the_first_step():
+    model = torch.nn.Linear(4, 4)
+    ema = build_ema(model, decay=0.9)
+    start = ema.ema_model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    update_ema(ema)
+    torch.testing.assert_close(ema.ema_model.weight, 0.9 * start + 0.1 * model.weight.detach())
+    assert ema.ema_model.weight.dtype == torch.float32
