@@ -1,0 +1,54 @@
+"""Data sets as webdataset shards: procedural shapes, source readers, `prepare` and the streaming loader.
+
+A data set is prepared once (`python -m engine.data.prepare SOURCE OUT_DIR`) into tar shards plus a
+`manifest.json`; training streams the shards with `build_train_loader`, which yields uint8 batches
+that `to_model_input` flips and scales on the training device.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+
+class DataError(ValueError):
+    """A problem with a data set or its configuration, reported to the user as one line (exit status 2)."""
+
+
+# Public names and the submodule holding each. They load on first use, so that
+# `python -m engine.data.prepare` neither imports torch nor finds itself imported twice by runpy.
+# `prepare` is not listed: a function re-exported under its own submodule's name would be shadowed
+# by the submodule on import; call `engine.data.prepare.prepare`.
+_EXPORTS = {
+    "SHAPE_CLASSES": "shapes",
+    "make_shape_image": "shapes",
+    "iter_shapes": "shapes",
+    "Source": "sources",
+    "SourceSample": "sources",
+    "open_source": "sources",
+    "decode_image": "sources",
+    "read_manifest": "prepare",
+    "build_train_loader": "loader",
+    "to_model_input": "loader",
+    "random_flip_mask": "loader",
+}
+
+__all__ = ["DataError", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__
+    from engine.data.loader import build_train_loader, random_flip_mask, to_model_input
+    from engine.data.prepare import read_manifest
+    from engine.data.shapes import SHAPE_CLASSES, iter_shapes, make_shape_image
+    from engine.data.sources import Source, SourceSample, decode_image, open_source

@@ -1,0 +1,309 @@
+"""The streaming training loader: webdataset shards -> uint8 image batches, built in worker processes.
+
+Per worker the pipeline is
+
+    shard paths -> [split] -> read each tar, group members into samples -> shuffle buffer
+    -> decode with PIL -> batch -> DataLoader(batch_size=None)
+
+Workers decode and batch, so the main process only receives ready (B, C, H, W) uint8 tensors: a
+quarter of the bytes of float32. `to_model_input` then flips and scales them on the training device.
+
+Two modes:
+- resample=True (training): an endless stream. Every (rank, worker) draws shards with replacement
+  from the full list with its own generator, seeded from (seed, rank, worker id); no splitting is
+  needed, streams differ and repeat with the seed. A last partial batch never happens.
+- resample=False (one pass, e.g. evaluation): shards are shuffled with `seed` (the same order on
+  every rank), dealt out to ranks (urls[rank::world_size]) and then to workers, so every sample is
+  read exactly once over all ranks x workers. The last partial batch of each worker is kept, so
+  ranks may see different numbers of batches. Fewer shards than ranks is an error (a rank without
+  data would stall collective ops); fewer shards than ranks x workers only warns (idle workers).
+
+Bad data: a sample whose image does not decode, or that lacks its image or label member, is
+skipped with a warning and counted; so are the samples missing from a shard that ends early (the
+manifest says how many each shard holds: Python's tarfile reads a shard cut inside a header as
+a shorter, valid one, and webdataset's handlers see no error then). Every batch carries in
+"skipped" the count since its worker's previous batch; their sum is exactly how many samples
+were promised but not delivered. An image of the wrong size or channel count is a configuration
+mistake and raises DataError naming shard and key.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from engine.data import DataError
+from engine.data.prepare import read_manifest
+from engine.data.sources import IMAGE_EXTENSIONS, decode_image
+
+_IMAGE_MEMBERS = sorted(set(IMAGE_EXTENSIONS.values()) | {"jpeg"})
+_MAX_WARNINGS = 20  # per worker; later skips are still counted
+_MAX_SKIPS_IN_A_ROW = 1000  # skip events without a good sample between: the data is broken, not a few files
+
+
+# ----------------------------------------------------------------------------- model input
+
+
+def random_flip_mask(batch_size: int, *, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which samples of a batch to flip: one Bernoulli(1/2) draw per sample, as a bool tensor."""
+    return torch.rand(batch_size, generator=generator, device=device) < 0.5
+
+
+def to_model_input(images_uint8: torch.Tensor, *, random_flip: bool,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in [-1, 1], each sample flipped left-right with probability 1/2.
+
+    Runs where `images_uint8` lives (the generator must live there too), so the host ships uint8.
+    """
+    images = images_uint8
+    if random_flip:
+        flip = random_flip_mask(images.shape[0], generator=generator, device=images.device)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+class _SkipCounter:
+    """Counts skipped samples in one worker (each worker holds its own copy) and warns about them."""
+
+    def __init__(self):
+        self.pending = 0  # skipped since the last batch
+        self.in_a_row = 0  # problems since the last good sample
+        self.warned = 0
+
+    def warn(self, message: str) -> None:
+        if self.warned < _MAX_WARNINGS:
+            self.warned += 1
+            more = " (further problems in this worker are counted silently)" if self.warned == _MAX_WARNINGS else ""
+            warnings.warn(message + more, stacklevel=3)
+
+    def skip(self, message: str, count: int = 1) -> None:
+        self.pending += count
+        self.in_a_row += 1
+        if self.in_a_row > _MAX_SKIPS_IN_A_ROW:
+            raise DataError(f"{self.in_a_row} problems in a row without one good sample (last: {message}); "
+                            "the shards look broken: prepare the data set again")
+        self.warn(f"skipping {message}")
+
+    def good(self) -> None:
+        self.in_a_row = 0
+
+    def take(self) -> int:
+        taken, self.pending = self.pending, 0
+        return taken
+
+
+def _worker_seed(seed: int, rank: int, purpose: int) -> int:
+    """A seed of its own for every (seed, rank, DataLoader worker, purpose)."""
+    info = get_worker_info()
+    worker = info.id if info is not None else 0
+    return int(np.random.SeedSequence([seed, rank, worker, purpose]).generate_state(1)[0])
+
+
+def _split_by_rank(urls, rank: int, world_size: int):
+    # wds.split_by_node reads the rank from RANK/WORLD_SIZE or an initialised torch.distributed and
+    # otherwise gives every rank all shards; an explicit rank cannot go wrong that way.
+    yield from islice(urls, rank, None, world_size)
+
+
+def _read_shards(shards, num_samples: dict[str, int], skips: _SkipCounter):
+    """Samples of each shard, via webdataset's tar reader; what a shard lacks is counted as skipped."""
+    for shard in shards:
+        url, read = shard["url"], 0
+
+        def tar_error(exn: Exception, url=url) -> bool:  # a webdataset handler: warn and go on
+            skips.warn(f"shard {url}: {exn.args[0] if exn.args else repr(exn)}")
+            return True
+
+        try:
+            with open(url, "rb") as stream:  # closed as soon as the shard is read
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=tar_error)
+                for sample in group_by_keys(files, handler=tar_error):
+                    read += 1
+                    yield sample
+        except OSError as exn:
+            skips.warn(f"shard {url}: {exn}")
+        if read < num_samples[url]:
+            skips.skip(f"{num_samples[url] - read} samples of shard {url}: it ended after {read} of "
+                       f"{num_samples[url]} (truncated?)", count=num_samples[url] - read)
+
+
+def _seeded_shuffle(samples, size: int, seed: int, rank: int):
+    # the worker id is only known inside the worker, so the seed is made here rather than up front
+    yield from wds.shuffle(size, seed=_worker_seed(seed, rank, purpose=1))(samples)
+
+
+def _decode_one(sample: dict, image_size: int, channels: int, skips: _SkipCounter):
+    where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')}"
+    image_member = next((name for name in _IMAGE_MEMBERS if name in sample), None)
+    if image_member is None or "cls" not in sample:
+        skips.skip(f"{where}: it lacks its {'image' if image_member is None else '.cls label'} member")
+        return None
+    try:
+        label = int(sample["cls"])
+        image = decode_image(sample[image_member])
+    except Exception as exn:  # Pillow raises many types for broken files
+        skips.skip(f"{where}: {exn}")
+        return None
+    if image.shape != (image_size, image_size, channels):
+        height, width, found = image.shape
+        raise DataError(f"{where}: image is {width}x{height}x{found}, expected "
+                        f"{image_size}x{image_size}x{channels} (data.image_size, data.channels)")
+    skips.good()
+    return image, label
+
+
+def _decode_samples(samples, image_size: int, channels: int, skips: _SkipCounter):
+    for sample in samples:
+        decoded = _decode_one(sample, image_size, channels, skips)
+        if decoded is not None:
+            yield decoded
+
+
+def _batch_dict(images: np.ndarray, labels: list[int], skipped: int) -> dict:
+    # (B, H, W, C) -> contiguous (B, C, H, W), the layout the model takes. numpy does the copy:
+    # torch's multi-threaded uint8 permute was 50x slower here on a 2-core machine.
+    return {"image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "skipped": skipped}
+
+
+class _Collate:
+    """Stacks decoded samples into a batch that carries the skip count since the previous batch."""
+
+    def __init__(self, skips: _SkipCounter):
+        self.skips = skips
+
+    def __call__(self, samples: list) -> dict:
+        images = np.stack([image for image, _ in samples])
+        return _batch_dict(images, [label for _, label in samples], self.skips.take())
+
+
+def _flush_skips(batches, skips: _SkipCounter, image_size: int, channels: int):
+    yield from batches
+    if skips.pending:  # skips after the last sample of a finite pass: an empty batch reports them
+        yield _batch_dict(np.zeros((0, image_size, image_size, channels), np.uint8), [], skips.take())
+
+
+def _hand_over_errors(batches):
+    # A DataError leaves the worker as a batch and is raised again by _Batches in the main process:
+    # torch would re-raise it with the worker's traceback folded into the message, and keep the
+    # DataLoader alive in a reference cycle whose collection waits 5 s per worker.
+    try:
+        yield from batches
+    except DataError as exn:
+        yield {"error": str(exn)}
+
+
+class _Batches:
+    """The DataLoader's batches, raising here the DataErrors that its workers handed over."""
+
+    def __init__(self, dataloader: DataLoader):
+        self.dataloader = dataloader
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.dataloader:
+            if "error" in batch:
+                raise DataError(batch["error"])
+            yield batch
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _shard_paths(path: str | Path, manifest: dict) -> dict[str, int]:
+    """{absolute shard path: number of samples} from the manifest."""
+    directory = Path(path)
+    directory = directory.parent if directory.suffix == ".json" else directory
+    if not manifest["shards"]:
+        raise DataError(f"the manifest of {directory} lists no shards; prepare the data set again")
+    shards = {os.path.abspath(directory / shard["name"]): shard["num_samples"] for shard in manifest["shards"]}
+    missing = [shard for shard in shards if not os.path.isfile(shard)]
+    if missing:
+        raise DataError(f"{len(missing)} shards listed in the manifest of {directory} are missing, "
+                        f"e.g. {missing[0]}; prepare the data set again")
+    return shards
+
+
+def _check_request(manifest: dict, path, *, image_size: int, channels: int, batch_size: int, rank: int,
+                   world_size: int) -> None:
+    if (manifest["image_size"], manifest["channels"]) != (image_size, channels):
+        size, found = manifest["image_size"], manifest["channels"]
+        raise DataError(f"the data set at {path} holds {size}x{size}x{found} images, but the config asks for "
+                        f"{image_size}x{image_size}x{channels} (data.image_size, data.channels)")
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, not {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+
+
+def _check_finite_split(num_shards: int, world_size: int, num_workers: int) -> None:
+    if num_shards < world_size:
+        raise DataError(f"{num_shards} shards cannot give each of {world_size} ranks shards of its own; "
+                        "prepare the data set with a smaller --shard-size")
+    readers = world_size * max(num_workers, 1)
+    if num_shards < readers:
+        warnings.warn(f"{num_shards} shards for {readers} readers (ranks x workers): some workers will idle; "
+                      "a smaller --shard-size gives more shards", stacklevel=3)
+
+
+def _shard_stages(urls: list[str], *, resample: bool, seed: int, rank: int, world_size: int) -> list:
+    if resample:
+        worker_seed = functools.partial(_worker_seed, seed, rank, 0)
+        return [wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True)]
+    return [wds.SimpleShardList(urls, seed=seed),  # the same shuffled order on every rank and worker
+            functools.partial(_split_by_rank, rank=rank, world_size=world_size),
+            wds.split_by_worker]
+
+
+def _build_pipeline(shards: dict[str, int], *, batch_size: int, image_size: int, channels: int, shuffle_buffer: int,
+                    seed: int, resample: bool, rank: int, world_size: int) -> wds.DataPipeline:
+    """The per-worker pipeline over {shard path: number of samples}, yielding batch dicts (see
+    build_train_loader)."""
+    skips = _SkipCounter()
+    stages = _shard_stages(list(shards), resample=resample, seed=seed, rank=rank, world_size=world_size)
+    stages.append(functools.partial(_read_shards, num_samples=shards, skips=skips))
+    if shuffle_buffer > 1:  # shuffle before decoding: the buffer then holds small encoded images
+        stages.append(functools.partial(_seeded_shuffle, size=shuffle_buffer, seed=seed, rank=rank))
+    stages += [
+        functools.partial(_decode_samples, image_size=image_size, channels=channels, skips=skips),
+        wds.batched(batch_size, collation_fn=_Collate(skips), partial=not resample),
+        functools.partial(_flush_skips, skips=skips, image_size=image_size, channels=channels),
+        _hand_over_errors,
+    ]
+    return wds.DataPipeline(*stages)
+
+
+def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, channels: int, num_workers: int = 2,
+                       shuffle_buffer: int = 1000, seed: int = 0, resample: bool = True, rank: int = 0,
+                       world_size: int = 1) -> Iterable[dict]:
+    """Batches {"image": uint8 (B, C, H, W), "label": int64 (B,), "skipped": int} from a prepared data set.
+
+    `path` is the folder written by `python -m engine.data.prepare`; `batch_size` is per rank.
+    resample=True streams forever (training); resample=False reads every sample once over all ranks.
+    """
+    manifest = read_manifest(path)
+    _check_request(manifest, path, image_size=image_size, channels=channels, batch_size=batch_size, rank=rank,
+                   world_size=world_size)
+    shards = _shard_paths(path, manifest)
+    if not resample:
+        _check_finite_split(len(shards), world_size, num_workers)
+    dataset = _build_pipeline(shards, batch_size=batch_size, image_size=image_size, channels=channels,
+                            shuffle_buffer=shuffle_buffer, seed=seed, resample=resample, rank=rank,
+                            world_size=world_size)
+    # batch_size=None: the workers already batch; collating single samples here would be far slower
+    return _Batches(DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                               persistent_workers=num_workers > 0, pin_memory=False))
