@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule
 
 TARGETS = ("eps", "x0", "v")
@@ -161,7 +161,7 @@ def sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
 
     if sampler == "ddpm":
         timesteps: Iterable[int] = range(schedule.num_timesteps - 1, -1, -1)
-        for step in tqdm(timesteps, total=schedule.num_timesteps, desc="ddpm", disable=not progress, leave=False):
+        for step in progress_bar(timesteps, total=schedule.num_timesteps, desc="ddpm", disable=not progress, leave=False):
             t = torch.full((batch,), step, device=device, dtype=torch.long)
             noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) if step > 0 else torch.zeros_like(x)
             x = posterior_step(schedule, x, t, eps_at(x, t), noise, variance=variance, clip_denoised=clip_denoised)
@@ -169,7 +169,7 @@ def sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
     if sampler == "ddim":
         descending = ddim_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)[::-1]
         pairs = list(zip(descending, descending[1:] + [-1]))  # (t, t_prev), ending at the data
-        for step, step_prev in tqdm(pairs, desc="ddim", disable=not progress, leave=False):
+        for step, step_prev in progress_bar(pairs, desc="ddim", disable=not progress, leave=False):
             t = torch.full((batch,), step, device=device, dtype=torch.long)
             t_prev = torch.full((batch,), step_prev, device=device, dtype=torch.long)
             noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) if eta > 0 else None

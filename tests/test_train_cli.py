@@ -1,0 +1,146 @@
+"""End to end: the training and sampling CLIs, as a user runs them, on small procedural data sets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from engine import diffusion
+from engine.data.prepare import prepare
+from engine.schedule import NoiseSchedule
+from engine.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model and run small enough for seconds on 2 cores; every other setting comes from the preset.
+SMALL = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
+         "data.image_size=16", "diffusion.num_timesteps=50", "train.batch_size=8", "train.log_every=2",
+         "train.checkpoint_every=3", "train.sample_every=0", "sample.num_images=4", "sample.batch_size=4",
+         "sample.sampler=ddim", "sample.steps=4", "data.num_workers=0", "data.shuffle_buffer=16"]
+
+
+@pytest.fixture(scope="module")
+def shapes16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes16"
+    prepare("shapes", out, shard_size=16, num=64, image_size=16, channels=3, seed=0, progress=False)
+    return out
+
+
+def run(module, *args, timeout=300, launcher=None):
+    command = [*(launcher or [sys.executable, "-m"]), module, *map(str, args)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train(run_dir, data, *overrides, launcher=None):
+    return run("engine.train", "configs/tiny.yaml", *SMALL, f"data.path={data}", f"train.run_dir={run_dir}",
+               *overrides, launcher=launcher)
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_a_tiny_batch_is_overfit():
+    """The model, loss and optimizer can fit data: the loss on fixed (t, noise) falls well below its start."""
+    torch.manual_seed(0)
+    schedule = NoiseSchedule.create("linear", 100).to("cpu")
+    model = UNet(image_size=8, in_channels=3, out_channels=3, base_channels=16, channel_mult=[1, 2],
+                 num_res_blocks=1, attention_resolutions=[4], dropout=0.0)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    t, noise = torch.tensor([10, 30, 60, 90]), torch.randn(4, 3, 8, 8)
+
+    def fixed_loss():
+        return torch.nn.functional.mse_loss(model(diffusion.q_sample(schedule, x0, t, noise), t), noise)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    start = fixed_loss().item()
+    for _ in range(150):
+        optimizer.zero_grad()
+        fixed_loss().backward()
+        optimizer.step()
+    assert fixed_loss().item() < 0.1 * start
+
+
+def test_train_writes_the_run_directory_and_the_same_command_resumes(tmp_path, shapes16):
+    run_dir = tmp_path / "run"
+    first = train(run_dir, shapes16, "train.steps=6", "data.num_workers=1")
+    assert first.returncode == 0, first.stderr
+    for name in ("config.yaml", "metrics.jsonl", "samples.png", "loss.png", "checkpoints/latest",
+                 "checkpoints/step-00000006.pt", "samples/step-00000006.png"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(losses(run_dir)) == [2, 4, 6]
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record) >= {"step", "loss", "lr", "grad_norm", "images_per_sec", "data_wait_fraction", "skipped_samples"}
+    assert 0 <= record["data_wait_fraction"] <= 1 and record["images_per_sec"] > 0
+    with Image.open(run_dir / "samples.png") as grid:
+        assert grid.width >= 2 * 16
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"] == 6
+
+    second = train(run_dir, shapes16, "train.steps=10", "data.num_workers=1")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stderr and "step-00000006.pt" in second.stderr
+    assert sorted(losses(run_dir)) == [2, 4, 6, 8, 10]
+    state = torch.load(run_dir / "checkpoints" / "step-00000010.pt", weights_only=True)
+    assert state["step"] == 10 and state["config"]["train"]["steps"] == 10
+    assert set(state) >= {"model", "ema", "optimizer", "lr_schedule", "generator", "engine_version"}
+
+
+def test_torchrun_with_one_process_trains_the_same_as_python_m(tmp_path, shapes16):
+    plain = train(tmp_path / "plain", shapes16, "train.steps=4")
+    assert plain.returncode == 0, plain.stderr
+    launched = train(tmp_path / "torchrun", shapes16, "train.steps=4",
+                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m"])
+    assert launched.returncode == 0, launched.stderr
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "torchrun"), rel=1e-5)
+
+
+@pytest.mark.parametrize("preset, size, channels, expected", [
+    ("cifar", 32, 3, "35.7M parameters"), ("tiny", 16, 3, "1.1M parameters"), ("mnist", 28, 1, "parameters")])
+def test_dry_run_validates_each_preset_and_prints_the_parameter_count(tmp_path, preset, size, channels, expected):
+    data = tmp_path / "data"
+    prepare("shapes", data, shard_size=8, num=8, image_size=size, channels=channels, progress=False)
+    result = run("engine.train", f"configs/{preset}.yaml", f"data.path={data}", f"train.run_dir={tmp_path / 'run'}",
+                 "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout and "config is valid" in result.stdout
+    assert f"image_size: {size}" in result.stdout and "8 images" in result.stdout
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+
+
+def test_missing_or_mismatched_data_is_one_clear_line(tmp_path, shapes16):
+    missing = run("engine.train", "configs/tiny.yaml", f"data.path={tmp_path / 'nowhere'}", "--dry-run")
+    assert missing.returncode == 2 and "engine.data.prepare" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    mismatch = run("engine.train", "configs/tiny.yaml", f"data.path={shapes16}", "data.image_size=32", "--dry-run")
+    assert mismatch.returncode == 2 and "data.image_size is 32" in mismatch.stderr and "Traceback" not in mismatch.stderr
+
+
+def test_sample_cli_writes_a_grid_and_uint8_npz_with_ema_or_raw_weights(tmp_path, shapes16):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, shapes16, "train.steps=3").returncode == 0
+    for sampler in (["--sampler", "ddim", "--steps", "3"], ["--sampler", "ddpm"]):
+        result = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, *sampler, "--out", tmp_path / "g.png",
+                     "--npz", tmp_path / "s.npz", "--seed", 3)
+        assert result.returncode == 0, result.stderr
+        images = np.load(tmp_path / "s.npz")["arr_0"]
+        assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+        assert (tmp_path / "g.png").is_file()
+    again = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, "--sampler", "ddpm", "--seed", 3,
+                "--out", tmp_path / "g2.png", "--npz", tmp_path / "s2.npz")
+    assert np.array_equal(np.load(tmp_path / "s2.npz")["arr_0"], images), "sampling must be seeded"
+    raw = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, "--sampler", "ddpm", "--seed", 3, "--raw",
+              "--out", tmp_path / "g3.png", "--npz", tmp_path / "s3.npz")
+    assert raw.returncode == 0 and "raw weights" in raw.stdout and again.returncode == 0
+
+
+def test_sample_cli_errors_are_one_line(tmp_path):
+    result = run("engine.sample", tmp_path / "no-run")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
