@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.schedule import NoiseSchedule
+from engine.schedule import NoiseSchedule, schedule_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,7 @@ def batch_size(device) -> int:
 
 @pytest.fixture(scope="session")
 def schedule(bench_config, device) -> NoiseSchedule:
-    d = bench_config.diffusion
-    return NoiseSchedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end).to(device)
+    return schedule_from_config(bench_config.diffusion).to(device)
 
 
 def synchronized(fn, device):

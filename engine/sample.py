@@ -21,7 +21,7 @@ from engine.config import Config, ConfigError, config_from_dict
 from engine.distributed import choose_device
 from engine.images import save_grid, to_uint8
 from engine.progress import progress_bar
-from engine.schedule import NoiseSchedule
+from engine.schedule import NoiseSchedule, schedule_from_config
 
 
 @torch.no_grad()
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                    config.diffusion.beta_start, config.diffusion.beta_end).to(device)
+    schedule = schedule_from_config(config.diffusion).to(device)
     images = generate(model, config, schedule, num_images=args.num, batch_size=config.sample.batch_size,
                       seed=args.seed, device=device, progress=True)
     out = Path(args.out) if args.out else Path(args.run_dir) / "sample_grid.png"

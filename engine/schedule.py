@@ -94,3 +94,8 @@ class NoiseSchedule:
         """The same schedule with every tensor cast once to (device, dtype)."""
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device=device, dtype=dtype)
                                             for f in dataclasses.fields(self)})
+
+
+def schedule_from_config(diffusion) -> NoiseSchedule:
+    """The float64 schedule a config's `diffusion` section describes."""
+    return NoiseSchedule.create(diffusion.schedule, diffusion.num_timesteps, diffusion.beta_start, diffusion.beta_end)

@@ -31,7 +31,7 @@ from engine.metrics import MetricsLog, plot_loss_curve
 from engine.sample import generate
 from engine.images import save_grid
 from engine.progress import progress_bar, write
-from engine.schedule import NoiseSchedule
+from engine.schedule import schedule_from_config
 from engine.unet import build_unet, count_parameters
 
 
@@ -95,8 +95,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(config.to_yaml())
 
     torch.manual_seed(cfg_train.seed + context.rank)
-    schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                    config.diffusion.beta_start, config.diffusion.beta_end).to(device)
+    schedule = schedule_from_config(config.diffusion).to(device)
     model = build_unet(config, device)
     ema = build_ema(model, cfg_train.ema_decay)
     optimizer_class = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
