@@ -28,10 +28,10 @@ import warnings
 from pathlib import Path
 
 import webdataset as wds
-from tqdm.auto import tqdm
 
 from engine.data import DataError
 from engine.data.sources import Source, decode_image, encode_png, open_source
+from engine.progress import progress_bar
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -150,7 +150,7 @@ def _check_shape(image, origin: str, expected: dict) -> None:
 def _write_samples(source: Source, writer: _ShardWriter, expected: dict, progress: bool) -> int:
     """Checks and writes every sample; returns how many were skipped as undecodable."""
     skipped = 0
-    with tqdm(total=source.total, unit="img", desc=f"prepare {source.kind}", disable=not progress) as bar:
+    with progress_bar(total=source.total, unit="img", desc=f"prepare {source.kind}", disable=not progress) as bar:
         for sample in source.samples:
             bar.update()
             skipped += _write_sample(sample, writer, expected)
