@@ -22,6 +22,7 @@ from engine.distributed import choose_device
 from engine.images import save_grid, to_uint8
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule, schedule_from_config
+from engine.unet import build_unet
 
 
 @torch.no_grad()
@@ -55,10 +56,11 @@ def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, *,
     return torch.cat(batches)
 
 
-def load_run(run_dir: str | Path, device: torch.device, use_ema: bool = True) -> tuple[torch.nn.Module, Config, int]:
-    """The model of a run's latest checkpoint (EMA weights unless use_ema=False), its config and step."""
-    from engine.unet import build_unet
+def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None) -> tuple[torch.nn.Module, Config, int]:
+    """The model of a run's latest checkpoint, its config and step.
 
+    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
@@ -68,6 +70,8 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool = True) ->
     state, path = loaded
     config = config_from_dict(state["config"], where=str(path))
     model = build_unet(config, device)
+    if use_ema is None:
+        use_ema = config.sample.use_ema
     if use_ema:  # ema-pytorch keeps the averaged copy under "ema_model."
         weights = {k.removeprefix("ema_model."): v for k, v in state["ema"].items() if k.startswith("ema_model.")}
     else:
@@ -86,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--variance", choices=["fixed_large", "fixed_small"], default=None, help="DDPM variance")
     parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     parser.add_argument("--raw", action="store_true", help="use the trained weights instead of the EMA weights")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--out", default=None, help="grid PNG (default: RUN_DIR/sample_grid.png)")
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = choose_device(args.device)
-        model, config, step = load_run(args.run_dir, device, use_ema=not args.raw)
+        model, config, step = load_run(args.run_dir, device, use_ema=False if args.raw else None)
         sample = config.sample
         changes = {"sampler": args.sampler or sample.sampler, "eta": sample.eta if args.eta is None else args.eta,
                    "variance": args.variance or sample.variance, "clip_denoised": sample.clip_denoised and not args.no_clip,
@@ -112,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     schedule = schedule_from_config(config.diffusion).to(device)
     images = generate(model, config, schedule, num_images=args.num, batch_size=config.sample.batch_size,
-                      seed=args.seed, device=device, progress=True)
+                      seed=config.sample.seed if args.seed is None else args.seed, device=device, progress=True)
     out = Path(args.out) if args.out else Path(args.run_dir) / "sample_grid.png"
     save_grid(images, out)
     print(f"wrote {out} ({args.num} images, {config.sample.sampler}, step {step}, "
-          f"{'EMA' if not args.raw else 'raw'} weights)")
+          f"{'EMA' if config.sample.use_ema and not args.raw else 'raw'} weights)")
     if args.npz:
         Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.npz, arr_0=to_uint8(images))

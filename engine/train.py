@@ -27,10 +27,10 @@ from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, read_manifest, to_model_input
 from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engine.ema import build_ema, update_ema
-from engine.metrics import MetricsLog, plot_loss_curve
-from engine.sample import generate
 from engine.images import save_grid
+from engine.metrics import MetricsLog, plot_loss_curve
 from engine.progress import progress_bar, write
+from engine.sample import generate
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet, count_parameters
 
@@ -150,7 +150,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                 "generator": generators, "config": config.to_dict(), "engine_version": engine.__version__}
 
     def write_samples(name: str) -> Path:
-        images = generate(ema.ema_model, config, schedule, num_images=config.sample.num_images,
+        images = generate(ema.ema_model if config.sample.use_ema else model, config, schedule, num_images=config.sample.num_images,
                           batch_size=config.sample.batch_size, seed=config.sample.seed, device=device)
         return save_grid(images, run_dir / "samples" / name)
 
@@ -160,6 +160,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     interval_steps, data_wait, skipped_total = 0, 0.0, 0
     interval_start = time.perf_counter()
     saved_step = step
+    max_grad_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")  # inf: measure only
     progress = progress_bar(total=cfg_train.steps, initial=step, desc="train", disable=not is_main)
     train_model.train()
     while step < cfg_train.steps:
@@ -175,8 +176,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                                            timestep_sampling=config.diffusion.timestep_sampling, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
         optimizer.step()
         lr_schedule.step()
         update_ema(ema, cfg_train.ema_warmup)
@@ -234,17 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(config)
         train(config)
     except (ConfigError, DataError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def one_line(error: BaseException) -> str:
-    """A data-loader worker re-raises with the worker's traceback in the message: keep its last line."""
-    text = str(error).strip()
-    if "Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

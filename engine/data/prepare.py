@@ -29,6 +29,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from engine.checkpoint import atomic_write
 from engine.data import DataError
 from engine.data.sources import Source, decode_image, encode_png, open_source
 from engine.progress import progress_bar
@@ -61,12 +62,6 @@ def read_manifest(path: str | Path) -> dict:
     if missing:
         raise DataError(f"{file} lacks {', '.join(missing)}; prepare the data set again")
     return manifest
-
-
-def _write_json_atomically(path: Path, value: dict) -> None:
-    partial = path.with_name(path.name + _PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(partial, path)
 
 
 # ----------------------------------------------------------------------------- shards
@@ -210,7 +205,7 @@ def prepare(source: str | Path, out_dir: str | Path, shard_size: int = DEFAULT_S
         "skipped": skipped,
         "shards": writer.shards,
     }
-    _write_json_atomically(out_dir / MANIFEST_NAME, manifest)
+    atomic_write(out_dir / MANIFEST_NAME, lambda file: file.write((json.dumps(manifest, indent=1) + "\n").encode()))
     return manifest
 
 
