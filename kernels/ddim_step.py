@@ -1,0 +1,114 @@
+"""ddim_step: one DDIM update from t to t_prev for any eta (Song et al. 2021, eq. 12).
+
+    ddim_step(x_t, eps, t, t_prev, noise_keys, alphas_cumprod, eta, clip_denoised) -> x_prev
+
+x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clipped to [-1, 1] (eps is then
+re-derived so that it points at the clipped x_0);
+sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev));
+x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z.
+t_prev = -1 means the data end (abar_prev = 1). With eta = 0 the update is deterministic; otherwise z
+is drawn inside the kernel from (noise_keys[b], t[b]) as `kernels.noise` specifies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.noise import randn_like
+from kernels.reference import compute_dtype, extract
+from kernels.registry import OpSpec, register_kernel
+from kernels.triton_support import HAVE_TRITON, check_batch, check_per_sample, table, triton_unavailable
+
+
+def formula(x_t, eps, t, t_prev, noise, alphas_cumprod, eta: float, clip_denoised: bool) -> torch.Tensor:
+    """The update with the noise z given (ignored when eta = 0), in x_t's dtype."""
+    abar_t = extract(alphas_cumprod, t, x_t)
+    abar_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp_min(0)], 1.0).to(x_t.dtype).view_as(abar_t)
+    x0 = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp_min(0).sqrt() * eps
+    return x_prev + sigma * noise if eta > 0 else x_prev
+
+
+@register_kernel("ddim_step", "pytorch")
+def reference(x_t, eps, t, t_prev, noise_keys, alphas_cumprod, eta: float, clip_denoised: bool) -> torch.Tensor:
+    compute = compute_dtype(x_t.dtype)
+    x = x_t.to(compute)
+    noise = randn_like(x, noise_keys, t) if eta > 0 else None
+    return formula(x, eps.to(compute), t, t_prev, noise, alphas_cumprod.to(compute), eta, clip_denoised).to(x_t.dtype)
+
+
+def conformance_args(case) -> tuple:
+    return (case.batch(), case.batch(), case.t, case.t_prev, case.noise_keys, case.schedule.alphas_cumprod,
+            case.option(0.0, 0.5, 1.0), case.option(False, True))
+
+
+SPECS = {"ddim_step": OpSpec("ddim_step(x_t, eps, t, t_prev, noise_keys, alphas_cumprod, eta, clip_denoised) -> x_prev",
+                             reference, conformance_args)}
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, quarter
+
+    @autotune_elementwise
+    @triton.jit
+    def _ddim_step_kernel(x_ptr, eps_ptr, t_ptr, t_prev_ptr, keys_ptr, alphas_cumprod_ptr, out_ptr, numel, eta,
+                          CLIP: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+        sample = tl.program_id(0).to(tl.int64)
+        counters = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        t = tl.load(t_ptr + sample)
+        t_prev = tl.load(t_prev_ptr + sample)
+        abar_t = tl.load(alphas_cumprod_ptr + t)
+        abar_prev = tl.where(t_prev >= 0, tl.load(alphas_cumprod_ptr + tl.maximum(t_prev, 0)), 1.0)
+        sqrt_abar_t = tl.sqrt(abar_t)
+        sqrt_one_minus_abar_t = tl.sqrt(1.0 - abar_t)
+        sigma = eta * tl.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+        direction_scale = tl.sqrt(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0))
+        if NOISE:
+            n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
+        quarter_size = (numel + 3) // 4
+        for j in tl.static_range(4):
+            index = j * quarter_size + counters
+            mask = (counters < quarter_size) & (index < numel)
+            offsets = sample * numel + index
+            x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
+            eps = tl.load(eps_ptr + offsets, mask=mask).to(tl.float32)
+            x0 = (x - sqrt_one_minus_abar_t * eps) / sqrt_abar_t
+            if CLIP:
+                x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+                eps = (x - sqrt_abar_t * x0) / sqrt_one_minus_abar_t
+            x_prev = tl.sqrt(abar_prev) * x0 + direction_scale * eps
+            if NOISE:
+                x_prev += sigma * quarter(n0, n1, n2, n3, j)
+            tl.store(out_ptr + offsets, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @torch.library.custom_op("ddpm::ddim_step", mutates_args=())
+    def ddim_step_triton(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                         noise_keys: torch.Tensor, alphas_cumprod: torch.Tensor, eta: float,
+                         clip_denoised: bool) -> torch.Tensor:
+        batch = x_t.shape[0]
+        x_t = check_batch("ddim_step", "x_t", x_t, batch)
+        eps = check_batch("ddim_step", "eps", eps, batch)
+        if eps.shape != x_t.shape:
+            raise ValueError(f"ddim_step: eps {tuple(eps.shape)} and x_t {tuple(x_t.shape)} differ in shape")
+        t = check_per_sample("ddim_step", "t", t, batch)
+        t_prev = check_per_sample("ddim_step", "t_prev", t_prev, batch)
+        noise_keys = check_per_sample("ddim_step", "noise_keys", noise_keys, batch)
+        out = torch.empty_like(x_t)
+        if out.numel():
+            numel = x_t[0].numel()
+            _ddim_step_kernel[grid(batch, numel)](x_t, eps, t, t_prev, noise_keys, table(alphas_cumprod), out, numel,
+                                                  float(eta), CLIP=clip_denoised, NOISE=eta > 0)
+        return out
+
+    @ddim_step_triton.register_fake
+    def _(x_t, eps, t, t_prev, noise_keys, alphas_cumprod, eta, clip_denoised):
+        return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+    register_kernel("ddim_step", "triton", unavailable=triton_unavailable)(ddim_step_triton)

@@ -1,0 +1,187 @@
+"""noise_loss: the training loss, fused with the noise it is measured against.
+
+    noise_loss(prediction, t, noise_keys, noise_coef, x0_coef, x0) -> mean((prediction - target)^2)
+    target = noise_coef[t] * eps + x0_coef[t] * x0       (the x0 term is skipped when x0 is None)
+
+eps is the noise `q_sample` drew for the same (noise_keys, t), recomputed from those counters in the
+forward and again in the backward, so training never stores a noise tensor. With noise_coef = 1 and
+x0_coef = 0 this is the DDPM eps loss (eq. 14); noise_coef = sqrt(abar), x0_coef = -sqrt(1 - abar)
+gives the v loss, noise_coef = 0 and x0_coef = 1 the x0 loss. The loss is float32 (float64 in the
+oracle); the gradient flows to `prediction` only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kernels.noise import randn_like
+from kernels.reference import compute_dtype, extract
+from kernels.registry import OpSpec, register_kernel
+from kernels.triton_support import HAVE_TRITON, check_batch, check_per_sample, table, triton_unavailable
+
+
+def target(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, noise_coef: torch.Tensor,
+           x0_coef: torch.Tensor, x0: torch.Tensor | None) -> torch.Tensor:
+    """What the prediction is compared with, in the reference's compute precision."""
+    compute = compute_dtype(prediction.dtype)
+    like = prediction.to(compute)
+    value = extract(noise_coef.to(compute), t, like) * randn_like(like, noise_keys, t)
+    if x0 is not None:
+        value = value + extract(x0_coef.to(compute), t, like) * x0.to(compute)
+    return value
+
+
+def reference(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, noise_coef: torch.Tensor,
+              x0_coef: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """The specification: plain autograd through the mean squared error."""
+    goal = target(prediction, t, noise_keys, noise_coef, x0_coef, x0)
+    return torch.nn.functional.mse_loss(prediction.to(goal.dtype), goal)
+
+
+class NoisePredictionLoss(torch.autograd.Function):
+    """The PyTorch implementation: the same loss, recomputing the noise in the backward instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, prediction, t, noise_keys, noise_coef, x0_coef, x0):
+        ctx.save_for_backward(prediction, t, noise_keys, noise_coef, x0_coef, x0)
+        ctx.has_x0 = x0 is not None
+        goal = target(prediction, t, noise_keys, noise_coef, x0_coef, x0)
+        return torch.nn.functional.mse_loss(prediction.to(goal.dtype), goal)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        prediction, t, noise_keys, noise_coef, x0_coef, x0 = ctx.saved_tensors
+        goal = target(prediction, t, noise_keys, noise_coef, x0_coef, x0 if ctx.has_x0 else None)
+        grad = (prediction.to(goal.dtype) - goal) * (grad_loss * (2.0 / prediction.numel()))
+        return grad.to(prediction.dtype), None, None, None, None, None
+
+
+@register_kernel("noise_loss", "pytorch")
+def noise_loss_pytorch(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, noise_coef: torch.Tensor,
+                       x0_coef: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+    return NoisePredictionLoss.apply(prediction, t, noise_keys, noise_coef, x0_coef, x0)
+
+
+# ----------------------------------------------------------------------------- conformance
+
+
+def conformance_args(case) -> tuple:
+    target_kind = case.option("eps", "v", "x0")
+    schedule = case.schedule
+    ones, zeros = torch.ones_like(schedule.betas), torch.zeros_like(schedule.betas)
+    noise_coef, x0_coef = {"eps": (ones, zeros), "v": (schedule.sqrt_alphas_cumprod, -schedule.sqrt_one_minus_alphas_cumprod),
+                           "x0": (zeros, ones)}[target_kind]
+    prediction = case.batch()
+    return (prediction, case.t, case.noise_keys, noise_coef, x0_coef, None if target_kind == "eps" else case.batch())
+
+
+def conformance_outputs(fn, args) -> dict[str, torch.Tensor]:
+    """The loss and its gradient for an upstream gradient of 1.5 (checks the backward's scaling too)."""
+    prediction = args[0].detach().requires_grad_(True)
+    loss = fn(prediction, *args[1:])
+    (grad,) = torch.autograd.grad(loss, prediction, grad_outputs=torch.full_like(loss, 1.5))
+    return {"loss": loss.detach(), "grad": grad}
+
+
+SPECS = {"noise_loss": OpSpec("noise_loss(prediction, t, noise_keys, noise_coef, x0_coef, x0) -> loss",
+                              reference, conformance_args, conformance_outputs)}
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_support import MIN_BLOCK, autotune_elementwise, gaussian_quarters, grid, quarter
+
+    @autotune_elementwise(reset_to_zero=["out_ptr"])
+    @triton.jit
+    def _noise_loss_kernel(prediction_ptr, x0_ptr, t_ptr, keys_ptr, noise_coef_ptr, x0_coef_ptr, grad_loss_ptr, out_ptr,
+                           numel, partials_per_sample, grad_scale, HAS_X0: tl.constexpr, BACKWARD: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """Forward: one partial sum of squared errors per program. Backward: d loss / d prediction."""
+        sample = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        counters = block * BLOCK + tl.arange(0, BLOCK)
+        t = tl.load(t_ptr + sample)
+        noise_coef = tl.load(noise_coef_ptr + t)
+        n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
+        quarter_size = (numel + 3) // 4
+        if BACKWARD:
+            scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
+        else:
+            total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(4):
+            index = j * quarter_size + counters
+            mask = (counters < quarter_size) & (index < numel)
+            offsets = sample * numel + index
+            goal = noise_coef * quarter(n0, n1, n2, n3, j)
+            if HAS_X0:
+                goal += tl.load(x0_coef_ptr + t) * tl.load(x0_ptr + offsets, mask=mask).to(tl.float32)
+            difference = tl.load(prediction_ptr + offsets, mask=mask).to(tl.float32) - goal
+            if BACKWARD:
+                tl.store(out_ptr + offsets, (scale * difference).to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                total += tl.where(mask, difference * difference, 0.0)
+        if not BACKWARD:
+            tl.store(out_ptr + sample * partials_per_sample + block, tl.sum(total, axis=0))
+
+    def _launch(prediction, t, noise_keys, noise_coef, x0_coef, x0, grad_loss, out, *, backward: bool):
+        batch = prediction.shape[0]
+        numel = prediction[0].numel() if batch else 0
+        if prediction.numel():
+            _noise_loss_kernel[grid(batch, numel)](
+                prediction, prediction if x0 is None else x0, t, noise_keys, table(noise_coef), table(x0_coef),
+                prediction if grad_loss is None else grad_loss, out, numel, out.shape[-1] if not backward else 0,
+                2.0 / prediction.numel(), HAS_X0=x0 is not None, BACKWARD=backward)
+        return out
+
+    def _checked(prediction, t, noise_keys, x0):
+        batch = prediction.shape[0]
+        prediction = check_batch("noise_loss", "prediction", prediction, batch)
+        if x0 is not None:
+            x0 = check_batch("noise_loss", "x0", x0, batch)
+            if x0.shape != prediction.shape:
+                raise ValueError(f"noise_loss: x0 {tuple(x0.shape)} and prediction {tuple(prediction.shape)} differ in shape")
+        return (prediction, check_per_sample("noise_loss", "t", t, batch),
+                check_per_sample("noise_loss", "noise_keys", noise_keys, batch), x0)
+
+    @torch.library.custom_op("ddpm::noise_loss", mutates_args=())
+    def noise_loss_triton(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, noise_coef: torch.Tensor,
+                          x0_coef: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prediction, t, noise_keys, x0 = _checked(prediction, t, noise_keys, x0)
+        counters = -(-prediction[0].numel() // 4) if prediction.shape[0] else 0
+        partials = prediction.new_zeros((prediction.shape[0], triton.cdiv(counters, MIN_BLOCK)), dtype=torch.float32)
+        _launch(prediction, t, noise_keys, noise_coef, x0_coef, x0, None, partials, backward=False)
+        return partials.sum() / max(prediction.numel(), 1)
+
+    @noise_loss_triton.register_fake
+    def _(prediction, t, noise_keys, noise_coef, x0_coef, x0=None):
+        return prediction.new_empty((), dtype=torch.float32)
+
+    @torch.library.custom_op("ddpm::noise_loss_backward", mutates_args=())
+    def noise_loss_backward_triton(grad_loss: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor,
+                                   noise_keys: torch.Tensor, noise_coef: torch.Tensor, x0_coef: torch.Tensor,
+                                   x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prediction, t, noise_keys, x0 = _checked(prediction, t, noise_keys, x0)
+        return _launch(prediction, t, noise_keys, noise_coef, x0_coef, x0, grad_loss.to(torch.float32).contiguous(),
+                       torch.empty_like(prediction), backward=True)
+
+    @noise_loss_backward_triton.register_fake
+    def _(grad_loss, prediction, t, noise_keys, noise_coef, x0_coef, x0=None):
+        return torch.empty_like(prediction, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        prediction, t, noise_keys, noise_coef, x0_coef, x0 = inputs
+        ctx.save_for_backward(prediction, t, noise_keys, noise_coef, x0_coef, x0)
+
+    def _backward(ctx, grad_loss):
+        grad = torch.ops.ddpm.noise_loss_backward(grad_loss, *ctx.saved_tensors)
+        return grad, None, None, None, None, None
+
+    noise_loss_triton.register_autograd(_backward, setup_context=_setup_context)
+    register_kernel("noise_loss", "triton", unavailable=triton_unavailable)(noise_loss_triton)

@@ -1,0 +1,95 @@
+"""What the Triton kernels share: whether Triton can run here, autotuning, the noise, input checks.
+
+Triton runs on CUDA devices, and on the CPU in its interpreter when TRITON_INTERPRET=1 is set
+before triton is imported (that is how the tests check every kernel). On a machine without Triton
+the kernel modules still import; only their PyTorch implementations are registered.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS: the PyTorch implementations still work
+    triton = tl = None
+
+HAVE_TRITON = triton is not None
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    if device.type == "cuda" and not interpreting():
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return f"Triton kernels run on CUDA devices (or on the CPU with TRITON_INTERPRET=1), not on {device.type}"
+
+
+def check_batch(op: str, name: str, tensor: torch.Tensor, batch: int, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """A (B, ...) operand in a supported dtype, made contiguous once (the kernels index C-order)."""
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{op}: {name} must be one of {allowed}, got {str(tensor.dtype).removeprefix('torch.')}")
+    if tensor.ndim < 1 or tensor.shape[0] != batch:
+        raise ValueError(f"{op}: {name} must have batch size {batch} in dim 0, got shape {tuple(tensor.shape)}")
+    return tensor.contiguous()
+
+
+def check_per_sample(op: str, name: str, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """A (B,) integer operand (timesteps, noise keys) as contiguous int64."""
+    if tensor.shape != (batch,) or tensor.is_floating_point():
+        raise ValueError(f"{op}: {name} must be an integer tensor of shape ({batch},), got {tensor.dtype} {tuple(tensor.shape)}")
+    return tensor.to(torch.int64).contiguous()
+
+
+def table(tensor: torch.Tensor) -> torch.Tensor:
+    """A per-timestep coefficient table as the kernels read it: contiguous float32."""
+    return tensor.to(torch.float32).contiguous()
+
+
+if HAVE_TRITON:
+    # Memory-bound elementwise kernels: the block (counters per program; each covers 4 elements)
+    # and warps are chosen per per-sample size. The interpreter cannot time configs: it takes the first.
+    _ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
+                            for block, warps in ((256, 4), (128, 4), (512, 4), (1024, 8))]
+    MIN_BLOCK = min(config.kwargs["BLOCK"] for config in _ELEMENTWISE_CONFIGS)
+
+    def autotune_elementwise(fn=None, *, reset_to_zero: list[str] | None = None):
+        """triton.autotune over the elementwise configs, keyed on the per-sample size (and dtypes)."""
+        configs = _ELEMENTWISE_CONFIGS[:1] if interpreting() else _ELEMENTWISE_CONFIGS
+        decorate = triton.autotune(configs=configs, key=["numel"], reset_to_zero=reset_to_zero)
+        return decorate(fn) if fn is not None else decorate
+
+    @triton.jit
+    def gaussian_quarters(key, t, counters):
+        """The four noise quarters for these counters: kernels.noise's spec, as tl.randn4x computes it."""
+        return tl.randn4x(key, (t.to(tl.int64) << 32) | counters.to(tl.int64))
+
+    @triton.jit
+    def quarter(n0, n1, n2, n3, j: tl.constexpr):
+        """Quarter j of the noise (resolved at compile time)."""
+        if j == 0:
+            noise = n0
+        elif j == 1:
+            noise = n1
+        elif j == 2:
+            noise = n2
+        else:
+            noise = n3
+        return noise
+
+    def grid(batch: int, numel: int):
+        """One program per (sample, block of counters); counters cover a quarter of a sample each."""
+        counters = -(-numel // 4)
+        return lambda meta: (batch, triton.cdiv(counters, meta["BLOCK"]))
