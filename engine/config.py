@@ -95,6 +95,20 @@ class SampleConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Which implementation runs each fused op (see kernels/registry.py): auto = Triton on CUDA, PyTorch
+    elsewhere; pytorch; triton; a name registered by a plugin; or package.module:function."""
+
+    q_sample: str = "auto"  # forward noising of float x0 (plots, user code)
+    q_sample_uint8: str = "auto"  # forward noising straight from the loader's uint8 batch (training)
+    noise_loss: str = "auto"  # the training loss, recomputing the noise instead of storing it
+    posterior_step: str = "auto"  # one DDPM ancestral step (sampling)
+    ddim_step: str = "auto"  # one DDIM step (sampling)
+    plugins: list[str] = field(default_factory=list)  # modules to import first: their @register_kernel names
+    check: bool = True  # put every non-reference choice through the quick conformance check at start-up
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -102,6 +116,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,7 +314,7 @@ def validate(config: Config, where: str) -> None:
 
     require(train.steps > 0, "train.steps", f"must be positive, got {train.steps}")
     require(train.batch_size > 0, "train.batch_size", f"must be positive, got {train.batch_size}")
-    require(train.seed >= 0, "train.seed", f"must be >= 0, got {train.seed}")
+    require(0 <= train.seed < 2**31, "train.seed", f"must be in [0, 2**31) (it keys the noise), got {train.seed}")
     require(train.device == "auto" or train.device == "cpu" or train.device.startswith("cuda"),
             "train.device", f"must be auto, cpu or cuda[:N], got {train.device!r}")
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {train.ema_decay}")
@@ -316,3 +331,10 @@ def validate(config: Config, where: str) -> None:
     require(sample.eta >= 0, "sample.eta", f"must be >= 0, got {sample.eta}")
     require(sample.num_images > 0, "sample.num_images", f"must be positive, got {sample.num_images}")
     require(sample.batch_size > 0, "sample.batch_size", f"must be positive, got {sample.batch_size}")
+    require(0 <= sample.seed < 2**31, "sample.seed", f"must be in [0, 2**31) (it keys the noise), got {sample.seed}")
+
+    for op in ("q_sample", "q_sample_uint8", "noise_loss", "posterior_step", "ddim_step"):
+        choice = getattr(config.kernels, op)
+        require(bool(choice) and not any(c.isspace() for c in choice), f"kernels.{op}",
+                f"must name an implementation (auto, pytorch, triton, a registered name or package.module:function), "
+                f"got {choice!r}")

@@ -1,28 +1,32 @@
 """The DDPM forward process, training loss and samplers (Ho et al. 2020; DDIM: Song et al. 2021).
 
-Each function maps onto one equation of the papers. `posterior_step` and `ddim_step` are the
-per-step updates the samplers loop over; they are the references that faster kernels must match.
-Timesteps index the schedule from 0 (the paper's t = 1) to T-1 (the paper's t = T).
+Each function maps onto one equation of the papers. The per-element hot paths (q_sample, the loss,
+the posterior and DDIM updates) are ops in `kernels/`: the functions here that take explicit noise
+evaluate the ops' reference formulas (for tests and plots), while `training_loss` and `sample` run
+whichever implementation the `Kernels` set resolved, with the noise drawn from counters
+(`kernels.noise`). Timesteps index the schedule from 0 (the paper's t = 1) to T-1 (the paper's t = T).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import math
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule
+from kernels import ddim_step as ddim_step_op
+from kernels import posterior_step as posterior_step_op
+from kernels import q_sample as q_sample_op
+from kernels.noise import noise_keys, randn
+from kernels.reference import extract
+from kernels.registry import Kernels
 
 TARGETS = ("eps", "x0", "v")
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
-
-
-def extract(coefficients: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """coefficients[t], shaped to broadcast over a batch shaped like `like`."""
-    return coefficients[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+__all__ = ["extract"]  # re-exported: the per-sample coefficient gather every formula uses
 
 
 # ----------------------------------------------------------------------------- forward process
@@ -30,7 +34,7 @@ def extract(coefficients: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> 
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (eq. 4)."""
-    return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+    return q_sample_op.formula(x0, t, noise, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
 
 
 def sample_timesteps(batch_size: int, num_timesteps: int, mode: str, *, generator: torch.Generator | None = None,
@@ -57,13 +61,32 @@ def training_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tens
     raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
 
 
-def training_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, *, target: str = "eps",
-                  timestep_sampling: str = "uniform", generator: torch.Generator | None = None) -> torch.Tensor:
-    """The simplified objective L_simple (eq. 14): MSE between the prediction and its target, in fp32."""
-    t = sample_timesteps(x0.shape[0], schedule.num_timesteps, timestep_sampling, generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    prediction = model(q_sample(schedule, x0, t, noise), t)
-    return F.mse_loss(prediction.float(), training_target(schedule, x0, noise, t, target).float())
+def loss_coefficients(schedule: NoiseSchedule, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise_coef, x0_coef) with training_target = noise_coef[t] eps + x0_coef[t] x0, as the fused loss takes it."""
+    ones, zeros = torch.ones_like(schedule.betas), torch.zeros_like(schedule.betas)
+    if target == "eps":
+        return ones, zeros
+    if target == "x0":
+        return zeros, ones
+    if target == "v":
+        return schedule.sqrt_alphas_cumprod, -schedule.sqrt_one_minus_alphas_cumprod
+    raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def training_loss(model: Denoiser, kernels: Kernels, schedule: NoiseSchedule, images: torch.Tensor, flip: torch.Tensor,
+                  t: torch.Tensor, keys: torch.Tensor, *, target: str = "eps",
+                  coefficients: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The simplified objective L_simple (eq. 14) from the loader's uint8 batch, in fp32.
+
+    x_t is built straight from the uint8 images (scaled, flipped where `flip` is set) with noise drawn
+    from the counters (keys, t), and the loss recomputes that noise, so it never exists as a tensor.
+    """
+    x_t = kernels.q_sample_uint8(images, flip, t, keys, schedule.sqrt_alphas_cumprod,
+                                 schedule.sqrt_one_minus_alphas_cumprod, torch.float32)
+    prediction = model(x_t, t)
+    noise_coef, x0_coef = coefficients or loss_coefficients(schedule, target)
+    x0 = None if target == "eps" else q_sample_op.images_to_unit_range(images, flip, torch.float32)
+    return kernels.noise_loss(prediction, t, keys, noise_coef, x0_coef, x0)
 
 
 # ----------------------------------------------------------------------------- reverse process
@@ -106,36 +129,13 @@ def posterior_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, 
     With `clip_denoised` the predicted x_0 is clipped to [-1, 1] and the mean is taken from eq. 7
     (as the DDPM code samples); otherwise the direct eps form of eq. 11 is used.
     """
-    if clip_denoised:
-        x0 = predict_x0_from_eps(schedule, x_t, t, eps).clamp(-1.0, 1.0)
-        mean = q_posterior_mean(schedule, x0, x_t, t)
-    else:
-        mean = posterior_mean_from_eps(schedule, x_t, t, eps)
-    if variance == "fixed_large":  # sigma_t^2 = beta_t
-        sigma = extract(schedule.betas, t, x_t).sqrt()
-    elif variance == "fixed_small":  # sigma_t^2 = beta~_t
-        sigma = extract(schedule.posterior_variance, t, x_t).sqrt()
-    else:
-        raise ValueError(f"unknown variance {variance!r}; choose fixed_large or fixed_small")
-    not_last = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
-    return mean + not_last * sigma * noise
+    return posterior_step_op.formula(x_t, eps, t, noise, *posterior_step_op.schedule_tables(schedule, variance), clip_denoised)
 
 
 def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, eps: torch.Tensor,
               noise: torch.Tensor | None, *, eta: float = 0.0, clip_denoised: bool = False) -> torch.Tensor:
     """One DDIM update from t to t_prev (Song et al. 2021, eq. 12); t_prev = -1 means the data end (abar = 1)."""
-    alphas_cumprod_prev = torch.cat([schedule.alphas_cumprod.new_ones(1), schedule.alphas_cumprod])
-    abar_t = extract(schedule.alphas_cumprod, t, x_t)
-    abar_prev = extract(alphas_cumprod_prev, t_prev + 1, x_t)
-    x0 = predict_x0_from_eps(schedule, x_t, t, eps)
-    if clip_denoised:  # clip x_0, then re-derive the eps that points at it
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = predict_eps_from_x0(schedule, x_t, t, x0)
-    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
-    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-    if eta > 0:
-        x_prev = x_prev + sigma * noise
-    return x_prev
+    return ddim_step_op.formula(x_t, eps, t, t_prev, noise, schedule.alphas_cumprod, eta, clip_denoised)
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -148,23 +148,30 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], *, sampler: str = "ddpm",
-           steps: int | None = None, eta: float = 0.0, variance: str = "fixed_large", clip_denoised: bool = True,
-           target: str = "eps", generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           dtype: torch.dtype = torch.float32, progress: bool = False) -> torch.Tensor:
-    """Draw images from pure noise with DDPM ancestral sampling or DDIM. Seeded by `generator`."""
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    batch = shape[0]
+def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tuple[int, ...], *, seed: int = 0,
+           first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+           variance: str = "fixed_large", clip_denoised: bool = True, target: str = "eps",
+           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False) -> torch.Tensor:
+    """Draw images from pure noise with DDPM ancestral sampling or DDIM, through the resolved kernels.
+
+    Image i of the batch is image number `first_index + i` of the seed: its noise (x_T and every
+    step's z) is keyed by (seed, that number), so a set of images does not depend on how it is
+    split into batches or over ranks.
+    """
+    batch, numel = shape[0], math.prod(shape[1:])
+    keys = noise_keys(seed, torch.arange(first_index, first_index + batch, device=device))
+    x_end = torch.full((batch,), schedule.num_timesteps, device=device)  # x_T uses the counter t = T
+    x = randn(keys, x_end, numel).view(shape).to(dtype)
 
     def eps_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return eps_from_model_output(schedule, x, t, model(x, t).to(dtype), target)
 
     if sampler == "ddpm":
-        timesteps: Iterable[int] = range(schedule.num_timesteps - 1, -1, -1)
-        for step in progress_bar(timesteps, total=schedule.num_timesteps, desc="ddpm", disable=not progress, leave=False):
+        tables = posterior_step_op.schedule_tables(schedule, variance)
+        for step in progress_bar(range(schedule.num_timesteps - 1, -1, -1), total=schedule.num_timesteps, desc="ddpm",
+                                 disable=not progress, leave=False):
             t = torch.full((batch,), step, device=device, dtype=torch.long)
-            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) if step > 0 else torch.zeros_like(x)
-            x = posterior_step(schedule, x, t, eps_at(x, t), noise, variance=variance, clip_denoised=clip_denoised)
+            x = kernels.posterior_step(x, eps_at(x, t), t, keys, *tables, clip_denoised)
         return x
     if sampler == "ddim":
         descending = ddim_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)[::-1]
@@ -172,7 +179,6 @@ def sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], *, 
         for step, step_prev in progress_bar(pairs, desc="ddim", disable=not progress, leave=False):
             t = torch.full((batch,), step, device=device, dtype=torch.long)
             t_prev = torch.full((batch,), step_prev, device=device, dtype=torch.long)
-            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) if eta > 0 else None
-            x = ddim_step(schedule, x, t, t_prev, eps_at(x, t), noise, eta=eta, clip_denoised=clip_denoised)
+            x = kernels.ddim_step(x, eps_at(x, t), t, t_prev, keys, schedule.alphas_cumprod, float(eta), clip_denoised)
         return x
     raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")

@@ -23,14 +23,21 @@ from engine.images import save_grid, to_uint8
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule, schedule_from_config
 from engine.unet import build_unet
+from kernels.registry import KernelError, Kernels, resolve_kernels
+
+
+def resolve_kernels_from_config(config: Config, device: torch.device) -> Kernels:
+    """The run's kernel choices resolved (and checked) for `device`, once."""
+    choices = {op: value for op, value in config.kernels.__dict__.items() if op not in ("plugins", "check")}
+    return resolve_kernels(choices, device, plugins=config.kernels.plugins, check=config.kernels.check)
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, *, num_images: int, batch_size: int,
-             seed: int, device: torch.device | str, progress: bool = False) -> torch.Tensor:
+def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels, *, num_images: int,
+             batch_size: int, seed: int, device: torch.device | str, progress: bool = False) -> torch.Tensor:
     """`num_images` samples in [-1, 1] on the CPU, drawn with the settings of `config.sample`.
 
-    Batch i is seeded with (seed, i), so the same seed and batch size give the same images.
+    Image i is keyed by (seed, i): the same seed gives the same images whatever the batch size.
     """
     options = config.sample
     device = torch.device(device)
@@ -40,17 +47,15 @@ def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, *,
     model.eval()
     batches = []
     starts = range(0, num_images, batch_size)
-    for index, start in enumerate(progress_bar(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2)):
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-
+    for start in progress_bar(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2):
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast:
                 return model(x, t)
 
-        images = diffusion.sample(denoise, schedule, (min(batch_size, num_images - start), *shape),
-                                  sampler=options.sampler, steps=options.steps, eta=options.eta,
+        images = diffusion.sample(denoise, schedule, kernels, (min(batch_size, num_images - start), *shape), seed=seed,
+                                  first_index=start, sampler=options.sampler, steps=options.steps, eta=options.eta,
                                   variance=options.variance, clip_denoised=options.clip_denoised,
-                                  target=config.diffusion.target, generator=generator, device=device, progress=progress)
+                                  target=config.diffusion.target, device=device, progress=progress)
         batches.append(images.float().clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(batches)
@@ -95,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--out", default=None, help="grid PNG (default: RUN_DIR/sample_grid.png)")
     parser.add_argument("--npz", default=None, help="also write the images as uint8 to this .npz")
+    parser.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
+                        help="override the run's kernels choice for one op, e.g. posterior_step=pytorch; repeatable")
     return parser.parse_args(argv)
 
 
@@ -108,15 +115,23 @@ def main(argv: list[str] | None = None) -> int:
                    "variance": args.variance or sample.variance, "clip_denoised": sample.clip_denoised and not args.no_clip,
                    "batch_size": args.batch_size or sample.batch_size, "num_images": args.num}
         changes["steps"] = args.steps if args.steps is not None else (sample.steps if changes["sampler"] == "ddim" else None)
+        if args.seed is not None:
+            changes["seed"] = args.seed
         raw = config.to_dict()
         raw["sample"].update(changes)
+        for choice in args.kernel:
+            op, sep, name = choice.partition("=")
+            if not sep:
+                raise ConfigError(f"--kernel {choice!r}: expected OP=IMPL, e.g. posterior_step=pytorch")
+            raw["kernels"][op.strip()] = name.strip()
         config = config_from_dict(raw, where="command line")  # the same checks as the config files
-    except (ConfigError, RuntimeError) as error:
+        kernels = resolve_kernels_from_config(config, device)
+    except (ConfigError, KernelError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     schedule = schedule_from_config(config.diffusion).to(device)
-    images = generate(model, config, schedule, num_images=args.num, batch_size=config.sample.batch_size,
-                      seed=config.sample.seed if args.seed is None else args.seed, device=device, progress=True)
+    images = generate(model, config, schedule, kernels, num_images=args.num, batch_size=config.sample.batch_size,
+                      seed=config.sample.seed, device=device, progress=True)
     out = Path(args.out) if args.out else Path(args.run_dir) / "sample_grid.png"
     save_grid(images, out)
     print(f"wrote {out} ({args.num} images, {config.sample.sampler}, step {step}, "

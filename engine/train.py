@@ -24,15 +24,17 @@ import engine
 from engine import diffusion
 from engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, load_config
-from engine.data import DataError, build_train_loader, read_manifest, to_model_input
+from engine.data import DataError, build_train_loader, random_flip_mask, read_manifest
 from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engine.ema import build_ema, update_ema
 from engine.images import save_grid
 from engine.metrics import MetricsLog, plot_loss_curve
 from engine.progress import progress_bar, write
-from engine.sample import generate
+from engine.sample import generate, resolve_kernels_from_config
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet, count_parameters
+from kernels.noise import noise_keys
+from kernels.registry import KernelError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,13 +99,17 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     torch.manual_seed(cfg_train.seed + context.rank)
     schedule = schedule_from_config(config.diffusion).to(device)
     model = build_unet(config, device)
+    kernels = resolve_kernels_from_config(config, device)  # once, before any step; a broken kernel stops here
+    loss_coefficients = diffusion.loss_coefficients(schedule, config.diffusion.target)
+    # Sample n of the run has noise key (seed, n): this rank's share of step s is s * batch + offset + [0, local).
+    rank_sample_offsets = context.rank * local_batch + torch.arange(local_batch, device=device)
     ema = build_ema(model, cfg_train.ema_decay)
     optimizer_class = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
                                 eps=config.optim.eps, weight_decay=config.optim.weight_decay,
                                 foreach=True)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.optim.warmup_steps))
-    # One generator for timesteps, noise and flips; distinct per rank.
+    # One generator for timesteps and flips, distinct per rank (the noise comes from counters).
     generator = torch.Generator(device=device).manual_seed((cfg_train.seed << 16) + context.rank)
 
     step = 0
@@ -139,6 +145,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if is_main else None
     log(f"training {count_parameters(model) / 1e6:.1f}M parameters on {context.world_size} x {device} "
         f"({'bf16' if use_bf16 else 'fp32'}), {manifest['num_samples']:,} images, global batch {cfg_train.batch_size}")
+    log(f"kernels: {kernels.describe()}")
 
     def snapshot() -> dict[str, Any]:
         generators = [generator.get_state()]
@@ -147,10 +154,12 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             torch.distributed.all_gather_object(generators, generator.get_state())
         return {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "generator": generators, "config": config.to_dict(), "engine_version": engine.__version__}
+                "generator": generators, "kernels": kernels.names, "config": config.to_dict(),
+                "engine_version": engine.__version__}
 
     def write_samples(name: str) -> Path:
-        images = generate(ema.ema_model if config.sample.use_ema else model, config, schedule, num_images=config.sample.num_images,
+        images = generate(ema.ema_model if config.sample.use_ema else model, config, schedule, kernels,
+                          num_images=config.sample.num_images,
                           batch_size=config.sample.batch_size, seed=config.sample.seed, device=device)
         return save_grid(images, run_dir / "samples" / name)
 
@@ -169,11 +178,15 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         data_wait += time.perf_counter() - wait_start
         skipped_total += int(batch["skipped"])
 
-        x0 = to_model_input(batch["image"].to(device, non_blocking=True), random_flip=cfg_data.random_flip,
-                            generator=generator)
+        images = batch["image"].to(device, non_blocking=True)
+        flip = (random_flip_mask(local_batch, generator=generator, device=device) if cfg_data.random_flip
+                else torch.zeros(local_batch, dtype=torch.bool, device=device))
+        t = diffusion.sample_timesteps(local_batch, schedule.num_timesteps, config.diffusion.timestep_sampling,
+                                       generator=generator, device=device)
+        keys = noise_keys(cfg_train.seed, rank_sample_offsets + step * cfg_train.batch_size)
         with autocast:
-            loss = diffusion.training_loss(train_model, schedule, x0, target=config.diffusion.target,
-                                           timestep_sampling=config.diffusion.timestep_sampling, generator=generator)
+            loss = diffusion.training_loss(train_model, kernels, schedule, images, flip, t, keys,
+                                           target=config.diffusion.target, coefficients=loss_coefficients)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(config)
         train(config)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, KernelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -41,27 +41,18 @@ def noise_keys(seed: int, sample_indices: torch.Tensor) -> torch.Tensor:
     return (sample_indices.to(torch.int64) & _MASK32) | (seed << 32)
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of a * b for a 32-bit constant a and uint32 values b held in int64.
-
-    The full product can reach 2**64, past int64, so b is split into 16-bit halves.
-    """
-    upper = a * (b >> 16)  # < 2**48
-    lower = a * (b & 0xFFFF)  # < 2**48
-    high = (upper + (lower >> 16)) >> 16
-    low = ((upper << 16) + lower) & _MASK32
-    return high & _MASK32, low
-
-
 def philox4x32(key: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four output words of Philox4x32-10 for 64-bit keys and counters (c0, c1, 0, 0), as int64."""
+    """The four output words of Philox4x32-10 for 64-bit keys and counters (c0, c1, 0, 0), as int64 in [0, 2**32).
+
+    A 32 x 32-bit product fits in 64 bits; int64 multiplication wraps modulo 2**64 on every device
+    PyTorch runs on, so its high and low words are exact after masking.
+    """
     k0, k1 = key & _MASK32, (key >> 32) & _MASK32
     c0, c1 = c0 & _MASK32, c1 & _MASK32
     c2 = c3 = torch.zeros_like(c0)
     for _ in range(_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        product_b, product_a = c2 * _ROUND_B, c0 * _ROUND_A
+        c0, c1, c2, c3 = ((product_b >> 32) & _MASK32) ^ c1 ^ k0, product_b & _MASK32, ((product_a >> 32) & _MASK32) ^ c3 ^ k1, product_a & _MASK32
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
     return c0, c1, c2, c3
 

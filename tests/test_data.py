@@ -23,8 +23,9 @@ import webdataset as wds
 from PIL import Image
 
 from engine.data import (SHAPE_CLASSES, DataError, build_train_loader, iter_shapes, make_shape_image,
-                         random_flip_mask, read_manifest, to_model_input)
+                         random_flip_mask, read_manifest)
 from engine.data.prepare import prepare
+from kernels.q_sample import images_to_unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
@@ -293,15 +294,15 @@ def test_loader_yields_uint8_batches_forever_when_resampling(shapes_set):
     assert not torch.equal(first, torch.cat([b["image"] for _, b in zip(range(5), other_rank)]))
 
 
-def test_to_model_input_scales_to_unit_range_and_flips_exactly_the_masked_samples():
+def test_images_scale_to_unit_range_and_flip_exactly_the_masked_samples():
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     images[0, 0, 0, 0], images[1, 0, 0, 0] = 0, 255
-    plain = to_model_input(images, random_flip=False)
+    plain = images_to_unit_range(images, torch.zeros(16, dtype=torch.bool), torch.float32)
     assert plain.dtype == torch.float32
     assert plain.min().item() == -1.0 and plain.max().item() == 1.0
     torch.testing.assert_close(plain, images.float() / 127.5 - 1, rtol=0, atol=1e-6)
-    flipped = to_model_input(images, random_flip=True, generator=torch.Generator().manual_seed(5))
     mask = random_flip_mask(16, generator=torch.Generator().manual_seed(5))
+    flipped = images_to_unit_range(images, mask, torch.float32)
     assert 0 < int(mask.sum()) < 16
     torch.testing.assert_close(flipped[mask], plain[mask].flip(-1), rtol=0, atol=0)
     torch.testing.assert_close(flipped[~mask], plain[~mask], rtol=0, atol=0)

@@ -5,6 +5,8 @@ import torch
 
 from engine import diffusion
 from engine.schedule import NoiseSchedule
+from kernels.noise import noise_keys, randn_like
+from kernels.registry import resolve_kernels
 
 T = 1000
 
@@ -12,6 +14,11 @@ T = 1000
 @pytest.fixture(scope="module")
 def schedule():
     return NoiseSchedule.create("linear", T)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return resolve_kernels(device="cpu")  # the PyTorch references
 
 
 def _batch(seed=0, shape=(6, 3, 4, 4)):
@@ -62,15 +69,29 @@ def test_antithetic_timesteps_come_in_mirrored_pairs():
         diffusion.sample_timesteps(5, T, "antithetic")
 
 
-def test_training_loss_is_the_mse_to_the_target(schedule):
-    x0, _, _ = _batch()
-    model = lambda x, t: 0.5 * x
-    loss = diffusion.training_loss(model, schedule, x0, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_training_loss_is_the_mse_to_the_target(schedule, kernels, target):
     g = torch.Generator().manual_seed(3)
-    t = torch.randint(0, T, (x0.shape[0],), generator=g)
-    noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-    expected = ((0.5 * diffusion.q_sample(schedule, x0, t, noise) - noise) ** 2).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    images = torch.randint(0, 256, (6, 3, 4, 4), generator=g, dtype=torch.uint8)
+    flip = torch.tensor([True, False, True, True, False, False])
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    keys = noise_keys(7, torch.arange(6))
+    model = lambda x, t: 0.5 * x
+    loss = diffusion.training_loss(model, kernels, schedule.to("cpu", torch.float32), images, flip, t, keys, target=target)
+    x0 = images.double() / 127.5 - 1
+    x0[flip] = x0[flip].flip(-1)
+    noise = randn_like(x0, keys, t)
+    expected = ((0.5 * diffusion.q_sample(schedule, x0, t, noise) - diffusion.training_target(schedule, x0, noise, t, target)) ** 2).mean()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_loss_coefficients_express_the_training_target(schedule, target):
+    x0, eps, t = _batch()
+    noise_coef, x0_coef = diffusion.loss_coefficients(schedule, target)
+    combined = diffusion.extract(noise_coef, t, x0) * eps + diffusion.extract(x0_coef, t, x0) * x0
+    torch.testing.assert_close(combined, diffusion.training_target(schedule, x0, eps, t, target), rtol=1e-12, atol=1e-12)
 
 
 def test_ddim_with_eta_one_over_all_steps_is_the_ddpm_posterior(schedule):
@@ -116,17 +137,18 @@ def _oracle(schedule, point):
     dict(sampler="ddim", steps=50, eta=0.0, clip_denoised=False),
     dict(sampler="ddim", steps=20, eta=1.0, clip_denoised=True),
 ])
-def test_sampling_with_an_oracle_returns_the_training_point(name, options):
+def test_sampling_with_an_oracle_returns_the_training_point(name, options, kernels):
     schedule = NoiseSchedule.create(name, T)
     point = torch.rand((1, 3, 4, 4), generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 1.8 - 0.9
-    images = diffusion.sample(_oracle(schedule, point), schedule, (4, 3, 4, 4), generator=torch.Generator().manual_seed(0),
-                              dtype=torch.float64, **options)
+    images = diffusion.sample(_oracle(schedule, point), schedule, kernels, (4, 3, 4, 4), seed=0, dtype=torch.float64, **options)
     torch.testing.assert_close(images, point.expand(4, -1, -1, -1), rtol=1e-7, atol=1e-7)
 
 
-def test_sampling_is_seeded(schedule):
+def test_sampling_is_seeded_and_independent_of_the_batch_split(schedule, kernels):
     model = lambda x, t: 0.1 * x
-    run = lambda seed: diffusion.sample(model, schedule, (2, 1, 2, 2), sampler="ddim", steps=5, eta=1.0,
-                                        generator=torch.Generator().manual_seed(seed))
+    run = lambda seed, shape=(4, 1, 2, 2), first=0: diffusion.sample(model, schedule, kernels, shape, seed=seed, first_index=first,
+                                                                    sampler="ddim", steps=5, eta=1.0)
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+    halves = torch.cat([run(1, (2, 1, 2, 2), 0), run(1, (2, 1, 2, 2), 2)])
+    assert torch.equal(halves, run(1))  # image i is keyed by (seed, i), not by its batch

@@ -2,7 +2,7 @@
 
 A data set is prepared once (`python -m engine.data.prepare SOURCE OUT_DIR`) into tar shards plus a
 `manifest.json`; training streams the shards with `build_train_loader`, which yields uint8 batches
-that `to_model_input` flips and scales on the training device.
+that the training step flips and scales on the device (`kernels.q_sample_uint8`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ _EXPORTS = {
     "decode_image": "sources",
     "read_manifest": "prepare",
     "build_train_loader": "loader",
-    "to_model_input": "loader",
     "random_flip_mask": "loader",
 }
 
@@ -48,7 +47,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__
-    from engine.data.loader import build_train_loader, random_flip_mask, to_model_input
+    from engine.data.loader import build_train_loader, random_flip_mask
     from engine.data.prepare import read_manifest
     from engine.data.shapes import SHAPE_CLASSES, iter_shapes, make_shape_image
     from engine.data.sources import Source, SourceSample, decode_image, open_source

@@ -6,7 +6,8 @@ Per worker the pipeline is
     -> decode with PIL -> batch -> DataLoader(batch_size=None)
 
 Workers decode and batch, so the main process only receives ready (B, C, H, W) uint8 tensors: a
-quarter of the bytes of float32. `to_model_input` then flips and scales them on the training device.
+quarter of the bytes of float32. The training step flips and scales them on the device, fused into
+`q_sample_uint8` (kernels/q_sample.py).
 
 Two modes:
 - resample=True (training): an endless stream. Every (rank, worker) draws shards with replacement
@@ -58,19 +59,6 @@ def random_flip_mask(batch_size: int, *, generator: torch.Generator | None = Non
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Which samples of a batch to flip: one Bernoulli(1/2) draw per sample, as a bool tensor."""
     return torch.rand(batch_size, generator=generator, device=device) < 0.5
-
-
-def to_model_input(images_uint8: torch.Tensor, *, random_flip: bool,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [-1, 1], each sample flipped left-right with probability 1/2.
-
-    Runs where `images_uint8` lives (the generator must live there too), so the host ships uint8.
-    """
-    images = images_uint8
-    if random_flip:
-        flip = random_flip_mask(images.shape[0], generator=generator, device=images.device)
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 # ----------------------------------------------------------------------------- pipeline stages
