@@ -1,1 +1,16 @@
-"""Fused kernels with PyTorch references behind one registry (filled by the kernels issue)."""
+"""Fused ops with a PyTorch reference and a Triton kernel each, behind one registry.
+
+    q_sample.py        forward noising (float x0, or the loader's uint8 batch with flip and scaling)
+    noise_loss.py      the training loss, recomputing the noise instead of storing it
+    posterior_step.py  one DDPM ancestral update
+    ddim_step.py       one DDIM update
+    noise.py           the in-kernel noise, specified in PyTorch (counter-based Philox)
+    registry.py        choosing an implementation per op; users' kernels by dotted path or decorator
+    check.py           the conformance check (`python -m kernels.check OP IMPL`)
+
+Importing this package does not import Triton; the op modules do, when first resolved.
+"""
+
+from kernels.registry import OPS, KernelError, Kernels, register_kernel, resolve_kernels
+
+__all__ = ["OPS", "KernelError", "Kernels", "register_kernel", "resolve_kernels"]

@@ -96,9 +96,9 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import MIN_BLOCK, autotune_elementwise, gaussian_quarters, grid, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, quarter
 
-    @autotune_elementwise(reset_to_zero=["out_ptr"])
+    @autotune_elementwise(key=("BACKWARD",))  # forward and backward tune separately
     @triton.jit
     def _noise_loss_kernel(prediction_ptr, x0_ptr, t_ptr, keys_ptr, noise_coef_ptr, x0_coef_ptr, grad_loss_ptr, out_ptr,
                            numel, partials_per_sample, grad_scale, HAS_X0: tl.constexpr, BACKWARD: tl.constexpr,
@@ -140,6 +140,11 @@ if HAVE_TRITON:
                 2.0 / prediction.numel(), HAS_X0=x0 is not None, BACKWARD=backward)
         return out
 
+    def _partial_sums_written(partials: torch.Tensor, numel: int) -> torch.Tensor:
+        """The columns the launch just wrote: one per program, for the block size the autotuner chose."""
+        block = _noise_loss_kernel.best_config.kwargs["BLOCK"]
+        return partials[:, :triton.cdiv(-(-numel // 4), block)]
+
     def _checked(prediction, t, noise_keys, x0):
         batch = prediction.shape[0]
         prediction = check_batch("noise_loss", "prediction", prediction, batch)
@@ -154,10 +159,14 @@ if HAVE_TRITON:
     def noise_loss_triton(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, noise_coef: torch.Tensor,
                           x0_coef: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         prediction, t, noise_keys, x0 = _checked(prediction, t, noise_keys, x0)
-        counters = -(-prediction[0].numel() // 4) if prediction.shape[0] else 0
-        partials = prediction.new_zeros((prediction.shape[0], triton.cdiv(counters, MIN_BLOCK)), dtype=torch.float32)
+        if not prediction.numel():
+            return prediction.new_full((), float("nan"), dtype=torch.float32)  # the mean of nothing, as mse_loss
+        numel = prediction[0].numel()
+        smallest_block = min(config.kwargs["BLOCK"] for config in _noise_loss_kernel.configs)
+        # Sized for the smallest block; no fill needed: only the columns the launch writes are summed.
+        partials = prediction.new_empty((prediction.shape[0], triton.cdiv(-(-numel // 4), smallest_block)), dtype=torch.float32)
         _launch(prediction, t, noise_keys, noise_coef, x0_coef, x0, None, partials, backward=False)
-        return partials.sum() / max(prediction.numel(), 1)
+        return _partial_sums_written(partials, numel).sum() / prediction.numel()
 
     @noise_loss_triton.register_fake
     def _(prediction, t, noise_keys, noise_coef, x0_coef, x0=None):

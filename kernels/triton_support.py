@@ -63,12 +63,11 @@ if HAVE_TRITON:
     # and warps are chosen per per-sample size. The interpreter cannot time configs: it takes the first.
     _ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
                             for block, warps in ((256, 4), (128, 4), (512, 4), (1024, 8))]
-    MIN_BLOCK = min(config.kwargs["BLOCK"] for config in _ELEMENTWISE_CONFIGS)
 
-    def autotune_elementwise(fn=None, *, reset_to_zero: list[str] | None = None):
-        """triton.autotune over the elementwise configs, keyed on the per-sample size (and dtypes)."""
+    def autotune_elementwise(fn=None, *, key: tuple[str, ...] = ()):
+        """triton.autotune over the elementwise configs, keyed on the per-sample size, the dtypes and `key`."""
         configs = _ELEMENTWISE_CONFIGS[:1] if interpreting() else _ELEMENTWISE_CONFIGS
-        decorate = triton.autotune(configs=configs, key=["numel"], reset_to_zero=reset_to_zero)
+        decorate = triton.autotune(configs=configs, key=["numel", *key])
         return decorate(fn) if fn is not None else decorate
 
     @triton.jit

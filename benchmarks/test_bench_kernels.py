@@ -1,0 +1,346 @@
+"""The five diffusion ops, each fused kernel against the ways it replaces and against a plain copy.
+
+One benchmark group per op (`q_sample`, `q_sample_uint8`, `noise_loss`, `posterior_step`,
+`ddim_step`), with four variants measured in the same run, in this order:
+
+- `copy`: a device-to-device copy of as many bytes as the op must move at least (the bandwidth
+  yardstick: no elementwise kernel can beat it);
+- `eager`: the eager PyTorch way, as Hugging Face diffusers' DDPMScheduler.add_noise / .step and
+  DDIMScheduler.step write it: the noise drawn by a separate torch.randn_like, coefficients
+  gathered from alphas_cumprod[t] and raised to ** 0.5, reshaped to broadcast, then one kernel per
+  arithmetic operation (the noise tensor is written, and for the loss stored and read back);
+- `compiled`: the op's PyTorch implementation (the one registered as `pytorch`) under
+  torch.compile(dynamic=False), i.e. Inductor fusing the reference's elementwise chain, noise
+  generation included;
+- `triton`: the registered Triton kernel. Timed on CUDA only; on the CPU with TRITON_INTERPRET=1 it
+  runs once in the interpreter, is checked against the reference, and is skipped.
+
+Every variant first checks its output against the op's reference (`kernels.<op>` SPECS), so a
+wrong fast path fails the smoke run (`make test` runs this file with --benchmark-disable).
+
+extra_info records `bytes_moved`, the least the op must read and write (the per-sample timesteps,
+noise keys and coefficient-table entries, 16 bytes and a few floats per sample, are not counted),
+`gb_per_s` = bytes_moved / median time (an effective bandwidth: the eager way moves far more bytes
+than it is credited with), and `percent_of_copy` = that bandwidth as a percentage of the `copy`
+variant's measured in the same group of the same session (100% means the op runs as fast as merely
+copying its bytes; absent when the copy did not run, e.g. under -k).
+
+On CUDA every variant is timed as the replay of a CUDA graph holding `CALLS_PER_ROUND` calls (the
+table's times are per replay; `gb_per_s` and `percent_of_copy` are per call): at this size a kernel runs for microseconds, about as long as
+its launch from Python, and in a training or sampling step the GPU runs far ahead of the host, so
+device time is what the op costs there. (extra_info `timing` says which way a row was timed; a
+variant that cannot be captured falls back to timing plain calls.)
+
+Sizes: on CUDA the CIFAR-10 training batch, 128 x 3 x 32 x 32; on the CPU 16 x 3 x 32 x 32, so
+that the smoke run stays fast. Every floating tensor is float32 (extra_info `dtype`; q_sample_uint8
+reads uint8 images). The GPU targets: every Triton kernel at >= 85% of `copy` bandwidth and >= 3x
+faster than `eager` at CIFAR batch 128. CPU timings are for ratios within a group only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import synchronized
+from kernels.noise import noise_keys, randn_like
+from kernels.posterior_step import schedule_tables
+from kernels.registry import load_implementation, op_spec
+from kernels.triton_support import interpreting, triton_unavailable
+
+VARIANTS = ["copy", "eager", "compiled", "triton"]  # copy first: the others are reported relative to it
+CALLS_PER_ROUND = 20  # calls per CUDA-graph replay
+IMAGE_SHAPE = (3, 32, 32)
+DTYPE = torch.float32
+DDIM_STEPS = 50  # t_prev = t - T / 50, a common DDIM sampling schedule
+# float32 against the float32 reference: in-kernel log/cos, Inductor's reordering, and the eager
+# formulas' different (diffusers') algebra for x_0 all differ from it in the last few bits.
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth() -> dict[str, float]:
+    """op -> the GB/s its `copy` variant measured in this session."""
+    return {}
+
+
+@dataclass
+class OpCase:
+    op: str
+    shape: tuple[int, ...]
+    args: tuple  # the op's positional arguments, for the reference, the compiled and the Triton implementations
+    call: Callable[[Callable], Any]  # runs an implementation of the op on `args`: its output(s)
+    eager: Callable[[], Any]  # the diffusers-style eager path, drawing its own noise (what is timed)
+    eager_check: Callable[[], Any]  # the same path fed the specified noise, to compare with the reference
+    bytes_moved: int
+    dtype: str = "float32"  # extra_info's note on what the op reads and writes
+
+
+def _batch(device) -> int:
+    return 128 if device.type == "cuda" else 16
+
+
+def _inputs(device, schedule, batch: int):
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, *IMAGE_SHAPE)
+    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=g)
+    t[0] = 0  # the end of the chain (no noise in the ancestral step) is always exercised
+    return (shape, torch.randn(shape, generator=g).to(device, DTYPE), torch.randn(shape, generator=g).to(device, DTYPE),
+            t.to(device), noise_keys(0, torch.arange(batch)).to(device), g)
+
+
+# ----------------------------------------------------------------------------- the eager way
+# These few functions mirror the approach of Hugging Face diffusers' schedulers (DDPMScheduler.add_noise,
+# DDPMScheduler.step with fixed_large variance and clip_sample, DDIMScheduler.step with
+# use_clipped_model_output): written here, vectorised over per-sample timesteps as training needs.
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """diffusers' idiom: flatten, then unsqueeze until the per-sample values broadcast over `like`."""
+    values = values.flatten()
+    while len(values.shape) < len(like.shape):
+        values = values.unsqueeze(-1)
+    return values
+
+
+def eager_add_noise(original_samples, noise, timesteps, alphas_cumprod):
+    sqrt_alpha_prod = _broadcast(alphas_cumprod[timesteps] ** 0.5, original_samples)
+    sqrt_one_minus_alpha_prod = _broadcast((1 - alphas_cumprod[timesteps]) ** 0.5, original_samples)
+    return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
+
+
+def eager_images_to_unit_range(images, flip):
+    samples = images.to(DTYPE) / 127.5 - 1.0
+    return torch.where(_broadcast(flip, samples), samples.flip(-1), samples)
+
+
+def eager_ddpm_step(model_output, timesteps, sample, alphas_cumprod, variance_noise):
+    alpha_prod_t = alphas_cumprod[timesteps]
+    alpha_prod_t_prev = torch.where(timesteps > 0, alphas_cumprod[(timesteps - 1).clamp_min(0)], 1.0)
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+    current_beta_t = 1 - current_alpha_t
+    pred_original_sample = ((sample - _broadcast(beta_prod_t ** 0.5, sample) * model_output)
+                            / _broadcast(alpha_prod_t ** 0.5, sample))
+    pred_original_sample = pred_original_sample.clamp(-1.0, 1.0)
+    pred_original_sample_coeff = _broadcast(alpha_prod_t_prev ** 0.5 * current_beta_t / beta_prod_t, sample)
+    current_sample_coeff = _broadcast(current_alpha_t ** 0.5 * beta_prod_t_prev / beta_prod_t, sample)
+    pred_prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
+    variance = _broadcast(current_beta_t ** 0.5 * (timesteps > 0), sample) * variance_noise  # fixed_large: beta_t
+    return pred_prev_sample + variance
+
+
+def eager_ddim_step(model_output, timesteps, prev_timesteps, sample, alphas_cumprod, eta=0.0):
+    alpha_prod_t = alphas_cumprod[timesteps]
+    alpha_prod_t_prev = torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp_min(0)], 1.0)
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    pred_original_sample = ((sample - _broadcast(beta_prod_t ** 0.5, sample) * model_output)
+                            / _broadcast(alpha_prod_t ** 0.5, sample))
+    pred_original_sample = pred_original_sample.clamp(-1.0, 1.0)
+    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance ** 0.5
+    pred_epsilon = ((sample - _broadcast(alpha_prod_t ** 0.5, sample) * pred_original_sample)
+                    / _broadcast(beta_prod_t ** 0.5, sample))
+    pred_sample_direction = _broadcast((1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5, sample) * pred_epsilon
+    return _broadcast(alpha_prod_t_prev ** 0.5, sample) * pred_original_sample + pred_sample_direction  # eta = 0: no noise
+
+
+def _loss_and_grad(loss: torch.Tensor, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and d loss / d prediction (autograd.grad, so no .grad accumulates across rounds)."""
+    (grad,) = torch.autograd.grad(loss, prediction)
+    return loss.detach(), grad
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+def q_sample_case(device, schedule) -> OpCase:
+    shape, x0, _, t, keys, _ = _inputs(device, schedule, _batch(device))
+    alphas_cumprod = schedule.alphas_cumprod
+    args = (x0, t, keys, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
+    return OpCase("q_sample", shape, args, lambda fn: fn(*args),
+                  lambda: eager_add_noise(x0, torch.randn_like(x0), t, alphas_cumprod),
+                  lambda: eager_add_noise(x0, randn_like(x0, keys, t), t, alphas_cumprod),
+                  bytes_moved=2 * x0.numel() * x0.element_size())  # read x0, write x_t
+
+
+def q_sample_uint8_case(device, schedule) -> OpCase:
+    shape, _, _, t, keys, g = _inputs(device, schedule, _batch(device))
+    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)
+    flip = (torch.arange(shape[0]) % 2 == 1).to(device)
+    alphas_cumprod = schedule.alphas_cumprod
+    args = (images, flip, t, keys, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, DTYPE)
+
+    def eager(noise=None):
+        x0 = eager_images_to_unit_range(images, flip)
+        return eager_add_noise(x0, torch.randn_like(x0) if noise is None else noise, t, alphas_cumprod)
+
+    numel = images.numel()
+    return OpCase("q_sample_uint8", shape, args, lambda fn: fn(*args), eager,
+                  lambda: eager(randn_like(torch.empty(shape, device=device, dtype=DTYPE), keys, t)),
+                  bytes_moved=numel * images.element_size() + numel * DTYPE.itemsize,  # read uint8 images, write x_t
+                  dtype="uint8 -> float32")
+
+
+def noise_loss_case(device, schedule) -> OpCase:
+    """The DDPM eps loss (noise_coef = 1, x0_coef = 0), forward and backward to the prediction."""
+    shape, prediction, _, t, keys, _ = _inputs(device, schedule, _batch(device))
+    prediction.requires_grad_(True)
+    ones, zeros = torch.ones_like(schedule.betas), torch.zeros_like(schedule.betas)
+    args = (prediction, t, keys, ones, zeros, None)
+    # The eager training step draws noise = randn_like(x0) for q_sample and keeps it for the loss;
+    # that draw (and q_sample) is timed in the q_sample group, so here the stored noise is an input.
+    stored_noise = torch.randn_like(prediction.detach())
+    specified_noise = randn_like(prediction.detach(), keys, t)
+
+    def eager(noise=stored_noise):
+        return _loss_and_grad(F.mse_loss(prediction.float(), noise.float()), prediction)
+
+    return OpCase("noise_loss", shape, args, lambda fn: _loss_and_grad(fn(*args), prediction), eager,
+                  lambda: eager(specified_noise),
+                  # forward reads the prediction; backward reads it again and writes its gradient
+                  bytes_moved=3 * prediction.numel() * prediction.element_size())
+
+
+def posterior_step_case(device, schedule) -> OpCase:
+    """DDPM ancestral step, fixed_large variance, x_0 clipped (clip_denoised=True)."""
+    shape, x_t, eps, t, keys, _ = _inputs(device, schedule, _batch(device))
+    alphas_cumprod = schedule.alphas_cumprod
+    args = (x_t, eps, t, keys, *schedule_tables(schedule, "fixed_large"), True)
+    return OpCase("posterior_step", shape, args, lambda fn: fn(*args),
+                  lambda: eager_ddpm_step(eps, t, x_t, alphas_cumprod, torch.randn_like(x_t)),
+                  lambda: eager_ddpm_step(eps, t, x_t, alphas_cumprod, randn_like(x_t, keys, t)),
+                  bytes_moved=3 * x_t.numel() * x_t.element_size())  # read x_t and eps, write x_prev
+
+
+def ddim_step_case(device, schedule) -> OpCase:
+    """Deterministic DDIM (eta = 0), x_0 clipped and eps re-derived from it."""
+    shape, x_t, eps, t, keys, _ = _inputs(device, schedule, _batch(device))
+    t_prev = (t - schedule.num_timesteps // DDIM_STEPS).clamp_min(-1)
+    alphas_cumprod = schedule.alphas_cumprod
+    args = (x_t, eps, t, t_prev, keys, alphas_cumprod, 0.0, True)
+    return OpCase("ddim_step", shape, args, lambda fn: fn(*args),
+                  lambda: eager_ddim_step(eps, t, t_prev, x_t, alphas_cumprod),
+                  lambda: eager_ddim_step(eps, t, t_prev, x_t, alphas_cumprod),
+                  bytes_moved=3 * x_t.numel() * x_t.element_size())  # read x_t and eps, write x_prev
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _assert_matches(got, expected, what: str) -> None:
+    got, expected = (got, expected) if isinstance(expected, tuple) else ((got,), (expected,))
+    for index, (value, reference) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(value, reference, **TOLERANCE, msg=lambda m: f"{what}, output {index}: {m}")
+
+
+def _graph_replay(fn: Callable[[], Any], calls: int) -> Callable[[], None] | None:
+    """A function replaying a CUDA graph of `calls` calls of `fn` (already warmed up), or None if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture needs one more warm-up on a side stream
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except Exception:  # e.g. an op that syncs with the host: time it call by call instead
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
+def _record_bandwidth(benchmark, case: OpCase, variant: str, copy_bandwidth: dict[str, float], calls: int) -> None:
+    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+    median = stats.stats.median / calls if stats is not None else 0.0
+    if not median > 0:
+        return
+    gb_per_s = case.bytes_moved / median / 1e9
+    benchmark.extra_info["gb_per_s"] = round(gb_per_s, 3)
+    if variant == "copy":
+        copy_bandwidth[case.op] = gb_per_s
+    elif case.op in copy_bandwidth:
+        benchmark.extra_info["percent_of_copy"] = round(100.0 * gb_per_s / copy_bandwidth[case.op], 1)
+
+
+def _run(benchmark, device, case: OpCase, variant: str, copy_bandwidth: dict[str, float]) -> None:
+    benchmark.group = case.op
+    benchmark.extra_info.update(bytes_moved=case.bytes_moved, dtype=case.dtype, shape=list(case.shape))
+    if variant == "copy":
+        source = torch.randint(0, 256, (case.bytes_moved // 2,), dtype=torch.uint8, device=device)
+        destination = torch.empty_like(source)
+
+        def fn():
+            return destination.copy_(source)
+
+        assert torch.equal(fn(), source)
+    else:
+        expected = case.call(op_spec(case.op).reference)
+        if variant == "eager":
+            _assert_matches(case.eager_check(), expected, f"{case.op} eager")
+            fn = case.eager
+        elif variant == "compiled":
+            _, implementation = load_implementation(case.op, "pytorch", device)
+            compiled = torch.compile(implementation, dynamic=False)
+
+            def fn():
+                return case.call(compiled)
+
+            _assert_matches(fn(), expected, f"{case.op} compiled")  # compiles, outside the timing
+        else:
+            reason = triton_unavailable(device)
+            if reason:
+                pytest.skip(reason)
+            _, implementation = load_implementation(case.op, "triton", device)
+
+            def fn():
+                return case.call(implementation)
+
+            _assert_matches(fn(), expected, f"{case.op} triton")  # autotunes on CUDA, outside the timing
+            if device.type != "cuda":
+                assert interpreting()
+                pytest.skip("Triton timing needs CUDA; checked for correctness in the interpreter")
+    calls = 1
+    if device.type == "cuda":
+        replay = _graph_replay(fn, CALLS_PER_ROUND)
+        if replay is not None:
+            fn, calls = replay, CALLS_PER_ROUND
+    benchmark.extra_info["timing"] = f"CUDA graph of {calls} calls" if calls > 1 else "one call per round"
+    benchmark(synchronized(fn, device))
+    _record_bandwidth(benchmark, case, variant, copy_bandwidth, calls)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q_sample(benchmark, device, schedule, variant, copy_bandwidth):
+    _run(benchmark, device, q_sample_case(device, schedule), variant, copy_bandwidth)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q_sample_uint8(benchmark, device, schedule, variant, copy_bandwidth):
+    _run(benchmark, device, q_sample_uint8_case(device, schedule), variant, copy_bandwidth)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_noise_loss(benchmark, device, schedule, variant, copy_bandwidth):
+    """Forward and backward together; `compiled` compiles the forward (the `pytorch` implementation,
+    an autograd.Function that recomputes the noise in its backward) and AOTAutograd compiles its
+    backward, run by torch.autograd.grad outside the compiled region."""
+    _run(benchmark, device, noise_loss_case(device, schedule), variant, copy_bandwidth)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_posterior_step(benchmark, device, schedule, variant, copy_bandwidth):
+    _run(benchmark, device, posterior_step_case(device, schedule), variant, copy_bandwidth)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ddim_step(benchmark, device, schedule, variant, copy_bandwidth):
+    _run(benchmark, device, ddim_step_case(device, schedule), variant, copy_bandwidth)
