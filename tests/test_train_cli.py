@@ -144,3 +144,32 @@ def test_sample_cli_errors_are_one_line(tmp_path):
     result = run("engine.sample", tmp_path / "no-run")
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_triton_kernels_train_to_the_same_losses_as_the_pytorch_ones(tmp_path, shapes16):
+    """Noise comes from counters, so swapping the implementation changes nothing but float rounding.
+
+    The Triton kernels run in the interpreter here (TRITON_INTERPRET=1 from conftest, inherited).
+    """
+    from engine.checkpoint import load_latest_checkpoint
+    from kernels import OPS
+
+    runs = {}
+    for impl in ("pytorch", "triton"):
+        result = train(tmp_path / impl, shapes16, "train.steps=4", "train.checkpoint_every=4",
+                       *[f"kernels.{op}={impl}" for op in OPS])
+        assert result.returncode == 0, result.stderr
+        runs[impl] = losses(tmp_path / impl)
+        state, _ = load_latest_checkpoint(tmp_path / impl)
+        assert state["kernels"] == {op: impl for op in OPS}  # the choice is recorded with the weights
+    assert sorted(runs["triton"]) == sorted(runs["pytorch"]) == [2, 4]
+    for step, loss in runs["pytorch"].items():
+        assert runs["triton"][step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_an_unknown_kernel_stops_training_before_the_first_step(tmp_path, shapes16):
+    result = train(tmp_path / "run", shapes16, "kernels.noise_loss=no_such_kernel")
+    assert result.returncode == 2
+    assert "kernels.noise_loss" in result.stderr and "no_such_kernel" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
