@@ -145,6 +145,18 @@ def _clone(args: tuple) -> tuple:
     return tuple(value.clone() if isinstance(value, torch.Tensor) else value for value in args)
 
 
+def describe(fn) -> str:
+    """module:qualname for a function, as a user would name it; repr for anything else."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}:{name}" if module and name else repr(fn)
+
+
+def _crash_verdict(error: Exception) -> str:
+    """One line for a kernel that raised: the exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"crashed: {type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def _signature_problem(spec, fn) -> str | None:
     """Why `fn` cannot be called with the op's positional arguments, or None (also when it cannot tell)."""
     try:
@@ -155,7 +167,7 @@ def _signature_problem(spec, fn) -> str | None:
     try:
         signature.bind(*range(count))
     except TypeError as error:
-        return f"wrong signature: expected {spec.signature}; {fn!r} has {signature} ({error})"
+        return f"wrong signature: expected {spec.signature}; {describe(fn)} has {signature} ({error})"
     return None
 
 
@@ -183,8 +195,7 @@ def run_case(spec, fn, case: Case) -> CaseResult:
     try:
         outputs = _evaluate(spec, fn, args)
     except Exception as error:  # the verdict for a kernel that crashes
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return CaseResult(case.label, False, f"crashed: {type(error).__name__}: {message}")
+        return CaseResult(case.label, False, _crash_verdict(error))
     expected = _evaluate(spec, spec.reference, _float64(before))
     native = _evaluate(spec, spec.reference, _clone(before))
     details = []
@@ -206,11 +217,11 @@ def run_conformance(op: str, fn, device: torch.device | str, *, quick: bool = Fa
     spec = op_spec(op)
     problem = _signature_problem(spec, fn)
     if problem:
-        return Report(op, getattr(fn, "__name__", repr(fn)), [CaseResult("signature", False, problem)])
+        return Report(op, describe(fn), [CaseResult("signature", False, problem)])
     cases = make_cases(device, quick)
     results = [run_case(spec, fn, case) for case in cases]
     results.append(_determinism(spec, fn, cases[0]))
-    return Report(op, getattr(fn, "__name__", repr(fn)), results)
+    return Report(op, describe(fn), results)
 
 
 def _determinism(spec, fn, case: Case) -> CaseResult:
@@ -221,7 +232,7 @@ def _determinism(spec, fn, case: Case) -> CaseResult:
     try:
         first, second = _evaluate(spec, fn, _clone(args)), _evaluate(spec, fn, _clone(args))
     except Exception as error:
-        return CaseResult(label, False, f"crashed: {type(error).__name__}: {error}")
+        return CaseResult(label, False, _crash_verdict(error))
     same = all(isinstance(first[name], torch.Tensor) and torch.equal(first[name], second[name]) for name in first)
     return CaseResult(label, same, "same inputs, bit-identical outputs" if same else "same inputs gave different outputs")
 

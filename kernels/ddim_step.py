@@ -54,16 +54,16 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
 
     @autotune_elementwise
     @triton.jit
-    def _ddim_step_kernel(x_ptr, eps_ptr, t_ptr, t_prev_ptr, keys_ptr, alphas_cumprod_ptr, out_ptr, numel, eta,
+    def _ddim_step_kernel(x_ptr, eps_ptr, t_ptr, t_prev_ptr, keys_ptr, alphas_cumprod_ptr, out_ptr, numel, num_timesteps, eta,
                           CLIP: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
         sample = tl.program_id(0).to(tl.int64)
         counters = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        t = tl.load(t_ptr + sample)
-        t_prev = tl.load(t_prev_ptr + sample)
+        t = load_timestep(t_ptr, sample, num_timesteps)
+        t_prev = load_timestep(t_prev_ptr, sample, num_timesteps, -1)
         abar_t = tl.load(alphas_cumprod_ptr + t)
         abar_prev = tl.where(t_prev >= 0, tl.load(alphas_cumprod_ptr + tl.maximum(t_prev, 0)), 1.0)
         sqrt_abar_t = tl.sqrt(abar_t)
@@ -104,7 +104,7 @@ if HAVE_TRITON:
         if out.numel():
             numel = x_t[0].numel()
             _ddim_step_kernel[grid(batch, numel)](x_t, eps, t, t_prev, noise_keys, table(alphas_cumprod), out, numel,
-                                                  float(eta), CLIP=clip_denoised, NOISE=eta > 0)
+                                                  alphas_cumprod.shape[0], float(eta), CLIP=clip_denoised, NOISE=eta > 0)
         return out
 
     @ddim_step_triton.register_fake

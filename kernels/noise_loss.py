@@ -96,18 +96,18 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
 
     @autotune_elementwise(key=("BACKWARD",))  # forward and backward tune separately
     @triton.jit
     def _noise_loss_kernel(prediction_ptr, x0_ptr, t_ptr, keys_ptr, noise_coef_ptr, x0_coef_ptr, grad_loss_ptr, out_ptr,
-                           numel, partials_per_sample, grad_scale, HAS_X0: tl.constexpr, BACKWARD: tl.constexpr,
+                           numel, partials_per_sample, grad_scale, num_timesteps, HAS_X0: tl.constexpr, BACKWARD: tl.constexpr,
                            BLOCK: tl.constexpr):
         """Forward: one partial sum of squared errors per program. Backward: d loss / d prediction."""
         sample = tl.program_id(0).to(tl.int64)
         block = tl.program_id(1)
         counters = block * BLOCK + tl.arange(0, BLOCK)
-        t = tl.load(t_ptr + sample)
+        t = load_timestep(t_ptr, sample, num_timesteps)
         noise_coef = tl.load(noise_coef_ptr + t)
         n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
         quarter_size = (numel + 3) // 4
@@ -137,7 +137,7 @@ if HAVE_TRITON:
             _noise_loss_kernel[grid(batch, numel)](
                 prediction, prediction if x0 is None else x0, t, noise_keys, table(noise_coef), table(x0_coef),
                 prediction if grad_loss is None else grad_loss, out, numel, out.shape[-1] if not backward else 0,
-                2.0 / prediction.numel(), HAS_X0=x0 is not None, BACKWARD=backward)
+                2.0 / prediction.numel(), noise_coef.shape[0], HAS_X0=x0 is not None, BACKWARD=backward)
         return out
 
     def _partial_sums_written(partials: torch.Tensor, numel: int) -> torch.Tensor:

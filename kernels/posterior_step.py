@@ -72,16 +72,16 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
 
     @autotune_elementwise
     @triton.jit
     def _posterior_step_kernel(x_ptr, eps_ptr, t_ptr, keys_ptr, sqrt_recip_alphas_ptr, eps_coef_ptr,
                                sqrt_recip_abar_ptr, sqrt_recipm1_abar_ptr, coef1_ptr, coef2_ptr, sigma_ptr, out_ptr,
-                               numel, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                               numel, num_timesteps, CLIP: tl.constexpr, BLOCK: tl.constexpr):
         sample = tl.program_id(0).to(tl.int64)
         counters = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        t = tl.load(t_ptr + sample)
+        t = load_timestep(t_ptr, sample, num_timesteps)
         sigma = tl.where(t > 0, tl.load(sigma_ptr + t), 0.0)  # no noise at the last step
         n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
         quarter_size = (numel + 3) // 4
@@ -118,7 +118,8 @@ if HAVE_TRITON:
             numel = x_t[0].numel()
             tables = [table(value) for value in (sqrt_recip_alphas, eps_coef, sqrt_recip_alphas_cumprod,
                                                  sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2, sigma)]
-            _posterior_step_kernel[grid(batch, numel)](x_t, eps, t, noise_keys, *tables, out, numel, CLIP=clip_denoised)
+            _posterior_step_kernel[grid(batch, numel)](x_t, eps, t, noise_keys, *tables, out, numel, sigma.shape[0],
+                                                       CLIP=clip_denoised)
         return out
 
     @posterior_step_triton.register_fake

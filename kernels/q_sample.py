@@ -43,6 +43,8 @@ def reference(x0: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, sqrt_
 def reference_uint8(images: torch.Tensor, flip: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor,
                     sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: torch.Tensor,
                     out_dtype: torch.dtype) -> torch.Tensor:
+    if images.ndim < 2:
+        raise ValueError(f"q_sample_uint8: images must be (B, ..., W) with a width to flip, got shape {tuple(images.shape)}")
     x0 = images_to_unit_range(images, flip, compute_dtype(out_dtype))
     return reference(x0, t, noise_keys, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod).to(out_dtype)
 
@@ -75,15 +77,15 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
 
     @autotune_elementwise
     @triton.jit
     def _q_sample_kernel(x0_ptr, flip_ptr, t_ptr, keys_ptr, sqrt_abar_ptr, sqrt_one_minus_abar_ptr, out_ptr,
-                         numel, width, FROM_UINT8: tl.constexpr, BLOCK: tl.constexpr):
+                         numel, width, num_timesteps, FROM_UINT8: tl.constexpr, BLOCK: tl.constexpr):
         sample = tl.program_id(0).to(tl.int64)
         counters = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        t = tl.load(t_ptr + sample)
+        t = load_timestep(t_ptr, sample, num_timesteps)
         signal_scale = tl.load(sqrt_abar_ptr + t)
         noise_scale = tl.load(sqrt_one_minus_abar_ptr + t)
         n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
@@ -107,7 +109,7 @@ if HAVE_TRITON:
         numel = out[0].numel() if batch else 0
         if out.numel():
             _q_sample_kernel[grid(batch, numel)](source, flip, t, noise_keys, table(sqrt_abar), table(sqrt_one_minus_abar),
-                                                 out, numel, out.shape[-1], FROM_UINT8=from_uint8)
+                                                 out, numel, out.shape[-1], sqrt_abar.shape[0], FROM_UINT8=from_uint8)
         return out
 
     @torch.library.custom_op("ddpm::q_sample", mutates_args=())
@@ -130,6 +132,8 @@ if HAVE_TRITON:
                               out_dtype: torch.dtype) -> torch.Tensor:
         batch = images.shape[0]
         images = check_batch("q_sample_uint8", "images", images, batch, dtypes=(torch.uint8,))
+        if images.ndim < 2:
+            raise ValueError(f"q_sample_uint8: images must be (B, ..., W) with a width to flip, got shape {tuple(images.shape)}")
         if flip.shape != (batch,) or flip.dtype != torch.bool:
             raise ValueError(f"q_sample_uint8: flip must be a bool tensor of shape ({batch},), got {flip.dtype} {tuple(flip.shape)}")
         t = check_per_sample("q_sample_uint8", "t", t, batch)

@@ -76,6 +76,15 @@ if HAVE_TRITON:
         return tl.randn4x(key, (t.to(tl.int64) << 32) | counters.to(tl.int64))
 
     @triton.jit
+    def load_timestep(t_ptr, sample, num_timesteps, lowest=0):
+        """t[sample], clamped into the tables so a bad timestep can never read out of bounds.
+
+        Checking the range on the host would cost a device sync per call; callers must pass
+        timesteps in [0, num_timesteps) (the PyTorch references raise IndexError otherwise).
+        """
+        return tl.minimum(tl.maximum(tl.load(t_ptr + sample), lowest), num_timesteps - 1)
+
+    @triton.jit
     def quarter(n0, n1, n2, n3, j: tl.constexpr):
         """Quarter j of the noise (resolved at compile time)."""
         if j == 0:
