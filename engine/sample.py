@@ -26,10 +26,11 @@ from engine.unet import build_unet
 from kernels.registry import KernelError, Kernels, resolve_kernels
 
 
-def resolve_kernels_from_config(config: Config, device: torch.device) -> Kernels:
-    """The run's kernel choices resolved (and checked) for `device`, once."""
+def resolve_kernels_from_config(config: Config, device: torch.device, check: bool | None = None) -> Kernels:
+    """The run's kernel choices resolved for `device`, once; checked as `kernels.check` says unless `check` is given."""
     choices = {op: value for op, value in config.kernels.__dict__.items() if op not in ("plugins", "check")}
-    return resolve_kernels(choices, device, plugins=config.kernels.plugins, check=config.kernels.check)
+    return resolve_kernels(choices, device, plugins=config.kernels.plugins,
+                           check=config.kernels.check if check is None else check)
 
 
 @torch.no_grad()

@@ -60,6 +60,11 @@ def dry_run(config: Config) -> int:
     model = build_unet(config, "cpu")
     parameters = count_parameters(model)
     print(f"# model: {parameters / 1e6:.1f}M parameters ({parameters:,}), attention backend {model.attention_backend}")
+    requested = config.train.device
+    on_cuda = requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
+    # Names, plugins and dotted paths only: the conformance checks run when training starts, on its device.
+    kernels = resolve_kernels_from_config(config, torch.device("cuda" if on_cuda else "cpu"), check=False)
+    print(f"# kernels: {kernels.describe()}")
     manifest = check_data(config)
     print(f"# data: {manifest['num_samples']:,} images of {manifest['image_size']}x{manifest['image_size']}x"
           f"{manifest['channels']} in {len(manifest['shards'])} shards at {config.data.path}")

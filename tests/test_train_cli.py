@@ -138,6 +138,16 @@ def test_sample_cli_writes_a_grid_and_uint8_npz_with_ema_or_raw_weights(tmp_path
     raw = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, "--sampler", "ddpm", "--seed", 3, "--raw",
               "--out", tmp_path / "g3.png", "--npz", tmp_path / "s3.npz")
     assert raw.returncode == 0 and "raw weights" in raw.stdout and again.returncode == 0
+    # Image i is keyed by (seed, i): another batch size and the Triton update kernel (interpreted here)
+    # give the same images, up to float rounding at the uint8 boundary.
+    fused = run("engine.sample", run_dir, "--num", 5, "--batch-size", 5, "--sampler", "ddpm", "--seed", 3,
+                "--kernel", "posterior_step=triton", "--out", tmp_path / "g4.png", "--npz", tmp_path / "s4.npz")
+    assert fused.returncode == 0, fused.stderr
+    difference = np.abs(np.load(tmp_path / "s4.npz")["arr_0"].astype(int) - images.astype(int))
+    assert difference.max() <= 1 and difference.mean() < 0.01
+    unknown = run("engine.sample", run_dir, "--kernel", "posterior_step=no_such_kernel")
+    assert unknown.returncode == 2 and "kernels.posterior_step" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
 
 
 def test_sample_cli_errors_are_one_line(tmp_path):
