@@ -318,29 +318,14 @@ def _run(benchmark, device, case: OpCase, variant: str, copy_bandwidth: dict[str
     _record_bandwidth(benchmark, case, variant, copy_bandwidth, calls)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_q_sample(benchmark, device, schedule, variant, copy_bandwidth):
-    _run(benchmark, device, q_sample_case(device, schedule), variant, copy_bandwidth)
+CASES = {"q_sample": q_sample_case, "q_sample_uint8": q_sample_uint8_case, "noise_loss": noise_loss_case,
+         "posterior_step": posterior_step_case, "ddim_step": ddim_step_case}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_q_sample_uint8(benchmark, device, schedule, variant, copy_bandwidth):
-    _run(benchmark, device, q_sample_uint8_case(device, schedule), variant, copy_bandwidth)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_noise_loss(benchmark, device, schedule, variant, copy_bandwidth):
-    """Forward and backward together; `compiled` compiles the forward (the `pytorch` implementation,
-    an autograd.Function that recomputes the noise in its backward) and AOTAutograd compiles its
-    backward, run by torch.autograd.grad outside the compiled region."""
-    _run(benchmark, device, noise_loss_case(device, schedule), variant, copy_bandwidth)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_posterior_step(benchmark, device, schedule, variant, copy_bandwidth):
-    _run(benchmark, device, posterior_step_case(device, schedule), variant, copy_bandwidth)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_ddim_step(benchmark, device, schedule, variant, copy_bandwidth):
-    _run(benchmark, device, ddim_step_case(device, schedule), variant, copy_bandwidth)
+@pytest.mark.parametrize("op", list(CASES))
+def test_kernel_op(benchmark, device, schedule, op, variant, copy_bandwidth):
+    """One op in one variant. For noise_loss, forward and backward together: `compiled` compiles the
+    forward (the `pytorch` implementation, an autograd.Function that recomputes the noise in its
+    backward) and AOTAutograd its backward, run by torch.autograd.grad outside the compiled region."""
+    _run(benchmark, device, CASES[op](device, schedule), variant, copy_bandwidth)

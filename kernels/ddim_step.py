@@ -17,7 +17,7 @@ import torch
 from kernels.noise import randn_like
 from kernels.reference import compute_dtype, extract
 from kernels.registry import OpSpec, register_kernel
-from kernels.triton_support import HAVE_TRITON, check_batch, check_per_sample, table, triton_unavailable
+from kernels.triton_support import HAVE_TRITON, check_pair, check_per_sample, table, triton_unavailable
 
 
 def formula(x_t, eps, t, t_prev, noise, alphas_cumprod, eta: float, clip_denoised: bool) -> torch.Tensor:
@@ -54,7 +54,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise
     @triton.jit
@@ -72,10 +72,8 @@ if HAVE_TRITON:
         direction_scale = tl.sqrt(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0))
         if NOISE:
             n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
-        quarter_size = (numel + 3) // 4
         for j in tl.static_range(4):
-            index = j * quarter_size + counters
-            mask = (counters < quarter_size) & (index < numel)
+            index, mask = quarter_elements(counters, j, numel)
             offsets = sample * numel + index
             x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
             eps = tl.load(eps_ptr + offsets, mask=mask).to(tl.float32)
@@ -93,10 +91,7 @@ if HAVE_TRITON:
                          noise_keys: torch.Tensor, alphas_cumprod: torch.Tensor, eta: float,
                          clip_denoised: bool) -> torch.Tensor:
         batch = x_t.shape[0]
-        x_t = check_batch("ddim_step", "x_t", x_t, batch)
-        eps = check_batch("ddim_step", "eps", eps, batch)
-        if eps.shape != x_t.shape:
-            raise ValueError(f"ddim_step: eps {tuple(eps.shape)} and x_t {tuple(x_t.shape)} differ in shape")
+        x_t, eps = check_pair("ddim_step", ("x_t", "eps"), x_t, eps)
         t = check_per_sample("ddim_step", "t", t, batch)
         t_prev = check_per_sample("ddim_step", "t_prev", t_prev, batch)
         noise_keys = check_per_sample("ddim_step", "noise_keys", noise_keys, batch)

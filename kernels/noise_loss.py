@@ -19,7 +19,7 @@ import torch
 from kernels.noise import randn_like
 from kernels.reference import compute_dtype, extract
 from kernels.registry import OpSpec, register_kernel
-from kernels.triton_support import HAVE_TRITON, check_batch, check_per_sample, table, triton_unavailable
+from kernels.triton_support import HAVE_TRITON, check_batch, check_pair, check_per_sample, table, triton_unavailable
 
 
 def target(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, noise_coef: torch.Tensor,
@@ -96,7 +96,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise(key=("BACKWARD",))  # forward and backward tune separately
     @triton.jit
@@ -110,14 +110,12 @@ if HAVE_TRITON:
         t = load_timestep(t_ptr, sample, num_timesteps)
         noise_coef = tl.load(noise_coef_ptr + t)
         n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
-        quarter_size = (numel + 3) // 4
         if BACKWARD:
             scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
         else:
             total = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(4):
-            index = j * quarter_size + counters
-            mask = (counters < quarter_size) & (index < numel)
+            index, mask = quarter_elements(counters, j, numel)
             offsets = sample * numel + index
             goal = noise_coef * quarter(n0, n1, n2, n3, j)
             if HAS_X0:
@@ -147,11 +145,10 @@ if HAVE_TRITON:
 
     def _checked(prediction, t, noise_keys, x0):
         batch = prediction.shape[0]
-        prediction = check_batch("noise_loss", "prediction", prediction, batch)
-        if x0 is not None:
-            x0 = check_batch("noise_loss", "x0", x0, batch)
-            if x0.shape != prediction.shape:
-                raise ValueError(f"noise_loss: x0 {tuple(x0.shape)} and prediction {tuple(prediction.shape)} differ in shape")
+        if x0 is None:
+            prediction = check_batch("noise_loss", "prediction", prediction, batch)
+        else:
+            prediction, x0 = check_pair("noise_loss", ("prediction", "x0"), prediction, x0)
         return (prediction, check_per_sample("noise_loss", "t", t, batch),
                 check_per_sample("noise_loss", "noise_keys", noise_keys, batch), x0)
 

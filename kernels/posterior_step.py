@@ -18,7 +18,7 @@ import torch
 from kernels.noise import randn_like
 from kernels.reference import compute_dtype, extract
 from kernels.registry import OpSpec, register_kernel
-from kernels.triton_support import HAVE_TRITON, check_batch, check_per_sample, table, triton_unavailable
+from kernels.triton_support import HAVE_TRITON, check_pair, check_per_sample, table, triton_unavailable
 
 
 def formula(x_t, eps, t, noise, sqrt_recip_alphas, eps_coef, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod,
@@ -72,7 +72,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise
     @triton.jit
@@ -84,19 +84,21 @@ if HAVE_TRITON:
         t = load_timestep(t_ptr, sample, num_timesteps)
         sigma = tl.where(t > 0, tl.load(sigma_ptr + t), 0.0)  # no noise at the last step
         n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
-        quarter_size = (numel + 3) // 4
+        if CLIP:  # x0 = a x - b eps, clipped; mean = c1 x0 + c2 x
+            a, b = tl.load(sqrt_recip_abar_ptr + t), tl.load(sqrt_recipm1_abar_ptr + t)
+            c1, c2 = tl.load(coef1_ptr + t), tl.load(coef2_ptr + t)
+        else:  # mean = a (x - b eps)
+            a, b = tl.load(sqrt_recip_alphas_ptr + t), tl.load(eps_coef_ptr + t)
         for j in tl.static_range(4):
-            index = j * quarter_size + counters
-            mask = (counters < quarter_size) & (index < numel)
+            index, mask = quarter_elements(counters, j, numel)
             offsets = sample * numel + index
             x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
             eps = tl.load(eps_ptr + offsets, mask=mask).to(tl.float32)
             if CLIP:
-                x0 = tl.load(sqrt_recip_abar_ptr + t) * x - tl.load(sqrt_recipm1_abar_ptr + t) * eps
-                x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
-                mean = tl.load(coef1_ptr + t) * x0 + tl.load(coef2_ptr + t) * x
+                x0 = tl.minimum(tl.maximum(a * x - b * eps, -1.0), 1.0)
+                mean = c1 * x0 + c2 * x
             else:
-                mean = tl.load(sqrt_recip_alphas_ptr + t) * (x - tl.load(eps_coef_ptr + t) * eps)
+                mean = a * (x - b * eps)
             x_prev = mean + sigma * quarter(n0, n1, n2, n3, j)
             tl.store(out_ptr + offsets, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -107,10 +109,7 @@ if HAVE_TRITON:
                               posterior_mean_coef1: torch.Tensor, posterior_mean_coef2: torch.Tensor,
                               sigma: torch.Tensor, clip_denoised: bool) -> torch.Tensor:
         batch = x_t.shape[0]
-        x_t = check_batch("posterior_step", "x_t", x_t, batch)
-        eps = check_batch("posterior_step", "eps", eps, batch)
-        if eps.shape != x_t.shape:
-            raise ValueError(f"posterior_step: eps {tuple(eps.shape)} and x_t {tuple(x_t.shape)} differ in shape")
+        x_t, eps = check_pair("posterior_step", ("x_t", "eps"), x_t, eps)
         t = check_per_sample("posterior_step", "t", t, batch)
         noise_keys = check_per_sample("posterior_step", "noise_keys", noise_keys, batch)
         out = torch.empty_like(x_t)

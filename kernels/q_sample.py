@@ -77,7 +77,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter
+    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise
     @triton.jit
@@ -89,12 +89,10 @@ if HAVE_TRITON:
         signal_scale = tl.load(sqrt_abar_ptr + t)
         noise_scale = tl.load(sqrt_one_minus_abar_ptr + t)
         n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
-        quarter_size = (numel + 3) // 4
         if FROM_UINT8:
             flip = tl.load(flip_ptr + sample) != 0
         for j in tl.static_range(4):
-            index = j * quarter_size + counters
-            mask = (counters < quarter_size) & (index < numel)
+            index, mask = quarter_elements(counters, j, numel)
             if FROM_UINT8:  # read the mirrored column where this sample is flipped
                 column = index % width
                 source = tl.where(flip, index + (width - 1) - 2 * column, index)

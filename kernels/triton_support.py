@@ -46,6 +46,15 @@ def check_batch(op: str, name: str, tensor: torch.Tensor, batch: int, dtypes=FLO
     return tensor.contiguous()
 
 
+def check_pair(op: str, names: tuple[str, str], first: torch.Tensor, second: torch.Tensor):
+    """Two (B, ...) operands that must have one shape (x_t and eps; prediction and x0), checked as check_batch."""
+    batch = first.shape[0]
+    first, second = check_batch(op, names[0], first, batch), check_batch(op, names[1], second, batch)
+    if first.shape != second.shape:
+        raise ValueError(f"{op}: {names[1]} {tuple(second.shape)} and {names[0]} {tuple(first.shape)} differ in shape")
+    return first, second
+
+
 def check_per_sample(op: str, name: str, tensor: torch.Tensor, batch: int) -> torch.Tensor:
     """A (B,) integer operand (timesteps, noise keys) as contiguous int64."""
     if tensor.shape != (batch,) or tensor.is_floating_point():
@@ -83,6 +92,13 @@ if HAVE_TRITON:
         timesteps in [0, num_timesteps) (the PyTorch references raise IndexError otherwise).
         """
         return tl.minimum(tl.maximum(tl.load(t_ptr + sample), lowest), num_timesteps - 1)
+
+    @triton.jit
+    def quarter_elements(counters, j: tl.constexpr, numel):
+        """The element indices (within the sample) that quarter j of these counters covers, and their mask."""
+        quarter_size = (numel + 3) // 4
+        index = j * quarter_size + counters
+        return index, (counters < quarter_size) & (index < numel)
 
     @triton.jit
     def quarter(n0, n1, n2, n3, j: tl.constexpr):
