@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from kernels.registry import OPS as KERNEL_OPS
+
 
 class ConfigError(ValueError):
     """A configuration mistake, reported to the user as one line (exit status 2)."""
@@ -333,7 +335,7 @@ def validate(config: Config, where: str) -> None:
     require(sample.batch_size > 0, "sample.batch_size", f"must be positive, got {sample.batch_size}")
     require(0 <= sample.seed < 2**31, "sample.seed", f"must be in [0, 2**31) (it keys the noise), got {sample.seed}")
 
-    for op in ("q_sample", "q_sample_uint8", "noise_loss", "posterior_step", "ddim_step"):
+    for op in KERNEL_OPS:
         choice = getattr(config.kernels, op)
         require(bool(choice) and not any(c.isspace() for c in choice), f"kernels.{op}",
                 f"must name an implementation (auto, pytorch, triton, a registered name or package.module:function), "

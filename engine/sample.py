@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             op, sep, name = choice.partition("=")
             if not sep:
                 raise ConfigError(f"--kernel {choice!r}: expected OP=IMPL, e.g. posterior_step=pytorch")
-            raw["kernels"][op.strip()] = name.strip()
+            raw.setdefault("kernels", {})[op.strip()] = name.strip()  # runs from before kernels had none
         config = config_from_dict(raw, where="command line")  # the same checks as the config files
         kernels = resolve_kernels_from_config(config, device)
     except (ConfigError, KernelError, RuntimeError) as error:

@@ -58,6 +58,9 @@ def test_overrides_reach_any_field_with_yaml_types(tmp_path):
     ("sample:\n  sampler: ddpm\n  steps: 50\n", [], "sample.steps applies to the ddim sampler"),
     ("model: [1, 2]\n", [], "'model' must be a mapping"),
     ("model:\n  base_channels: [32\n", [], "malformed YAML"),
+    ("", ["kernels.q_sampel=triton"], "unknown key 'kernels.q_sampel'; did you mean 'kernels.q_sample'?"),
+    ("kernels:\n  noise_loss: ''\n", [], "kernels.noise_loss must name an implementation"),
+    ("", ["train.seed=2147483648"], "train.seed must be in [0, 2**31)"),
 ])
 def test_config_mistakes_name_the_key_and_file(tmp_path, text, overrides, expected):
     path = write(tmp_path, text)
@@ -89,3 +92,12 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.lr must be positive" in lines[0] and str(path) in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_the_kernels_section_has_one_field_per_op():
+    import dataclasses
+
+    from engine.config import KernelsConfig
+    from kernels import OPS
+
+    assert [f.name for f in dataclasses.fields(KernelsConfig)] == [*OPS, "plugins", "check"]
