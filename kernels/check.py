@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.registry import OPS, KernelError, import_plugins, load_implementation, op_spec
+from kernels.registry import OPS, KernelError, describe, import_plugins, load_implementation, op_spec
 
 # Largest error allowed against the float64 reference, relative to the output's largest magnitude.
 # float32 leaves room for float32 log/cos in the noise and for cancellation in x0 = (x_t - s eps) / a;
@@ -143,12 +143,6 @@ def _float64(args: tuple) -> tuple:
 
 def _clone(args: tuple) -> tuple:
     return tuple(value.clone() if isinstance(value, torch.Tensor) else value for value in args)
-
-
-def describe(fn) -> str:
-    """module:qualname for a function, as a user would name it; repr for anything else."""
-    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    return f"{module}:{name}" if module and name else repr(fn)
 
 
 def _crash_verdict(error: Exception) -> str:

@@ -1,7 +1,7 @@
 """Which implementation runs each op: built-in names, user kernels by dotted path or decorator.
 
-An implementation is any callable with the op's positional signature (see each op module's
-`SIGNATURE`). The engine resolves the choice once, when the model is built, into a `Kernels` set;
+An implementation is any callable with the op's positional signature (`op_spec(op).signature`,
+also in each op module's docstring). The engine resolves the choice once, when the model is built, into a `Kernels` set;
 nothing looks an implementation up per call.
 
     kernels: {q_sample: auto, posterior_step: my_package.my_module:my_function}
@@ -21,7 +21,6 @@ import torch
 OPS = ("q_sample", "q_sample_uint8", "noise_loss", "posterior_step", "ddim_step")
 _OP_MODULES = {"q_sample": "kernels.q_sample", "q_sample_uint8": "kernels.q_sample", "noise_loss": "kernels.noise_loss",
                "posterior_step": "kernels.posterior_step", "ddim_step": "kernels.ddim_step"}
-BUILTIN = ("pytorch", "triton")
 
 
 class KernelError(ValueError):
@@ -52,11 +51,24 @@ def register_kernel(op: str, name: str, *, unavailable: Callable[[torch.device],
     if op not in OPS:
         raise KernelError(f"cannot register {name!r}: unknown op {op!r}; ops are {', '.join(OPS)}")
 
+    if not name or name == "auto" or ":" in name:
+        raise KernelError(f"cannot register {name!r} for {op}: 'auto' and names with ':' are reserved")
+
     def decorate(fn: Callable) -> Callable:
+        existing = _registry[op].get(name)
+        if existing is not None and describe(existing.fn) != describe(fn):  # re-importing a module is fine
+            raise KernelError(f"kernels.{op}: {name!r} is already registered to {describe(existing.fn)}; "
+                              f"choose another name for {describe(fn)}")
         _registry[op][name] = Implementation(fn, unavailable or (lambda device: None))
         return fn
 
     return decorate
+
+
+def describe(fn) -> str:
+    """module:qualname for a function, as a user would name it; repr for anything else."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}:{name}" if module and name else repr(fn)
 
 
 def op_spec(op: str) -> OpSpec:

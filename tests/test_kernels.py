@@ -624,3 +624,12 @@ def test_triton_kernels_clamp_out_of_range_timesteps_instead_of_reading_out_of_b
     x_t = implementation("q_sample", "triton")(torch.ones(2, 1, 2, 2, device=DEVICE), torch.tensor([-5, 50], device=DEVICE),
                                                torch.tensor([1, 2], device=DEVICE), table, torch.zeros_like(table))
     torch.testing.assert_close(x_t.flatten(1)[:, 0].cpu(), torch.tensor([0.1, 1.0]))
+
+
+def test_registering_a_taken_or_reserved_name_is_a_kernel_error():
+    load_implementation("q_sample", "pytorch", CPU)  # the built-ins are registered
+    with pytest.raises(KernelError, match="already registered to kernels.q_sample:reference"):
+        register_kernel("q_sample", "pytorch")(lambda *args: None)
+    for reserved in ("auto", "my.module:function"):
+        with pytest.raises(KernelError, match="reserved"):
+            register_kernel("q_sample", reserved)
