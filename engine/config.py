@@ -73,8 +73,13 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = ""  # default: runs/<config file name>
     device: str = "auto"  # auto = cuda if available, else cpu
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU; fp16 adds a grad scaler
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; per-rank micro-batch = batch / (world x this)
     compile: bool = False  # torch.compile the UNet
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_scope: Literal["model", "blocks"] = "model"  # one graph, or one per residual/attention block (faster to compile)
+    channels_last: bool = False  # NHWC activations and weights (measure: GroupNorm may not keep it)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # ema-pytorch's power-law warmup of the decay; the DDPM code has none
     log_every: int = 100  # steps between metrics lines (the only host syncs of the step)
@@ -316,6 +321,7 @@ def validate(config: Config, where: str) -> None:
 
     require(train.steps > 0, "train.steps", f"must be positive, got {train.steps}")
     require(train.batch_size > 0, "train.batch_size", f"must be positive, got {train.batch_size}")
+    require(train.grad_accum_steps > 0, "train.grad_accum_steps", f"must be positive, got {train.grad_accum_steps}")
     require(0 <= train.seed < 2**31, "train.seed", f"must be in [0, 2**31) (it keys the noise), got {train.seed}")
     require(train.device == "auto" or train.device == "cpu" or train.device.startswith("cuda"),
             "train.device", f"must be auto, cpu or cuda[:N], got {train.device!r}")

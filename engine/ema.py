@@ -11,10 +11,15 @@ import torch
 from ema_pytorch import EMA
 
 
-def build_ema(model: torch.nn.Module, decay: float) -> EMA:
-    # The EMA copy stays in fp32 whatever the compute precision: with decay 0.9999, bf16 would
-    # round most updates away.
-    return EMA(model, beta=decay, update_after_step=0, update_every=1, use_foreach=True, include_online_model=False)
+def build_ema(model: torch.nn.Module, decay: float, ema_model: torch.nn.Module | None = None) -> EMA:
+    """The EMA of `model`'s weights; `ema_model` is the copy to average into (default: a deep copy).
+
+    Under FSDP the copy is a second, identically sharded UNet, so each rank averages its own shard.
+    The EMA copy stays in fp32 whatever the compute precision: with decay 0.9999, bf16 would round
+    most updates away.
+    """
+    return EMA(model, ema_model=ema_model, beta=decay, update_after_step=0, update_every=1, use_foreach=True,
+               include_online_model=False)
 
 
 def update_ema(ema: EMA, warmup: bool = False) -> None:
@@ -22,3 +27,26 @@ def update_ema(ema: EMA, warmup: bool = False) -> None:
         ema.update()
     else:
         ema.update_moving_average(ema.ema_model, ema.model, current_decay=ema.beta)
+
+
+def ema_state(ema: EMA) -> dict[str, torch.Tensor]:
+    """ema-pytorch's state dict layout ("ema_model.<name>", "initted", "step") with full, unsharded
+    weights on rank 0, so a checkpoint's EMA loads whatever the layout that wrote or reads it."""
+    from engine.parallel import full_model_state
+
+    weights = {f"ema_model.{name}": value for name, value in full_model_state(ema.ema_model).items()}
+    return {**weights, "initted": ema.initted.detach().cpu(), "step": ema.step.detach().cpu()}
+
+
+def load_ema_state(ema: EMA, state: dict[str, torch.Tensor] | None, context) -> None:
+    """Inverse of `ema_state`; `state` is read on rank 0 only under torchrun."""
+    from engine.parallel import load_full_model_state
+
+    weights = {name.removeprefix("ema_model."): value for name, value in (state or {}).items()
+               if name.startswith("ema_model.")}
+    load_full_model_state(ema.ema_model, weights, context)
+    counters = torch.tensor([int(state["initted"]), int(state["step"])] if context.is_main else [0, 0])
+    if context.is_distributed:
+        counters = counters.to(context.device)
+        torch.distributed.broadcast(counters, src=0)
+    ema.initted.fill_(bool(counters[0])), ema.step.fill_(int(counters[1]))

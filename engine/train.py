@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import engine
 from engine import diffusion
@@ -26,9 +25,11 @@ from engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, random_flip_mask, read_manifest
 from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
-from engine.ema import build_ema, update_ema
+from engine.ema import build_ema, ema_state, load_ema_state, update_ema
 from engine.images import save_grid
 from engine.metrics import MetricsLog, plot_loss_curve
+from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
+                             load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.progress import progress_bar, write
 from engine.sample import generate, resolve_kernels_from_config
 from engine.schedule import schedule_from_config
@@ -86,61 +87,93 @@ def train(config: Config) -> dict[str, Any]:
         shutdown_distributed()
 
 
+def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
+    """Per-rank micro-batch: the global batch is a config value, independent of the world size."""
+    if batch_size % (world_size * accumulation):
+        raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the world size ({world_size}) x "
+                          f"train.grad_accum_steps ({accumulation}); e.g. train.batch_size="
+                          f"{-(-batch_size // (world_size * accumulation)) * world_size * accumulation}")
+    return batch_size // (world_size * accumulation)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast (and FSDP compute) dtype; the loss, EMA and optimizer state stay fp32 regardless."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def step_generator(generator: torch.Generator, seed: int, step: int) -> torch.Generator:
+    """Timesteps and flips of step s come from a generator seeded by (seed, s) and are drawn for the whole
+    global batch on every rank, which then takes its slice: independent of the world size and of resumes."""
+    return generator.manual_seed(seed * 1_000_003 + step)
+
+
 def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     cfg_train, cfg_data = config.train, config.data
     device, is_main = context.device, context.is_main
     log = write if is_main else (lambda message: None)
 
-    if cfg_train.batch_size % context.world_size:
-        raise ConfigError(f"train.batch_size ({cfg_train.batch_size}) must be divisible by the world size "
-                          f"({context.world_size})")
-    local_batch = cfg_train.batch_size // context.world_size
+    accumulation = cfg_train.grad_accum_steps
+    micro_batch = micro_batch_size(cfg_train.batch_size, context.world_size, accumulation)
     manifest = check_data(config)
     run_dir = Path(cfg_train.run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml())
 
-    torch.manual_seed(cfg_train.seed + context.rank)
+    dtype = compute_dtype(cfg_train.precision, device)
     schedule = schedule_from_config(config.diffusion).to(device)
+    parallel = cfg_train.parallel if context.is_distributed else "single process"
+    torch.manual_seed(cfg_train.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model = build_unet(config, device)
+    ema_model = build_unet(config, device) if parallel == "fsdp" else None  # FSDP: an EMA of each rank's shard
+    if cfg_train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = wrap(model, context, cfg_train.parallel, dtype)
+    if ema_model is not None:
+        shard(ema_model, dtype).load_state_dict(model.state_dict())
+    torch.manual_seed(cfg_train.seed + context.rank)  # dropout differs between ranks
+    ema = build_ema(model, cfg_train.ema_decay, ema_model=ema_model)  # before compiling: the copy samples eagerly
+    if cfg_train.compile:
+        compile_model(model, cfg_train.compile_mode, cfg_train.compile_scope)
     kernels = resolve_kernels_from_config(config, device)  # once, before any step; a broken kernel stops here
     loss_coefficients = diffusion.loss_coefficients(schedule, config.diffusion.target)
-    # Sample n of the run has noise key (seed, n): this rank's share of step s is s * batch + offset + [0, local).
-    rank_sample_offsets = context.rank * local_batch + torch.arange(local_batch, device=device)
-    ema = build_ema(model, cfg_train.ema_decay)
     optimizer_class = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
+    # Fused Adam on CUDA (one kernel for all parameters); foreach for sharded (DTensor) and CPU parameters.
+    fused = device.type == "cuda" and parallel != "fsdp"
     optimizer = optimizer_class(model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
                                 eps=config.optim.eps, weight_decay=config.optim.weight_decay,
-                                foreach=True)
+                                fused=fused or None, foreach=None if fused else True)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.optim.warmup_steps))
-    # One generator for timesteps and flips, distinct per rank (the noise comes from counters).
-    generator = torch.Generator(device=device).manual_seed((cfg_train.seed << 16) + context.rank)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: bf16 needs no scaling
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    generator = torch.Generator(device=device)
 
     step = 0
-    resumed = load_latest_checkpoint(run_dir, map_location=device)
+    resumed = load_latest_checkpoint(run_dir, map_location="cpu") if is_main else None
+    header = None  # what every rank needs besides the tensors: small enough to broadcast as objects
     if resumed is not None:
-        state, path = resumed
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        if "generator" in state and context.rank < len(state["generator"]):
-            generator.set_state(state["generator"][context.rank].cpu())
-        step = int(state["step"])
-        log(f"resumed from {path} at step {step}")
+        header = {"step": int(resumed[0]["step"]), "path": str(resumed[1]), "scaler": resumed[0].get("scaler"),
+                  "lr_schedule": resumed[0]["lr_schedule"]}
+    if context.is_distributed:  # rank 0 reads the checkpoint; the others receive it (no shared disk needed)
+        shared = [header]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        header = shared[0]
+    if header is not None:
+        state = resumed[0] if resumed else {}
+        load_full_model_state(model, state.get("model"), context)
+        load_ema_state(ema, state.get("ema"), context)
+        load_full_optimizer_state(model, optimizer, state.get("optimizer"), context)
+        lr_schedule.load_state_dict(header["lr_schedule"])
+        if header["scaler"]:
+            scaler.load_state_dict(header["scaler"])
+        step = header["step"]
+        log(f"resumed from {header['path']} at step {step}")
     if step >= cfg_train.steps:
         log(f"{run_dir} has already trained {step} of train.steps={cfg_train.steps}; raise train.steps to continue")
 
-    train_model: torch.nn.Module = model
-    if context.is_distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg_train.compile:
-        train_model = torch.compile(train_model)
-    use_bf16 = cfg_train.precision == "bf16" or (cfg_train.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    loader = build_train_loader(cfg_data.path, batch_size=local_batch, image_size=cfg_data.image_size,
+    loader = build_train_loader(cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size,
                                 channels=cfg_data.channels, num_workers=cfg_data.num_workers,
                                 shuffle_buffer=cfg_data.shuffle_buffer,
                                 # a resumed run continues with a fresh stream, not the first batches again
@@ -148,26 +181,27 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                                 resample=True, rank=context.rank, world_size=context.world_size)
     batches = iter(loader)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if is_main else None
-    log(f"training {count_parameters(model) / 1e6:.1f}M parameters on {context.world_size} x {device} "
-        f"({'bf16' if use_bf16 else 'fp32'}), {manifest['num_samples']:,} images, global batch {cfg_train.batch_size}")
+    log(f"training {count_parameters(model) / 1e6:.1f}M parameters on {context.world_size} x {device} ({parallel}, "
+        f"{str(dtype).removeprefix('torch.')}{', compiled' if cfg_train.compile else ''}), {manifest['num_samples']:,} "
+        f"images, global batch {cfg_train.batch_size} = {context.world_size} ranks x {accumulation} micro-batches "
+        f"x {micro_batch}")
     log(f"kernels: {kernels.describe()}")
 
     def snapshot() -> dict[str, Any]:
-        generators = [generator.get_state()]
-        if context.is_distributed:
-            generators = [None] * context.world_size
-            torch.distributed.all_gather_object(generators, generator.get_state())
-        return {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "generator": generators, "kernels": kernels.names, "config": config.to_dict(),
-                "engine_version": engine.__version__}
+        """Every rank takes part (FSDP gathers shards); rank 0 ends up with the full tensors."""
+        return {"step": step, "model": full_model_state(model), "ema": ema_state(ema),
+                "optimizer": full_optimizer_state(model, optimizer), "lr_schedule": lr_schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "kernels": kernels.names,
+                "config": config.to_dict(), "engine_version": engine.__version__}
 
-    def write_samples(name: str) -> Path:
+    def write_samples(name: str) -> Path | None:
+        """Under FSDP every rank runs the (sharded) model; rank 0 writes the grid."""
         images = generate(ema.ema_model if config.sample.use_ema else model, config, schedule, kernels,
                           num_images=config.sample.num_images,
                           batch_size=config.sample.batch_size, seed=config.sample.seed, device=device)
-        return save_grid(images, run_dir / "samples" / name)
+        return save_grid(images, run_dir / "samples" / name) if is_main else None
 
+    sampling_ranks_all = parallel == "fsdp"  # a sharded model's forward is a collective
     # Device-side running sums, read once per log interval.
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
@@ -175,30 +209,40 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     interval_start = time.perf_counter()
     saved_step = step
     max_grad_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")  # inf: measure only
+    rank_offset = context.rank * micro_batch
+    sample_offsets = torch.arange(micro_batch, device=device)
     progress = progress_bar(total=cfg_train.steps, initial=step, desc="train", disable=not is_main)
     train_model.train()
     while step < cfg_train.steps:
-        wait_start = time.perf_counter()
-        batch = next(batches)
-        data_wait += time.perf_counter() - wait_start
-        skipped_total += int(batch["skipped"])
-
-        images = batch["image"].to(device, non_blocking=True)
-        flip = (random_flip_mask(local_batch, generator=generator, device=device) if cfg_data.random_flip
-                else torch.zeros(local_batch, dtype=torch.bool, device=device))
-        t = diffusion.sample_timesteps(local_batch, schedule.num_timesteps, config.diffusion.timestep_sampling,
-                                       generator=generator, device=device)
-        keys = noise_keys(cfg_train.seed, rank_sample_offsets + step * cfg_train.batch_size)
-        with autocast:
-            loss = diffusion.training_loss(train_model, kernels, schedule, images, flip, t, keys,
-                                           target=config.diffusion.target, coefficients=loss_coefficients)
+        step_generator(generator, cfg_train.seed, step)
+        t_global = diffusion.sample_timesteps(cfg_train.batch_size, schedule.num_timesteps,
+                                              config.diffusion.timestep_sampling, generator=generator, device=device)
+        flip_global = (random_flip_mask(cfg_train.batch_size, generator=generator, device=device) if cfg_data.random_flip
+                       else torch.zeros(cfg_train.batch_size, dtype=torch.bool, device=device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
-        optimizer.step()
+        for micro in range(accumulation):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - wait_start
+            skipped_total += int(batch["skipped"])
+            # Global sample index: step, then micro-batch, then rank; it keys the noise of each sample.
+            first = micro * context.world_size * micro_batch + rank_offset
+            index = slice(first, first + micro_batch)
+            keys = noise_keys(cfg_train.seed, sample_offsets + (step * cfg_train.batch_size + first))
+            with gradient_sync(train_model, enabled=micro == accumulation - 1):  # all-reduce on the last only
+                with autocast:
+                    loss = diffusion.training_loss(train_model, kernels, schedule,
+                                                   batch["image"].to(device, non_blocking=True), flip_global[index],
+                                                   t_global[index], keys, target=config.diffusion.target,
+                                                   coefficients=loss_coefficients)
+                scaler.scale(loss / accumulation).backward()
+            loss_sum += loss.detach() / accumulation
+        scaler.unscale_(optimizer)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True))
+        scaler.step(optimizer)
+        scaler.update()
         lr_schedule.step()
         update_ema(ema, cfg_train.ema_warmup)
-        loss_sum += loss.detach()
         grad_norm_sum += grad_norm.detach()
         interval_steps += 1
         step += 1
@@ -227,15 +271,16 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             if is_main:
                 save_checkpoint(run_dir, step, state, keep=cfg_train.keep_checkpoints)
             saved_step = step
-        if is_main and cfg_train.sample_every and step % cfg_train.sample_every == 0 and step < cfg_train.steps:
+        if (is_main or sampling_ranks_all) and cfg_train.sample_every and step % cfg_train.sample_every == 0 \
+                and step < cfg_train.steps:
             write_samples(f"step-{step:08d}.png")
     progress.close()
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "skipped_samples": skipped_total}
+    grid = write_samples(f"step-{step:08d}.png") if is_main or sampling_ranks_all else None
     if is_main:
         if metrics is not None:
             metrics.close()
-        grid = write_samples(f"step-{step:08d}.png")
         (run_dir / "samples.png").write_bytes(grid.read_bytes())
         curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"training loss ({run_dir.name})")
         summary.update(samples=str(run_dir / "samples.png"), loss_curve=str(curve))

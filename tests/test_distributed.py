@@ -1,0 +1,88 @@
+"""Parallel training on the CPU (gloo) under torchrun: DDP, FSDP2, gradient accumulation and compile
+all follow the same loss trajectory as one eager process with the same global batch.
+
+The data set holds one image repeated, so the loss does not depend on which rank streams which
+shard; timesteps, flips and noise come from counters over the global batch, so they match too.
+"""
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from engine.checkpoint import load_latest_checkpoint
+from engine.data.prepare import prepare
+from test_train_cli import losses, train
+
+TORCHRUN = [shutil.which("torchrun") or "torchrun", "--nproc_per_node", "2", "-m"]
+STEPS = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=4", "train.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def repeated_image(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("repeated") / "images" / "only_class"
+    folder.mkdir(parents=True)
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    for index in range(32):
+        image.save(folder / f"{index:03d}.png")
+    out = folder.parents[1] / "shards"
+    prepare(folder.parent, out, shard_size=8, image_size=16, channels=3, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, repeated_image):
+    run_dir = tmp_path_factory.mktemp("single")
+    result = train(run_dir, repeated_image, *STEPS)
+    assert result.returncode == 0, result.stderr
+    return losses(run_dir)
+
+
+def _assert_same_trajectory(got: dict, expected: dict, rel: float = 1e-4) -> None:
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=rel), f"step {step}"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_follow_the_single_process_trajectory_and_resume(tmp_path, repeated_image, single_process, parallel):
+    run_dir = tmp_path / parallel
+    result = train(run_dir, repeated_image, *STEPS, f"train.parallel={parallel}", launcher=TORCHRUN)
+    assert result.returncode == 0, result.stderr
+    _assert_same_trajectory(losses(run_dir), single_process)
+    state, _ = load_latest_checkpoint(run_dir)
+    assert state["step"] == 4 and all(not hasattr(value, "placements") for value in state["model"].values())
+    # The same command with more steps resumes from the 2-rank checkpoint.
+    again = train(run_dir, repeated_image, *STEPS[1:], "train.steps=6", f"train.parallel={parallel}", launcher=TORCHRUN)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_written_by_fsdp_resumes_in_one_process(tmp_path, repeated_image):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, repeated_image, *STEPS, "train.parallel=fsdp", launcher=TORCHRUN).returncode == 0
+    again = train(run_dir, repeated_image, *STEPS[1:], "train.steps=5")
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+
+
+def test_gradient_accumulation_follows_the_same_trajectory(tmp_path, repeated_image, single_process):
+    run_dir = tmp_path / "accumulated"
+    result = train(run_dir, repeated_image, *STEPS, "train.grad_accum_steps=2")
+    assert result.returncode == 0, result.stderr
+    _assert_same_trajectory(losses(run_dir), single_process)
+
+
+def test_a_compiled_model_follows_the_eager_trajectory(tmp_path, repeated_image, single_process):
+    run_dir = tmp_path / "compiled"
+    result = train(run_dir, repeated_image, *STEPS, "train.compile=true", "train.compile_scope=blocks")
+    assert result.returncode == 0, result.stderr
+    _assert_same_trajectory(losses(run_dir), single_process, rel=1e-3)
+
+
+def test_a_global_batch_that_does_not_split_is_one_clear_line(tmp_path, repeated_image):
+    result = train(tmp_path / "run", repeated_image, *STEPS, "train.batch_size=6", "train.grad_accum_steps=2",
+                   launcher=TORCHRUN)
+    assert result.returncode != 0
+    assert "train.batch_size (6) must be divisible by the world size (2) x train.grad_accum_steps (2)" in result.stderr
