@@ -36,10 +36,11 @@ def single_process(tmp_path_factory, repeated_image):
     run_dir = tmp_path_factory.mktemp("single")
     result = train(run_dir, repeated_image, *STEPS)
     assert result.returncode == 0, result.stderr
-    return losses(run_dir)
+    return run_dir
 
 
-def _assert_same_trajectory(got: dict, expected: dict, rel: float = 1e-4) -> None:
+def _assert_same_trajectory(got: dict, single_run, rel: float = 1e-4) -> None:
+    expected = losses(single_run)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=rel), f"step {step}"
@@ -53,6 +54,11 @@ def test_two_ranks_follow_the_single_process_trajectory_and_resume(tmp_path, rep
     _assert_same_trajectory(losses(run_dir), single_process)
     state, _ = load_latest_checkpoint(run_dir)
     assert state["step"] == 4 and all(not hasattr(value, "placements") for value in state["model"].values())
+    # The EMA (under FSDP: each rank's shard of it) ends where the single process's does, saved in full.
+    single, _ = load_latest_checkpoint(single_process)
+    assert state["ema"].keys() == single["ema"].keys()
+    for name, value in single["ema"].items():
+        torch.testing.assert_close(state["ema"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     # The same command with more steps resumes from the 2-rank checkpoint.
     again = train(run_dir, repeated_image, *STEPS[1:], "train.steps=6", f"train.parallel={parallel}", launcher=TORCHRUN)
     assert again.returncode == 0, again.stderr
