@@ -1,5 +1,11 @@
 """One optimizer step of the UNet (forward, loss, backward, clip, Adam, EMA), eager vs torch.compile,
-with the PyTorch or the Triton kernels for q_sample_uint8 and the fused loss.
+with the PyTorch or the Triton kernels for q_sample_uint8 and the fused loss; and, as the baseline,
+the same architecture as Hugging Face diffusers' UNet2DModel trained the way its
+`train_unconditional` example does (skipped when diffusers is not installed; it is no dependency).
+
+extra_info: `parameters`, `gflops_per_image` (forward + backward, engine.throughput), and when timed
+(not under --benchmark-disable) `images_per_sec` from the median step; on CUDA also `mfu` (against
+the device's dense bf16 peak, when known) and `peak_memory_gb` over the timed steps.
 
 On the CPU the compiled variant only runs with BENCH_COMPILE=1: Inductor's CPU code for this model
 compiles for minutes and runs slower than eager on 2 cores, so it is a GPU measurement; the Triton
@@ -10,18 +16,44 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from benchmarks.conftest import synchronized
 from engine import diffusion
 from engine.ema import build_ema, update_ema
-from engine.unet import build_unet
+from engine.throughput import count_flops_per_image, mfu, model_flops_per_image, peak_bf16_flops, peak_memory_gb
+from engine.unet import build_unet, count_parameters
 from kernels.noise import noise_keys
 from kernels.registry import resolve_kernels
 
 
+@pytest.fixture(scope="module")
+def flops_per_image(bench_config) -> float:
+    return model_flops_per_image(bench_config)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def record_throughput(benchmark, device: torch.device, batch_size: int, flops_per_image: float) -> None:
+    benchmark.extra_info["gflops_per_image"] = flops_per_image / 1e9
+    if benchmark.stats is None:  # --benchmark-disable: one untimed call, no statistics
+        return
+    images_per_sec = batch_size / benchmark.stats.stats.median
+    benchmark.extra_info["images_per_sec"] = images_per_sec
+    if device.type == "cuda":
+        benchmark.extra_info["peak_memory_gb"] = peak_memory_gb(device)
+        peak = peak_bf16_flops(device)
+        if peak is not None:
+            benchmark.extra_info["mfu"] = mfu(flops_per_image, images_per_sec, 1, peak)
+
+
 @pytest.mark.parametrize("kernel_impl", ["pytorch", "triton"])
 @pytest.mark.parametrize("variant", ["eager", "compiled"])
-def test_train_step(benchmark, device, bench_config, schedule, batch_size, variant, kernel_impl):
+def test_train_step(benchmark, device, bench_config, schedule, batch_size, flops_per_image, variant, kernel_impl):
     if variant == "compiled" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
         pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (minutes)")
     if kernel_impl == "triton" and device.type != "cuda":
@@ -53,11 +85,112 @@ def test_train_step(benchmark, device, bench_config, schedule, batch_size, varia
 
     for _ in range(2):  # warm up (and compile) outside the timing
         step()
+    reset_peak_memory(device)
     benchmark.group = "train_step"
     benchmark.extra_info["kernels"] = kernels.describe()
     benchmark.extra_info["images"] = batch_size
+    benchmark.extra_info["parameters"] = count_parameters(model)
     loss = benchmark(synchronized(step, device))
     assert torch.isfinite(loss)
+    record_throughput(benchmark, device, batch_size, flops_per_image)
+
+
+# ----------------------------------------------------------------------------- the diffusers baseline
+
+
+def diffusers_unet_like(config) -> nn.Module:
+    """diffusers' UNet2DModel laid out as engine.unet's UNet for `config` (for configs/cifar.yaml, the
+    layout of google/ddpm-cifar10-32): the same blocks, widths, attention positions and parameters."""
+    from diffusers import UNet2DModel
+
+    model = config.model
+    if model.num_heads != 1:
+        pytest.skip("UNet2DModel takes one head size for every block; the comparison is for single-head presets")
+    if any((model.base_channels * mult) % 32 for mult in model.channel_mult):
+        pytest.skip("UNet2DModel uses one GroupNorm group count; ours falls back below 32 groups for narrow blocks")
+    resolutions = [config.data.image_size // 2**level for level in range(len(model.channel_mult))]
+    attends = [resolution in model.attention_resolutions for resolution in resolutions]
+    return UNet2DModel(
+        sample_size=config.data.image_size, in_channels=config.data.channels, out_channels=config.data.channels,
+        block_out_channels=tuple(model.base_channels * mult for mult in model.channel_mult),
+        layers_per_block=model.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
+        attention_head_dim=None,  # one head over all channels, as the DDPM reference (the default is 8 per head)
+        dropout=model.dropout, norm_num_groups=32, norm_eps=1e-6,
+        downsample_padding=0,  # pad right/bottom by one, then a stride-2 conv: TF's 'SAME', as ours
+        flip_sin_to_cos=False, freq_shift=1,  # [sin | cos] at frequencies 10000^(-i / (half - 1)), as ours
+    )
+
+
+class SampleOnly(nn.Module):
+    """UNet2DModel returns an output dataclass; the FLOP counter wants model(x, t) -> tensor."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, timesteps).sample
+
+
+def test_train_step_diffusers(benchmark, device, bench_config, batch_size, flops_per_image):
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    size, channels = bench_config.data.image_size, bench_config.data.channels
+    with torch.device("meta"):
+        ours_parameters = count_parameters(build_unet(bench_config, "meta"))
+        their_flops = count_flops_per_image(SampleOnly(diffusers_unet_like(bench_config)), (channels, size, size))
+    torch.manual_seed(0)
+    model = diffusers_unet_like(bench_config).to(device)
+    # The same architecture, or the comparison means nothing: same parameters, same matmuls.
+    assert count_parameters(model) == ours_parameters
+    assert their_flops == pytest.approx(flops_per_image, rel=1e-6)
+
+    diffusion_config = bench_config.diffusion
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=diffusion_config.num_timesteps, beta_start=diffusion_config.beta_start,
+        beta_end=diffusion_config.beta_end,
+        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(diffusion_config.schedule, diffusion_config.schedule))
+    # train_unconditional's defaults: AdamW (lr 1e-4, betas 0.95/0.999, weight decay 1e-6), EMA with warmup
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    ema = EMAModel(model.parameters(), decay=bench_config.train.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
+                   power=3 / 4)
+    # Under accelerate's bf16 mixed precision the example casts batches and noise to bf16 and autocasts the
+    # forward; flips and scaling to [-1, 1] happen in its DataLoader, so the step starts from such a batch.
+    weight_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    uint8_images = torch.randint(0, 256, (batch_size, channels, size, size), dtype=torch.uint8, device=device)
+    clean_images = (uint8_images / 127.5 - 1).to(weight_dtype)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+
+    def step():
+        noise = torch.randn(clean_images.shape, dtype=weight_dtype, device=device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+        noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+        with autocast:
+            model_output = model(noisy_images, timesteps).sample
+        loss = F.mse_loss(model_output.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(model.parameters())
+        return loss
+
+    for _ in range(2):
+        step()
+    reset_peak_memory(device)
+    benchmark.group = "train_step"
+    benchmark.extra_info["kernels"] = "diffusers UNet2DModel, DDPMScheduler.add_noise, F.mse_loss, EMAModel"
+    benchmark.extra_info["images"] = batch_size
+    benchmark.extra_info["parameters"] = count_parameters(model)
+    benchmark.extra_info["parameters_ours"] = ours_parameters
+    loss = benchmark(synchronized(step, device))
+    assert torch.isfinite(loss)
+    record_throughput(benchmark, device, batch_size, their_flops)
 
 
 def test_ema_update(benchmark, device, bench_config):

@@ -33,6 +33,7 @@ from engine.parallel import (compile_model, full_model_state, full_optimizer_sta
 from engine.progress import progress_bar, write
 from engine.sample import generate, resolve_kernels_from_config
 from engine.schedule import schedule_from_config
+from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
 from engine.unet import build_unet, count_parameters
 from kernels.noise import noise_keys
 from kernels.registry import KernelError
@@ -138,6 +139,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     if cfg_train.compile:
         compile_model(model, cfg_train.compile_mode, cfg_train.compile_scope)
     kernels = resolve_kernels_from_config(config, device)  # once, before any step; a broken kernel stops here
+    flops_per_image = model_flops_per_image(config)  # counted once, on the meta device
+    peak_flops = peak_bf16_flops(device) if dtype == torch.bfloat16 else None  # the table holds bf16 peaks
     loss_coefficients = diffusion.loss_coefficients(schedule, config.diffusion.target)
     optimizer_class = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
     # Fused Adam on CUDA (one kernel for all parameters); foreach for sharded (DTensor) and CPU parameters.
@@ -185,7 +188,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         f"{str(dtype).removeprefix('torch.')}{', compiled' if cfg_train.compile else ''}), {manifest['num_samples']:,} "
         f"images, global batch {cfg_train.batch_size} = {context.world_size} ranks x {accumulation} micro-batches "
         f"x {micro_batch}")
-    log(f"kernels: {kernels.describe()}")
+    log(f"kernels: {kernels.describe()}; model: {flops_per_image / 1e9:.1f} GFLOP per image per training step"
+        + (f", peak {peak_flops / 1e12:.0f} TFLOP/s bf16 per device" if peak_flops else ""))
 
     def snapshot() -> dict[str, Any]:
         """Every rank takes part (FSDP gathers shards); rank 0 ends up with the full tensors."""
@@ -256,13 +260,14 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             mean_loss, mean_grad_norm = stats.tolist()  # the one host sync of the interval
             elapsed = time.perf_counter() - interval_start
             record = {"step": step, "loss": mean_loss, "lr": lr_schedule.get_last_lr()[0],
-                      "grad_norm": mean_grad_norm,
-                      "images_per_sec": interval_steps * cfg_train.batch_size / elapsed,
-                      "data_wait_fraction": min(1.0, data_wait / elapsed), "skipped_samples": skipped_total,
-                      "time": time.time()}
+                      "grad_norm": mean_grad_norm, "skipped_samples": skipped_total, "time": time.time(),
+                      **interval_metrics(steps=interval_steps, images=interval_steps * cfg_train.batch_size,
+                                         seconds=elapsed, data_wait_seconds=data_wait, world_size=context.world_size,
+                                         flops_per_image=flops_per_image, peak_flops_per_device=peak_flops,
+                                         device=device)}
             if metrics is not None:
                 metrics.write(record)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_sec']:.0f}")
+            progress.set_postfix(loss=f"{mean_loss:.4f}", **progress_fields(record))
             loss_sum.zero_(), grad_norm_sum.zero_()
             interval_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
 

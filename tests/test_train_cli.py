@@ -77,7 +77,8 @@ def test_train_writes_the_run_directory_and_the_same_command_resumes(tmp_path, s
         assert (run_dir / name).is_file(), name
     assert sorted(losses(run_dir)) == [2, 4, 6]
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert set(record) >= {"step", "loss", "lr", "grad_norm", "images_per_sec", "data_wait_fraction", "skipped_samples"}
+    assert set(record) >= {"step", "loss", "lr", "grad_norm", "images_per_sec", "data_wait_fraction", "skipped_samples",
+                           "step_time_sec", "peak_memory_gb", "mfu"}
     assert 0 <= record["data_wait_fraction"] <= 1 and record["images_per_sec"] > 0
     with Image.open(run_dir / "samples.png") as grid:
         assert grid.width >= 2 * 16
