@@ -12,6 +12,8 @@ compiles for minutes and runs slower than eager on 2 cores, so it is a GPU measu
 kernels are timed on CUDA only.
 """
 
+import dataclasses
+import importlib.util
 import os
 
 import pytest
@@ -58,24 +60,45 @@ def test_train_step(benchmark, device, bench_config, schedule, batch_size, flops
         pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (minutes)")
     if kernel_impl == "triton" and device.type != "cuda":
         pytest.skip("the Triton kernels are timed on CUDA (tests check them in the interpreter)")
+    precision = torch.bfloat16 if device.type == "cuda" else torch.float32
+    _time_train_step(benchmark, device, bench_config, schedule, batch_size, flops_per_image, "train_step",
+                     compiled=variant == "compiled", kernel_impl=kernel_impl, precision=precision)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "xformers", "math"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_precision_and_attention(benchmark, device, bench_config, schedule, batch_size, flops_per_image,
+                                            precision, attention):
+    """Eager steps with the default kernels: fp32 vs bf16 autocast, and each attention backend."""
+    if attention == "xformers" and (device.type != "cuda" or importlib.util.find_spec("xformers") is None):
+        pytest.skip("xformers runs on CUDA only, with the xformers extra installed")
+    config = dataclasses.replace(bench_config, model=dataclasses.replace(bench_config.model, attention_backend=attention))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    _time_train_step(benchmark, device, config, schedule, batch_size, flops_per_image, "train_step_options",
+                     compiled=False, kernel_impl="auto", precision=dtype)
+
+
+def _time_train_step(benchmark, device, config, schedule, batch_size, flops_per_image, group, *, compiled: bool,
+                     kernel_impl: str, precision: torch.dtype) -> None:
     kernels = resolve_kernels({"q_sample_uint8": kernel_impl, "noise_loss": kernel_impl}, device, check=False)
     torch.manual_seed(0)
-    model = build_unet(bench_config, device)
-    ema = build_ema(model, bench_config.train.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
-    forward = torch.compile(model) if variant == "compiled" else model
-    size, channels = bench_config.data.image_size, bench_config.data.channels
+    model = build_unet(config, device)
+    ema = build_ema(model, config.train.ema_decay)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None, foreach=None if fused else True)
+    forward = torch.compile(model) if compiled else model
+    size, channels = config.data.image_size, config.data.channels
     images = torch.randint(0, 256, (batch_size, channels, size, size), dtype=torch.uint8, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     keys = noise_keys(0, torch.arange(batch_size, device=device))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
 
     def step():
         flip = torch.rand(batch_size, generator=generator, device=device) < 0.5
         t = diffusion.sample_timesteps(batch_size, schedule.num_timesteps, "uniform", generator=generator, device=device)
         with autocast:
             loss = diffusion.training_loss(forward, kernels, schedule, images, flip, t, keys,
-                                           target=bench_config.diffusion.target)
+                                           target=config.diffusion.target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -86,10 +109,10 @@ def test_train_step(benchmark, device, bench_config, schedule, batch_size, flops
     for _ in range(2):  # warm up (and compile) outside the timing
         step()
     reset_peak_memory(device)
-    benchmark.group = "train_step"
-    benchmark.extra_info["kernels"] = kernels.describe()
-    benchmark.extra_info["images"] = batch_size
-    benchmark.extra_info["parameters"] = count_parameters(model)
+    benchmark.group = group
+    benchmark.extra_info.update(kernels=kernels.describe(), images=batch_size, parameters=count_parameters(model),
+                                precision=str(precision).removeprefix("torch."),
+                                attention=config.model.attention_backend, compiled=compiled)
     loss = benchmark(synchronized(step, device))
     assert torch.isfinite(loss)
     record_throughput(benchmark, device, batch_size, flops_per_image)

@@ -1,5 +1,7 @@
 """The DDPM UNet: the paper's parameter count, shapes, conditioning, backends and a single compiled graph."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ def _perturbed(model: UNet, seed: int = 0) -> UNet:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
     return model.eval()
 
 
@@ -102,6 +104,23 @@ def test_math_and_sdpa_unets_agree(num_heads):
     x, t = _inputs(SMALL)
     with torch.no_grad():
         torch.testing.assert_close(math(x, t), sdpa(x, t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers has no CPU kernels")
+def test_xformers_and_sdpa_cifar_unets_agree_in_bf16_on_cuda():
+    """The real model, single-head with head dimension 256 at 16x16 as the DDPM reference."""
+    pytest.importorskip("xformers")
+    config = Config()  # the cifar architecture
+    torch.manual_seed(0)
+    sdpa = build_unet(config, "cuda").eval()
+    xformers = build_unet(dataclasses.replace(config, model=dataclasses.replace(config.model, attention_backend="xformers")),
+                          "cuda").eval()
+    assert xformers.attention_backend == "xformers"
+    xformers.load_state_dict(_perturbed(sdpa).state_dict())
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(xformers(x, t).float(), sdpa(x, t).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_forward_has_no_graph_breaks():
