@@ -80,6 +80,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_scope: Literal["model", "blocks"] = "model"  # one graph, or one per residual/attention block (faster to compile)
     channels_last: bool = False  # NHWC activations and weights (measure: GroupNorm may not keep it)
+    sync_check: bool = False  # CUDA: raise on any host-device sync inside a step (fp16's grad scaler has one)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # ema-pytorch's power-law warmup of the decay; the DDPM code has none
     log_every: int = 100  # steps between metrics lines (the only host syncs of the step)

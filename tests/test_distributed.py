@@ -92,3 +92,11 @@ def test_a_global_batch_that_does_not_split_is_one_clear_line(tmp_path, repeated
                    launcher=TORCHRUN)
     assert result.returncode != 0
     assert "train.batch_size (6) must be divisible by the world size (2) x train.grad_accum_steps (2)" in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
+def test_the_training_step_never_waits_for_the_gpu(tmp_path, repeated_image):
+    """train.sync_check makes any synchronising CUDA call inside a step raise (bf16, fused kernels)."""
+    result = train(tmp_path / "run", repeated_image, *STEPS, "train.sync_check=true", "train.device=cuda",
+                   "data.num_workers=0")
+    assert result.returncode == 0, result.stderr
