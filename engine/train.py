@@ -205,7 +205,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                           batch_size=config.sample.batch_size, seed=config.sample.seed, device=device)
         return save_grid(images, run_dir / "samples" / name) if is_main else None
 
-    sync_check = cfg_train.sync_check and device.type == "cuda"
+    sync_check, first_step = cfg_train.sync_check and device.type == "cuda", step
     sampling_ranks_all = parallel == "fsdp"  # a sharded model's forward is a collective
     # Device-side running sums, read once per log interval.
     loss_sum = torch.zeros((), device=device)
@@ -219,7 +219,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     progress = progress_bar(total=cfg_train.steps, initial=step, desc="train", disable=not is_main)
     train_model.train()
     while step < cfg_train.steps:
-        if sync_check:  # from here to the end of the step nothing may wait for the GPU
+        if sync_check and step > first_step:  # after the first step (autotuning, lazy init) nothing may wait
             torch.cuda.set_sync_debug_mode("error")
         step_generator(generator, cfg_train.seed, step)
         t_global = diffusion.sample_timesteps(cfg_train.batch_size, schedule.num_timesteps,
