@@ -53,6 +53,7 @@ class DataConfig:
     random_flip: bool = True
     shuffle_buffer: int = 1000
     num_workers: int = 2
+    cache: Literal["none", "device"] = "none"  # device: hold this rank's slice of the set on the GPU, no loader
 
 
 @dataclass

@@ -23,7 +23,7 @@ import engine
 from engine import diffusion
 from engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, load_config
-from engine.data import DataError, build_train_loader, random_flip_mask, read_manifest
+from engine.data import DataError, build_train_loader, load_device_cache, random_flip_mask, read_manifest
 from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engine.ema import build_ema, ema_state, load_ema_state, update_ema
 from engine.images import save_grid
@@ -176,13 +176,18 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     if step >= cfg_train.steps:
         log(f"{run_dir} has already trained {step} of train.steps={cfg_train.steps}; raise train.steps to continue")
 
-    loader = build_train_loader(cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size,
-                                channels=cfg_data.channels, num_workers=cfg_data.num_workers,
-                                shuffle_buffer=cfg_data.shuffle_buffer,
-                                # a resumed run continues with a fresh stream, not the first batches again
-                                seed=cfg_train.seed * 1_000_003 + step,
-                                resample=True, rank=context.rank, world_size=context.world_size)
-    batches = iter(loader)
+    if cfg_data.cache == "device":  # read once; then batches are drawn on the device, no DataLoader
+        cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
+                                  device=device, rank=context.rank, world_size=context.world_size,
+                                  num_workers=cfg_data.num_workers)
+        log(f"data: {cache.describe()} (rank 0)")
+        batches = cache.batches(micro_batch, seed=cfg_train.seed, start_batch=step * accumulation)
+    else:
+        batches = iter(build_train_loader(
+            cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
+            num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer,
+            seed=cfg_train.seed * 1_000_003 + step,  # a resumed run continues with a fresh stream, not the first batches
+            resample=True, rank=context.rank, world_size=context.world_size))
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if is_main else None
     log(f"training {count_parameters(model) / 1e6:.1f}M parameters on {context.world_size} x {device} ({parallel}, "
         f"{str(dtype).removeprefix('torch.')}{', compiled' if cfg_train.compile else ''}), {manifest['num_samples']:,} "
@@ -210,7 +215,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     # Device-side running sums, read once per log interval.
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
-    interval_steps, data_wait, skipped_total = 0, 0.0, 0
+    interval_steps, data_wait, skipped_total = 0, 0.0, cache.skipped if cfg_data.cache == "device" else 0
     interval_start = time.perf_counter()
     saved_step = step
     max_grad_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")  # inf: measure only

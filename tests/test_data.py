@@ -56,15 +56,42 @@ def shard_contents(out_dir: Path) -> dict[str, dict[str, bytes]]:
     return dict(samples)
 
 
-def add_shard(data_dir: Path, name: str, samples: list[tuple[str, dict]]) -> None:
-    """Appends a hand-made shard ({extension: bytes} per key) to a prepared data set's manifest."""
+def add_shard(data_dir: Path, name: str, samples: list[tuple[str, dict]], num_samples: int | None = None) -> None:
+    """Appends a hand-made shard ({extension: bytes} per key) to a prepared data set's manifest, as
+    holding `num_samples` images (default: one per key, as in png shards)."""
     with open(data_dir / name, "wb") as file, wds.TarWriter(file, encoder=False) as writer:
         for key, members in samples:
             writer.write({"__key__": key, **members})
+    num_samples = len(samples) if num_samples is None else num_samples
     manifest = read_manifest(data_dir)
-    manifest["shards"].append({"name": name, "num_samples": len(samples), "sha256": ""})
-    manifest["num_samples"] += len(samples)
+    manifest["shards"].append({"name": name, "num_samples": num_samples, "sha256": ""})
+    manifest["num_samples"] += num_samples
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def array_block(rng, count: int, size=SIZE, channels=3) -> dict[str, bytes]:
+    """The members of one array-shard block of `count` random images."""
+    images = rng.integers(0, 256, (count, channels, size, size), dtype=np.uint8)
+    return {"images.npy": npy_bytes(images), "labels.npy": npy_bytes(np.arange(count, dtype=np.int64) % 4)}
+
+
+def npy_member(tar: tarfile.TarFile, name: str) -> np.ndarray:
+    return np.load(io.BytesIO(tar.extractfile(name).read()))
+
+
+def png_set_contents(out_dir: Path) -> tuple[list[np.ndarray], list[int]]:
+    """Every image of a png data set as uint8 (C, H, W), and its label, in shard order."""
+    images, labels = [], []
+    for members in shard_contents(out_dir).values():
+        images.append(np.asarray(Image.open(io.BytesIO(members["png"]))).transpose(2, 0, 1))
+        labels.append(int(members["cls"]))
+    return images, labels
 
 
 def collect(loader) -> tuple[list[torch.Tensor], int]:
@@ -85,10 +112,31 @@ def shapes_set(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def array_set(tmp_path_factory) -> Path:
+    """The same 96 shapes as shapes_set in array shards of 16, blocks of 6 (6 + 6 + 4 per shard)."""
+    out = tmp_path_factory.mktemp("shapes-array")
+    prepare("shapes", out, shard_size=16, num=96, image_size=SIZE, channels=3, seed=1, shard_format="array",
+            images_per_member=6, progress=False)
+    return out
+
+
+@pytest.fixture(params=["png", "array"])
+def either_set(request, shapes_set, array_set) -> Path:
+    """The 96 shapes in each shard format."""
+    return shapes_set if request.param == "png" else array_set
+
+
 @pytest.fixture
 def shapes_copy(shapes_set, tmp_path) -> Path:
     """A copy of the shapes set that a test may change."""
     return Path(shutil.copytree(shapes_set, tmp_path / "set"))
+
+
+@pytest.fixture
+def array_copy(array_set, tmp_path) -> Path:
+    """A copy of the array set that a test may change."""
+    return Path(shutil.copytree(array_set, tmp_path / "set"))
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -137,7 +185,7 @@ def test_a_shape_fills_a_good_fraction_of_the_image_with_strong_contrast(channel
 
 def test_prepare_shapes_writes_shards_and_a_manifest(shapes_set):
     manifest = read_manifest(shapes_set)
-    assert manifest["format"] == 1 and manifest["source"] == "shapes"
+    assert manifest["format"] == 1 and manifest["source"] == "shapes" and manifest["shard_format"] == "png"
     assert (manifest["num_samples"], manifest["image_size"], manifest["channels"]) == (96, SIZE, 3)
     assert manifest["classes"] == SHAPE_CLASSES and manifest["skipped"] == 0
     assert [s["name"] for s in manifest["shards"]] == [f"shard-{i:06d}.tar" for i in range(6)]
@@ -157,6 +205,64 @@ def test_prepare_is_reproducible_and_refuses_to_overwrite_silently(shapes_set, t
     manifest = prepare("shapes", tmp_path, shard_size=4, num=10, image_size=SIZE, overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.glob("shard-*.tar")) == [s["name"] for s in manifest["shards"]]
     assert manifest["num_samples"] == 10
+
+
+def test_prepare_array_format_stores_the_png_sets_pixels_and_labels_in_blocks(shapes_set, array_set, tmp_path):
+    manifest = read_manifest(array_set)
+    assert (manifest["shard_format"], manifest["images_per_member"], manifest["num_samples"]) == ("array", 6, 96)
+    assert [s["num_samples"] for s in manifest["shards"]] == [16] * 6
+    images, labels = [], []
+    for index, shard in enumerate(manifest["shards"]):
+        assert hashlib.sha256((array_set / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+        with tarfile.open(array_set / shard["name"]) as tar:
+            assert [m.name for m in tar.getmembers()] == [f"{index:06d}_{block:04d}.{member}" for block in range(3)
+                                                          for member in ("images.npy", "labels.npy")]
+            for block, count in enumerate([6, 6, 4]):
+                block_images = npy_member(tar, f"{index:06d}_{block:04d}.images.npy")
+                block_labels = npy_member(tar, f"{index:06d}_{block:04d}.labels.npy")
+                assert block_images.dtype == np.uint8 and block_images.shape == (count, 3, SIZE, SIZE)
+                assert block_labels.dtype == np.int64 and block_labels.shape == (count,)
+                images += list(block_images)
+                labels += block_labels.tolist()
+    png_images, png_labels = png_set_contents(shapes_set)
+    assert labels == png_labels  # the same samples, in the same order
+    assert all(np.array_equal(a, b) for a, b in zip(images, png_images))
+    again = prepare("shapes", tmp_path, shard_size=16, num=96, image_size=SIZE, channels=3, seed=1,
+                    shard_format="array", images_per_member=6, progress=False)
+    assert again["shards"] == manifest["shards"]  # reproducible: same bytes, same sha256
+
+
+def test_prepare_array_blocks_default_to_at_most_1000_images_of_about_4_mb(tmp_path):
+    small = prepare("shapes", tmp_path / "small", shard_size=1200, num=1200, image_size=8, channels=1,
+                    shard_format="array", progress=False)
+    assert small["images_per_member"] == 1000  # 64-byte images: the image cap
+    large = prepare("shapes", tmp_path / "large", num=2, image_size=256, channels=3, shard_format="array",
+                    progress=False)
+    assert large["images_per_member"] == (4 << 20) // (256 * 256 * 3) == 21  # 192 KB images: the byte cap
+    with tarfile.open(tmp_path / "small" / "shard-000000.tar") as tar:
+        assert [npy_member(tar, name).shape[0] for name in tar.getnames() if "labels" in name] == [1000, 200]
+
+
+def test_prepare_rejects_a_bad_format_or_block_size(tmp_path):
+    with pytest.raises(DataError, match="--format must be one of png, array"):
+        prepare("shapes", tmp_path, num=4, shard_format="jpeg", progress=False)
+    with pytest.raises(DataError, match="--images-per-member applies to --format array only"):
+        prepare("shapes", tmp_path, num=4, images_per_member=4, progress=False)
+    with pytest.raises(DataError, match="--images-per-member must be at least 1, not 0"):
+        prepare("shapes", tmp_path, num=4, shard_format="array", images_per_member=0, progress=False)
+
+
+def test_a_manifest_without_shard_format_is_png_and_an_unknown_format_is_refused(shapes_copy):
+    manifest = read_manifest(shapes_copy)
+    del manifest["shard_format"]  # as written before array shards existed
+    (shapes_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(shapes_copy)["shard_format"] == "png"
+    batches, _ = collect(build_train_loader(shapes_copy, batch_size=32, image_size=SIZE, channels=3,
+                                            num_workers=0, resample=False))
+    assert sum(len(batch["label"]) for batch in batches) == 96
+    (shapes_copy / "manifest.json").write_text(json.dumps(manifest | {"shard_format": "parquet"}))
+    with pytest.raises(DataError, match=r"manifest.json has shard_format 'parquet', which this version does not read"):
+        read_manifest(shapes_copy)
 
 
 def write_image_folder(root: Path, rng) -> dict[str, tuple[str, np.ndarray, bytes]]:
@@ -278,7 +384,8 @@ def test_prepare_reads_the_real_cifar10_archive_in_place(tmp_path):
 # ----------------------------------------------------------------------------- loader
 
 
-def test_loader_yields_uint8_batches_forever_when_resampling(shapes_set):
+def test_loader_yields_uint8_batches_forever_when_resampling(either_set):
+    shapes_set = either_set
     loader = build_train_loader(shapes_set, batch_size=10, image_size=SIZE, channels=3, num_workers=0, seed=3)
     batches = [batch for _, batch in zip(range(25), loader)]  # 250 samples from a set of 96
     for batch in batches:
@@ -308,14 +415,11 @@ def test_images_scale_to_unit_range_and_flip_exactly_the_masked_samples():
     torch.testing.assert_close(flipped[~mask], plain[~mask], rtol=0, atol=0)
 
 
-def test_a_finite_pass_over_two_ranks_and_two_workers_reads_every_sample_once(shapes_set):
-    expected_images, expected_labels = [], []
-    for members in shard_contents(shapes_set).values():
-        expected_images.append(np.asarray(Image.open(io.BytesIO(members["png"]))).transpose(2, 0, 1))
-        expected_labels.append(int(members["cls"]))
+def test_a_finite_pass_over_two_ranks_and_two_workers_reads_every_sample_once(shapes_set, either_set):
+    expected_images, expected_labels = png_set_contents(shapes_set)  # both formats hold these samples
     seen_images, seen_labels = [], []
     for rank in range(2):
-        loader = build_train_loader(shapes_set, batch_size=7, image_size=SIZE, channels=3, num_workers=2,
+        loader = build_train_loader(either_set, batch_size=7, image_size=SIZE, channels=3, num_workers=2,
                                     resample=False, rank=rank, world_size=2)
         batches, skipped = collect(loader)
         assert skipped == 0
@@ -380,6 +484,63 @@ def test_an_image_of_the_wrong_size_raises_naming_shard_and_key(shapes_copy, num
         collect(loader)
 
 
+def test_the_shuffle_buffer_mixes_array_blocks_and_shards(array_set):
+    # without the buffer a worker's batches follow the stored order; with it, samples mix across blocks
+    def first_labels(shuffle_buffer: int) -> list[int]:
+        loader = build_train_loader(array_set, batch_size=48, image_size=SIZE, channels=3, num_workers=0,
+                                    shuffle_buffer=shuffle_buffer, seed=0, resample=False)
+        return next(iter(loader))["label"].tolist()
+
+    stored = first_labels(0)
+    shuffled = first_labels(100)
+    assert stored != shuffled and collections.Counter(stored) != collections.Counter(shuffled)
+
+
+def test_bad_array_blocks_are_skipped_counting_all_their_images(array_copy):
+    rng = np.random.default_rng(0)
+    float_images = {"images.npy": npy_bytes(np.zeros((5, 3, SIZE, SIZE), np.float32)),
+                    "labels.npy": npy_bytes(np.zeros(5, np.int64))}
+    add_shard(array_copy, "extra.tar", [("good", array_block(rng, 3)),
+                                        ("garbage", array_block(rng, 4) | {"images.npy": b"no npy file at all"}),
+                                        ("no_labels", {"images.npy": array_block(rng, 2)["images.npy"]}),
+                                        ("floats", float_images)], num_samples=3 + 4 + 2 + 5)
+    loader = build_train_loader(array_copy, batch_size=8, image_size=SIZE, channels=3, num_workers=0,
+                                resample=False)
+    with pytest.warns(UserWarning) as caught:
+        batches, skipped = collect(loader)
+    assert skipped == 4 + 2 + 5
+    assert sum(len(batch["label"]) for batch in batches) == 96 + 3
+    messages = " ".join(str(warning.message) for warning in caught)
+    for key in ["garbage", "no_labels", "floats"]:
+        assert f"extra.tar, block {key}" in messages
+
+
+def test_a_truncated_array_shard_counts_exactly_the_images_it_lost(array_copy):
+    # cut shard 3 inside the pixels of its second block: the first block's 6 images remain
+    with tarfile.open(array_copy / "shard-000003.tar") as tar:
+        end = tar.getmember("000003_0001.images.npy").offset_data + 100
+    (array_copy / "shard-000003.tar").write_bytes((array_copy / "shard-000003.tar").read_bytes()[:end])
+    loader = build_train_loader(array_copy, batch_size=8, image_size=SIZE, channels=3, num_workers=0,
+                                resample=False)
+    with pytest.warns(UserWarning) as caught:
+        batches, skipped = collect(loader)
+    assert any("10 images of shard" in str(w.message) and "shard-000003.tar: it delivered 6 of 16" in str(w.message)
+               for w in caught)
+    assert (sum(len(batch["label"]) for batch in batches), skipped) == (80 + 6, 10)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_array_block_of_the_wrong_size_raises_naming_shard_and_key(array_copy, num_workers):
+    add_shard(array_copy, "odd.tar", [("odd_one", array_block(np.random.default_rng(0), 2, size=8, channels=1))],
+              num_samples=2)
+    loader = build_train_loader(array_copy, batch_size=8, image_size=SIZE, channels=3, num_workers=num_workers,
+                                resample=False)
+    one_line = (r"^shard [^\n]*odd\.tar, block odd_one: "
+                r"images are 8x8x1, expected 16x16x3 \(data.image_size, data.channels\)$")
+    with pytest.raises(DataError, match=one_line):
+        collect(loader)
+
+
 def test_missing_manifest_or_mismatched_config_raise_data_error(tmp_path, shapes_set):
     with pytest.raises(DataError, match="python -m engine.data.prepare"):
         build_train_loader(tmp_path, batch_size=4, image_size=SIZE, channels=3)
@@ -394,6 +555,14 @@ def test_a_manifest_without_shards_raises_data_error(shapes_copy):
         build_train_loader(shapes_copy, batch_size=4, image_size=SIZE, channels=3)
 
 
+def test_every_public_name_of_the_data_package_loads():
+    import engine.data
+
+    assert set(engine.data.__all__) == {"DataError", *engine.data._EXPORTS}
+    for name in engine.data.__all__:
+        assert getattr(engine.data, name) is not None
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -402,11 +571,24 @@ def run_prepare(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing source", "existing output"])
+def test_cli_writes_array_shards_with_format_array(tmp_path):
+    result = run_prepare("shapes", str(tmp_path), "--format", "array", "--num", "40", "--image-size", "8",
+                         "--shard-size", "16", "--images-per-member", "10")
+    assert result.returncode == 0, result.stderr
+    assert "wrote 40 samples (8x8x3, 4 classes) in 3 array shards" in result.stdout
+    manifest = read_manifest(tmp_path)
+    assert (manifest["shard_format"], manifest["images_per_member"]) == ("array", 10)
+    assert [s["num_samples"] for s in manifest["shards"]] == [16, 16, 8]
+
+
+@pytest.mark.parametrize("case", ["missing source", "existing output", "block size without array"])
 def test_cli_reports_bad_input_in_one_line_with_status_2(tmp_path, shapes_set, case):
     if case == "missing source":
         result = run_prepare(str(tmp_path / "no-such-folder"), str(tmp_path / "out"))
         expected = "does not exist"
+    elif case == "block size without array":
+        result = run_prepare("shapes", str(tmp_path / "out"), "--num", "8", "--images-per-member", "4")
+        expected = "--images-per-member applies to --format array only"
     else:
         result = run_prepare("shapes", str(shapes_set), "--num", "8")
         expected = "--overwrite"

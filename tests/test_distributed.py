@@ -100,3 +100,12 @@ def test_the_training_step_never_waits_for_the_gpu(tmp_path, repeated_image):
     result = train(tmp_path / "run", repeated_image, *STEPS, "train.sync_check=true", "train.device=cuda",
                    "data.num_workers=0")
     assert result.returncode == 0, result.stderr
+
+
+def test_device_resident_data_follows_the_streaming_trajectory(tmp_path, repeated_image, single_process):
+    """data.cache: device holds the set on the training device and draws batches there, no loader."""
+    run_dir = tmp_path / "cached"
+    result = train(run_dir, repeated_image, *STEPS, "data.cache=device")
+    assert result.returncode == 0, result.stderr
+    assert "32 images" in result.stderr and "held on cpu" in result.stderr
+    _assert_same_trajectory(losses(run_dir), single_process)

@@ -1,8 +1,10 @@
-"""Data sets as webdataset shards: procedural shapes, source readers, `prepare` and the streaming loader.
+"""Data sets as webdataset shards: procedural shapes, source readers, `prepare`, the streaming loader
+and the device-resident cache.
 
-A data set is prepared once (`python -m engine.data.prepare SOURCE OUT_DIR`) into tar shards plus a
-`manifest.json`; training streams the shards with `build_train_loader`, which yields uint8 batches
-that the training step flips and scales on the device (`kernels.q_sample_uint8`).
+A data set is prepared once (`python -m engine.data.prepare SOURCE OUT_DIR [--format png|array]`)
+into tar shards plus a `manifest.json`; training streams the shards with `build_train_loader`, or
+holds them on the GPU with `load_device_cache` (`data.cache: device`). Both yield uint8 batches that
+the training step flips and scales on the device (`kernels.q_sample_uint8`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ _EXPORTS = {
     "read_manifest": "prepare",
     "build_train_loader": "loader",
     "random_flip_mask": "loader",
+    "load_device_cache": "device_cache",
+    "DeviceCache": "device_cache",
+    "DeviceBatches": "device_cache",
 }
 
-__all__ = ["DataError", *_EXPORTS]
+# Written out (tests/test_data.py checks it against _EXPORTS) so that linters see the re-exports below.
+__all__ = ["DataError", "SHAPE_CLASSES", "make_shape_image", "iter_shapes", "Source", "SourceSample", "open_source",
+           "decode_image", "read_manifest", "build_train_loader", "random_flip_mask", "load_device_cache",
+           "DeviceCache", "DeviceBatches"]
 
 
 def __getattr__(name: str):
@@ -47,6 +55,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__
+    from engine.data.device_cache import DeviceBatches, DeviceCache, load_device_cache
     from engine.data.loader import build_train_loader, random_flip_mask
     from engine.data.prepare import read_manifest
     from engine.data.shapes import SHAPE_CLASSES, iter_shapes, make_shape_image

@@ -1,13 +1,16 @@
 """The streaming training loader: webdataset shards -> uint8 image batches, built in worker processes.
 
-Per worker the pipeline is
+Per worker the pipeline is, by the manifest's shard format (see engine.data.prepare):
 
-    shard paths -> [split] -> read each tar, group members into samples -> shuffle buffer
-    -> decode with PIL -> batch -> DataLoader(batch_size=None)
+    png:   shard paths -> [split] -> read each tar, group members into samples -> shuffle buffer
+           -> decode with PIL -> batch -> DataLoader(batch_size=None)
+    array: shard paths -> [split] -> read each tar, group members into blocks -> load each block's
+           (N, C, H, W) array and cut it into images -> shuffle buffer -> batch -> DataLoader
 
-Workers decode and batch, so the main process only receives ready (B, C, H, W) uint8 tensors: a
-quarter of the bytes of float32. The training step flips and scales them on the device, fused into
-`q_sample_uint8` (kernels/q_sample.py).
+The shuffle buffer holds samples in both: encoded ones for png (small, decoded after shuffling),
+raw pixels for array. Workers decode and batch, so the main process only receives ready
+(B, C, H, W) uint8 tensors: a quarter of the bytes of float32. The training step flips and scales
+them on the device, fused into `q_sample_uint8` (kernels/q_sample.py).
 
 Two modes:
 - resample=True (training): an endless stream. Every (rank, worker) draws shards with replacement
@@ -22,15 +25,19 @@ Two modes:
 Bad data: a sample whose image does not decode, or that lacks its image or label member, is
 skipped with a warning and counted; so are the samples missing from a shard that ends early (the
 manifest says how many each shard holds: Python's tarfile reads a shard cut inside a header as
-a shorter, valid one, and webdataset's handlers see no error then). Every batch carries in
-"skipped" the count since its worker's previous batch; their sum is exactly how many samples
-were promised but not delivered. An image of the wrong size or channel count is a configuration
-mistake and raises DataError naming shard and key.
+a shorter, valid one, and webdataset's handlers see no error then). In array shards a block that
+does not load (corrupt or missing .npy, not uint8 (N, C, H, W) with N integer labels) is skipped
+with a warning, and the images a shard delivered short of the manifest's count are counted, so a
+bad block counts all its images. Every batch carries in "skipped" the count since its worker's
+previous batch; their sum is exactly how many samples were promised but not delivered. An image
+(or block) of the wrong size or channel count is a configuration mistake and raises DataError
+naming shard and key.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import warnings
 from itertools import islice
@@ -107,26 +114,80 @@ def _split_by_rank(urls, rank: int, world_size: int):
     yield from islice(urls, rank, None, world_size)
 
 
-def _read_shards(shards, num_samples: dict[str, int], skips: _SkipCounter):
-    """Samples of each shard, via webdataset's tar reader; what a shard lacks is counted as skipped."""
+def _shard_members(url: str, skips: _SkipCounter):
+    """The tar members of one shard grouped by key, via webdataset's tar reader; read errors warn."""
+
+    def tar_error(exn: Exception) -> bool:  # a webdataset handler: warn and go on
+        skips.warn(f"shard {url}: {exn.args[0] if exn.args else repr(exn)}")
+        return True
+
+    try:
+        with open(url, "rb") as stream:  # closed as soon as the shard is read
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=tar_error)
+            yield from group_by_keys(files, handler=tar_error)
+    except OSError as exn:
+        skips.warn(f"shard {url}: {exn}")
+
+
+def _read_encoded_shards(shards, num_samples: dict[str, int], skips: _SkipCounter):
+    """Samples (one image each) of png shards; what a shard lacks is counted as skipped."""
     for shard in shards:
         url, read = shard["url"], 0
-
-        def tar_error(exn: Exception, url=url) -> bool:  # a webdataset handler: warn and go on
-            skips.warn(f"shard {url}: {exn.args[0] if exn.args else repr(exn)}")
-            return True
-
-        try:
-            with open(url, "rb") as stream:  # closed as soon as the shard is read
-                files = tar_file_expander([{"url": url, "stream": stream}], handler=tar_error)
-                for sample in group_by_keys(files, handler=tar_error):
-                    read += 1
-                    yield sample
-        except OSError as exn:
-            skips.warn(f"shard {url}: {exn}")
+        for sample in _shard_members(url, skips):
+            read += 1
+            yield sample
         if read < num_samples[url]:
             skips.skip(f"{num_samples[url] - read} samples of shard {url}: it ended after {read} of "
                        f"{num_samples[url]} (truncated?)", count=num_samples[url] - read)
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)  # no pickles: a shard must not run code
+
+
+def _load_block(block: dict, image_size: int, channels: int, skips: _SkipCounter):
+    """A block's uint8 (N, C, H, W) images and int64 (N,) labels, or None (warned) if it does not load."""
+    where = f"shard {block.get('__url__')}, block {block.get('__key__')}"
+    lacking = [member for member in ("images.npy", "labels.npy") if member not in block]
+    if lacking:
+        skips.warn(f"skipping {where}: it lacks its .{lacking[0]} member")
+        return None
+    try:
+        images, labels = _load_npy(block["images.npy"]), _load_npy(block["labels.npy"])
+    except Exception as exn:  # numpy raises ValueError, EOFError, ... for broken bytes
+        skips.warn(f"skipping {where}: {exn}")
+        return None
+    if (images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1 or labels.dtype.kind not in "iu"
+            or len(labels) != len(images)):
+        skips.warn(f"skipping {where}: images {images.dtype} {images.shape} with labels {labels.dtype} "
+                   f"{labels.shape} are not uint8 (N, C, H, W) with N integer labels")
+        return None
+    if images.shape[1:] != (channels, image_size, image_size):
+        _, found, height, width = images.shape
+        raise DataError(f"{where}: images are {width}x{height}x{found}, expected "
+                        f"{image_size}x{image_size}x{channels} (data.image_size, data.channels)")
+    return images, labels.astype(np.int64)
+
+
+def _read_array_shards(shards, num_samples: dict[str, int], image_size: int, channels: int,
+                       skips: _SkipCounter):
+    """(uint8 (C, H, W) image, label) per image of array shards. Images a shard delivers short of the
+    manifest's count (bad blocks, truncation) are counted as skipped when the shard ends."""
+    for shard in shards:
+        url, delivered = shard["url"], 0
+        for block in _shard_members(url, skips):
+            loaded = _load_block(block, image_size, channels, skips)
+            if loaded is None:
+                continue
+            images, labels = loaded
+            delivered += len(labels)
+            skips.good()
+            # a copy per image: views would keep a whole block alive while any of its images waits
+            # in the shuffle buffer, many times the buffer's own size for blocks of few, large images
+            yield from ((image.copy(), label) for image, label in zip(images, labels.tolist()))
+        if delivered < num_samples[url]:
+            skips.skip(f"{num_samples[url] - delivered} images of shard {url}: it delivered {delivered} of "
+                       f"{num_samples[url]} (bad blocks or truncated)", count=num_samples[url] - delivered)
 
 
 def _seeded_shuffle(samples, size: int, seed: int, rank: int):
@@ -151,7 +212,7 @@ def _decode_one(sample: dict, image_size: int, channels: int, skips: _SkipCounte
         raise DataError(f"{where}: image is {width}x{height}x{found}, expected "
                         f"{image_size}x{image_size}x{channels} (data.image_size, data.channels)")
     skips.good()
-    return image, label
+    return image.transpose(2, 0, 1), label  # a (C, H, W) view; the batch's np.stack makes it contiguous
 
 
 def _decode_samples(samples, image_size: int, channels: int, skips: _SkipCounter):
@@ -162,28 +223,27 @@ def _decode_samples(samples, image_size: int, channels: int, skips: _SkipCounter
 
 
 def _batch_dict(images: np.ndarray, labels: list[int], skipped: int) -> dict:
-    # (B, H, W, C) -> contiguous (B, C, H, W), the layout the model takes. numpy does the copy:
-    # torch's multi-threaded uint8 permute was 50x slower here on a 2-core machine.
-    return {"image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
-            "label": torch.tensor(labels, dtype=torch.int64),
-            "skipped": skipped}
+    return {"image": torch.from_numpy(images), "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped}
 
 
 class _Collate:
-    """Stacks decoded samples into a batch that carries the skip count since the previous batch."""
+    """Stacks (C, H, W) samples into a batch that carries the skip count since the previous batch."""
 
     def __init__(self, skips: _SkipCounter):
         self.skips = skips
 
     def __call__(self, samples: list) -> dict:
-        images = np.stack([image for image, _ in samples])
+        # numpy copies into one contiguous (B, C, H, W) array, also from the png path's transposed
+        # views (out= keeps it C-contiguous): torch's multi-threaded uint8 permute was 50x slower on 2 cores
+        images = np.empty((len(samples), *samples[0][0].shape), np.uint8)
+        np.stack([image for image, _ in samples], out=images)
         return _batch_dict(images, [label for _, label in samples], self.skips.take())
 
 
 def _flush_skips(batches, skips: _SkipCounter, image_size: int, channels: int):
     yield from batches
     if skips.pending:  # skips after the last sample of a finite pass: an empty batch reports them
-        yield _batch_dict(np.zeros((0, image_size, image_size, channels), np.uint8), [], skips.take())
+        yield _batch_dict(np.zeros((0, channels, image_size, image_size), np.uint8), [], skips.take())
 
 
 def _hand_over_errors(batches):
@@ -257,17 +317,24 @@ def _shard_stages(urls: list[str], *, resample: bool, seed: int, rank: int, worl
             wds.split_by_worker]
 
 
-def _build_pipeline(shards: dict[str, int], *, batch_size: int, image_size: int, channels: int, shuffle_buffer: int,
-                    seed: int, resample: bool, rank: int, world_size: int) -> wds.DataPipeline:
-    """The per-worker pipeline over {shard path: number of samples}, yielding batch dicts (see
-    build_train_loader)."""
+def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: int, image_size: int, channels: int,
+                    shuffle_buffer: int, seed: int, resample: bool, rank: int, world_size: int) -> wds.DataPipeline:
+    """The per-worker pipeline over {shard path: number of samples} in `shard_format` ("png" or
+    "array"), yielding batch dicts (see build_train_loader)."""
     skips = _SkipCounter()
     stages = _shard_stages(list(shards), resample=resample, seed=seed, rank=rank, world_size=world_size)
-    stages.append(functools.partial(_read_shards, num_samples=shards, skips=skips))
-    if shuffle_buffer > 1:  # shuffle before decoding: the buffer then holds small encoded images
-        stages.append(functools.partial(_seeded_shuffle, size=shuffle_buffer, seed=seed, rank=rank))
+    shuffle = functools.partial(_seeded_shuffle, size=shuffle_buffer, seed=seed, rank=rank)
+    if shard_format == "array":
+        stages.append(functools.partial(_read_array_shards, num_samples=shards, image_size=image_size,
+                                        channels=channels, skips=skips))
+        if shuffle_buffer > 1:
+            stages.append(shuffle)
+    else:
+        stages.append(functools.partial(_read_encoded_shards, num_samples=shards, skips=skips))
+        if shuffle_buffer > 1:  # shuffle before decoding: the buffer then holds small encoded images
+            stages.append(shuffle)
+        stages.append(functools.partial(_decode_samples, image_size=image_size, channels=channels, skips=skips))
     stages += [
-        functools.partial(_decode_samples, image_size=image_size, channels=channels, skips=skips),
         wds.batched(batch_size, collation_fn=_Collate(skips), partial=not resample),
         functools.partial(_flush_skips, skips=skips, image_size=image_size, channels=channels),
         _hand_over_errors,
@@ -280,8 +347,9 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
                        world_size: int = 1) -> Iterable[dict]:
     """Batches {"image": uint8 (B, C, H, W), "label": int64 (B,), "skipped": int} from a prepared data set.
 
-    `path` is the folder written by `python -m engine.data.prepare`; `batch_size` is per rank.
-    resample=True streams forever (training); resample=False reads every sample once over all ranks.
+    `path` is the folder written by `python -m engine.data.prepare`, in either shard format (the
+    manifest says which); `batch_size` is per rank. resample=True streams forever (training);
+    resample=False reads every sample once over all ranks.
     """
     manifest = read_manifest(path)
     _check_request(manifest, path, image_size=image_size, channels=channels, batch_size=batch_size, rank=rank,
@@ -289,9 +357,9 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
     shards = _shard_paths(path, manifest)
     if not resample:
         _check_finite_split(len(shards), world_size, num_workers)
-    dataset = _build_pipeline(shards, batch_size=batch_size, image_size=image_size, channels=channels,
-                            shuffle_buffer=shuffle_buffer, seed=seed, resample=resample, rank=rank,
-                            world_size=world_size)
+    dataset = _build_pipeline(shards, shard_format=manifest["shard_format"], batch_size=batch_size,
+                              image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer, seed=seed,
+                              resample=resample, rank=rank, world_size=world_size)
     # batch_size=None: the workers already batch; collating single samples here would be far slower
     return _Batches(DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                persistent_workers=num_workers > 0, pin_memory=False))
