@@ -187,7 +187,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
             num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer,
             seed=cfg_train.seed * 1_000_003 + step,  # a resumed run continues with a fresh stream, not the first batches
-            resample=True, rank=context.rank, world_size=context.world_size))
+            resample=True, rank=context.rank, world_size=context.world_size, pin_memory=device.type == "cuda"))
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if is_main else None
     log(f"training {count_parameters(model) / 1e6:.1f}M parameters on {context.world_size} x {device} ({parallel}, "
         f"{str(dtype).removeprefix('torch.')}{', compiled' if cfg_train.compile else ''}), {manifest['num_samples']:,} "

@@ -109,3 +109,13 @@ def test_device_resident_data_follows_the_streaming_trajectory(tmp_path, repeate
     assert result.returncode == 0, result.stderr
     assert "32 images" in result.stderr and "held on cpu" in result.stderr
     _assert_same_trajectory(losses(run_dir), single_process)
+
+
+@pytest.mark.parametrize("option, rel", [("train.precision=fp16", 2e-2), ("train.precision=bf16", 5e-2),
+                                         ("train.channels_last=true", 1e-4)])
+def test_precisions_and_channels_last_follow_the_fp32_trajectory(tmp_path, repeated_image, single_process, option, rel):
+    """fp16 (with its grad scaler) and bf16 autocast round differently but train the same way; NHWC is exact."""
+    run_dir = tmp_path / "run"
+    result = train(run_dir, repeated_image, *STEPS, option)
+    assert result.returncode == 0, result.stderr
+    _assert_same_trajectory(losses(run_dir), single_process, rel=rel)

@@ -344,7 +344,7 @@ def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: in
 
 def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, channels: int, num_workers: int = 2,
                        shuffle_buffer: int = 1000, seed: int = 0, resample: bool = True, rank: int = 0,
-                       world_size: int = 1) -> Iterable[dict]:
+                       world_size: int = 1, pin_memory: bool = False) -> Iterable[dict]:
     """Batches {"image": uint8 (B, C, H, W), "label": int64 (B,), "skipped": int} from a prepared data set.
 
     `path` is the folder written by `python -m engine.data.prepare`, in either shard format (the
@@ -362,4 +362,5 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
                               resample=resample, rank=rank, world_size=world_size)
     # batch_size=None: the workers already batch; collating single samples here would be far slower
     return _Batches(DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                               persistent_workers=num_workers > 0, pin_memory=False))
+                               # pinned batches let the step's non_blocking copy to the GPU overlap, not wait
+                               persistent_workers=num_workers > 0, pin_memory=pin_memory))
