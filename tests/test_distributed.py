@@ -5,7 +5,7 @@ The data set holds one image repeated, so the loss does not depend on which rank
 shard; timesteps, flips and noise come from counters over the global batch, so they match too.
 """
 
-import shutil
+import sys
 
 import pytest
 import torch
@@ -15,7 +15,8 @@ from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
 from test_train_cli import losses, train
 
-TORCHRUN = [shutil.which("torchrun") or "torchrun", "--nproc_per_node", "2", "-m"]
+# torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
 STEPS = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=4", "train.batch_size=8"]
 
 
