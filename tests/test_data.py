@@ -472,14 +472,20 @@ def test_a_truncated_shard_counts_exactly_the_samples_it_lost(shapes_copy, num_w
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_an_image_of_the_wrong_size_raises_naming_shard_and_key(shapes_copy, num_workers):
-    small = png_bytes(random_image(np.random.default_rng(0), size=8, channels=1))
-    add_shard(shapes_copy, "odd.tar", [("odd_one", {"png": small, "cls": b"0"})])
-    loader = build_train_loader(shapes_copy, batch_size=8, image_size=SIZE, channels=3, num_workers=num_workers,
+@pytest.mark.parametrize("shard_format", ["png", "array"])
+def test_an_image_of_the_wrong_size_raises_naming_shard_and_key(request, shard_format, num_workers):
+    if shard_format == "png":
+        folder, what = request.getfixturevalue("shapes_copy"), r"sample odd_one: image is"
+        small = png_bytes(random_image(np.random.default_rng(0), size=8, channels=1))
+        add_shard(folder, "odd.tar", [("odd_one", {"png": small, "cls": b"0"})])
+    else:
+        folder, what = request.getfixturevalue("array_copy"), r"block odd_one: images are"
+        add_shard(folder, "odd.tar", [("odd_one", array_block(np.random.default_rng(0), 2, size=8, channels=1))],
+                  num_samples=2)
+    loader = build_train_loader(folder, batch_size=8, image_size=SIZE, channels=3, num_workers=num_workers,
                                 resample=False)
     # one line: raised in this process, not re-raised by torch with the worker's traceback folded in
-    one_line = (r"^shard [^\n]*odd\.tar, sample odd_one: "
-                r"image is 8x8x1, expected 16x16x3 \(data.image_size, data.channels\)$")
+    one_line = rf"^shard [^\n]*odd\.tar, {what} 8x8x1, expected 16x16x3 \(data.image_size, data.channels\)$"
     with pytest.raises(DataError, match=one_line):
         collect(loader)
 
@@ -527,18 +533,6 @@ def test_a_truncated_array_shard_counts_exactly_the_images_it_lost(array_copy):
     assert any("10 images of shard" in str(w.message) and "shard-000003.tar: it delivered 6 of 16" in str(w.message)
                for w in caught)
     assert (sum(len(batch["label"]) for batch in batches), skipped) == (80 + 6, 10)
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_an_array_block_of_the_wrong_size_raises_naming_shard_and_key(array_copy, num_workers):
-    add_shard(array_copy, "odd.tar", [("odd_one", array_block(np.random.default_rng(0), 2, size=8, channels=1))],
-              num_samples=2)
-    loader = build_train_loader(array_copy, batch_size=8, image_size=SIZE, channels=3, num_workers=num_workers,
-                                resample=False)
-    one_line = (r"^shard [^\n]*odd\.tar, block odd_one: "
-                r"images are 8x8x1, expected 16x16x3 \(data.image_size, data.channels\)$")
-    with pytest.raises(DataError, match=one_line):
-        collect(loader)
 
 
 def test_missing_manifest_or_mismatched_config_raise_data_error(tmp_path, shapes_set):
