@@ -81,6 +81,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_scope: Literal["model", "blocks"] = "model"  # one graph, or one per residual/attention block (faster to compile)
     channels_last: bool = False  # NHWC activations and weights (measure: GroupNorm may not keep it)
+    max_nonfinite_steps: int = 20  # consecutive steps with a NaN/inf loss or gradient (skipped) before the run stops
     sync_check: bool = False  # CUDA: raise on any host-device sync inside a step (fp16's grad scaler has one)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # ema-pytorch's power-law warmup of the decay; the DDPM code has none
@@ -323,6 +324,7 @@ def validate(config: Config, where: str) -> None:
 
     require(train.steps > 0, "train.steps", f"must be positive, got {train.steps}")
     require(train.batch_size > 0, "train.batch_size", f"must be positive, got {train.batch_size}")
+    require(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps", f"must be positive, got {train.max_nonfinite_steps}")
     require(train.grad_accum_steps > 0, "train.grad_accum_steps", f"must be positive, got {train.grad_accum_steps}")
     require(0 <= train.seed < 2**31, "train.seed", f"must be in [0, 2**31) (it keys the noise), got {train.seed}")
     require(train.device == "auto" or train.device == "cpu" or train.device.startswith("cuda"),

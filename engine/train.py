@@ -88,6 +88,10 @@ def train(config: Config) -> dict[str, Any]:
         shutdown_distributed()
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. only non-finite steps): one line naming the step (exit status 1)."""
+
+
 def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
     """Per-rank micro-batch: the global batch is a config value, independent of the world size."""
     if batch_size % (world_size * accumulation):
@@ -143,8 +147,9 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     peak_flops = peak_bf16_flops(device) if dtype == torch.bfloat16 else None  # the table holds bf16 peaks
     loss_coefficients = diffusion.loss_coefficients(schedule, config.diffusion.target)
     optimizer_class = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
-    # Fused Adam on CUDA (one kernel for all parameters); foreach for sharded (DTensor) and CPU parameters.
-    fused = device.type == "cuda" and parallel != "fsdp"
+    # Fused Adam (one kernel for all parameters; it can also skip a step on the device, see below);
+    # foreach for sharded (DTensor) parameters.
+    fused = parallel != "fsdp"
     optimizer = optimizer_class(model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
                                 eps=config.optim.eps, weight_decay=config.optim.weight_decay,
                                 fused=fused or None, foreach=None if fused else True)
@@ -168,6 +173,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         load_full_model_state(model, state.get("model"), context)
         load_ema_state(ema, state.get("ema"), context)
         load_full_optimizer_state(model, optimizer, state.get("optimizer"), context)
+        for group in optimizer.param_groups:  # the saved groups carry the writer's implementation choice
+            group["fused"], group["foreach"] = fused or None, None if fused else True
         lr_schedule.load_state_dict(header["lr_schedule"])
         if header["scaler"]:
             scaler.load_state_dict(header["scaler"])
@@ -215,6 +222,9 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     # Device-side running sums, read once per log interval.
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
+    finite_steps = torch.zeros((), device=device, dtype=torch.long)
+    nonfinite_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite steps
+    nonfinite_total = 0
     interval_steps, data_wait, skipped_total = 0, 0.0, cache.skipped if cfg_data.cache == "device" else 0
     interval_start = time.perf_counter()
     saved_step = step
@@ -232,6 +242,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         flip_global = (random_flip_mask(cfg_train.batch_size, generator=generator, device=device) if cfg_data.random_flip
                        else torch.zeros(cfg_train.batch_size, dtype=torch.bool, device=device))
         optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device)
         for micro in range(accumulation):
             wait_start = time.perf_counter()
             batch = next(batches)
@@ -248,14 +259,25 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                                                    t_global[index], keys, target=config.diffusion.target,
                                                    coefficients=loss_coefficients)
                 scaler.scale(loss / accumulation).backward()
-            loss_sum += loss.detach() / accumulation
+            step_loss += loss.detach() / accumulation
         scaler.unscale_(optimizer)
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True))
-        scaler.step(optimizer)
+        # A NaN/inf loss or gradient skips the update (and so the EMA's move) and is counted, never applied.
+        finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself (reading found_inf: a sync)
+        elif fused:
+            optimizer.found_inf = (~finite).float()  # fused Adam skips on the device: no sync
+            optimizer.step()
+        elif bool(finite):  # sharded parameters: decided on the host (one sync per step on a GPU)
+            optimizer.step()
         scaler.update()
         lr_schedule.step()
         update_ema(ema, cfg_train.ema_warmup)
-        grad_norm_sum += grad_norm.detach()
+        loss_sum += torch.where(finite, step_loss, 0.0)
+        grad_norm_sum += torch.where(finite, grad_norm.detach(), 0.0)
+        finite_steps += finite
+        nonfinite_streak = torch.where(finite, 0, nonfinite_streak + 1)
         interval_steps += 1
         step += 1
         if sync_check:
@@ -263,14 +285,19 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         progress.update(1)
 
         if step % cfg_train.log_every == 0 or step == cfg_train.steps:
-            stats = torch.stack([loss_sum, grad_norm_sum]) / interval_steps
+            stats = torch.stack([loss_sum, grad_norm_sum, finite_steps.float(), nonfinite_streak.float()])
             if context.is_distributed:
                 torch.distributed.all_reduce(stats)
                 stats /= context.world_size
-            mean_loss, mean_grad_norm = stats.tolist()  # the one host sync of the interval
+            loss_total, grad_norm_total, finite_count, streak = stats.tolist()  # the one host sync of the interval
+            # means over the finite steps (NaN when there were none)
+            mean_loss, mean_grad_norm = ((loss_total / finite_count, grad_norm_total / finite_count) if finite_count
+                                         else (float("nan"), float("nan")))
+            nonfinite_total += interval_steps - round(finite_count)
             elapsed = time.perf_counter() - interval_start
             record = {"step": step, "loss": mean_loss, "lr": lr_schedule.get_last_lr()[0],
-                      "grad_norm": mean_grad_norm, "skipped_samples": skipped_total, "time": time.time(),
+                      "grad_norm": mean_grad_norm, "skipped_samples": skipped_total,
+                      "nonfinite_steps": interval_steps - round(finite_count), "time": time.time(),
                       **interval_metrics(steps=interval_steps, images=interval_steps * cfg_train.batch_size,
                                          seconds=elapsed, data_wait_seconds=data_wait, world_size=context.world_size,
                                          flops_per_image=flops_per_image, peak_flops_per_device=peak_flops,
@@ -278,8 +305,14 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             if metrics is not None:
                 metrics.write(record)
             progress.set_postfix(loss=f"{mean_loss:.4f}", **progress_fields(record))
-            loss_sum.zero_(), grad_norm_sum.zero_()
+            loss_sum.zero_(), grad_norm_sum.zero_(), finite_steps.zero_()
             interval_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
+            if streak >= cfg_train.max_nonfinite_steps:
+                progress.close()
+                raise TrainingError(
+                    f"step {step}: the last {round(streak)} steps had a non-finite loss or gradient "
+                    f"(train.max_nonfinite_steps={cfg_train.max_nonfinite_steps}); none was applied, so the "
+                    f"checkpoints hold the weights of step {step - round(streak)}; lower optim.lr or check the data")
 
         if step % cfg_train.checkpoint_every == 0 or step == cfg_train.steps:
             state = snapshot()
@@ -291,7 +324,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             write_samples(f"step-{step:08d}.png")
     progress.close()
 
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "skipped_samples": skipped_total}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "skipped_samples": skipped_total,
+                               "nonfinite_steps": nonfinite_total}
     grid = write_samples(f"step-{step:08d}.png") if is_main or sampling_ranks_all else None
     if is_main:
         if metrics is not None:
@@ -300,7 +334,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"training loss ({run_dir.name})")
         summary.update(samples=str(run_dir / "samples.png"), loss_curve=str(curve))
         log(f"done at step {step} (checkpoint at step {saved_step}); samples: {run_dir / 'samples.png'}; "
-            f"loss curve: {curve}; skipped samples: {skipped_total}")
+            f"loss curve: {curve}; skipped samples: {skipped_total}; skipped non-finite steps: {nonfinite_total}")
     return summary
 
 
@@ -314,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, KernelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

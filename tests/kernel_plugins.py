@@ -16,9 +16,12 @@ fused loss recomputes exactly the noise this op added.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from kernels.noise import randn_like
+from kernels.noise_loss import reference as noise_loss_reference
 from kernels.registry import register_kernel
 
 
@@ -51,3 +54,17 @@ def q_sample_crash(x0, t, noise_keys, sqrt_alphas_cumprod, sqrt_one_minus_alphas
 def q_sample_too_few_parameters(x0, t, noise_keys):
     """Broken: misses the two coefficient tables of the op's signature."""
     return x0
+
+
+_loss_calls = itertools.count()
+
+
+def noise_loss_nan_every_third_call(prediction, t, noise_keys, noise_coef, x0_coef, x0=None):
+    """Broken on purpose, for the training tests: the reference loss, but NaN on every third call."""
+    loss = noise_loss_reference(prediction, t, noise_keys, noise_coef, x0_coef, x0)
+    return loss * float("nan") if next(_loss_calls) % 3 == 2 else loss
+
+
+def noise_loss_always_nan(prediction, t, noise_keys, noise_coef, x0_coef, x0=None):
+    """Broken on purpose, for the training tests: a NaN loss (and so NaN gradients) on every call."""
+    return noise_loss_reference(prediction, t, noise_keys, noise_coef, x0_coef, x0) * float("nan")

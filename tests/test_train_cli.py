@@ -184,3 +184,31 @@ def test_an_unknown_kernel_stops_training_before_the_first_step(tmp_path, shapes
     assert "kernels.noise_loss" in result.stderr and "no_such_kernel" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+NAN_LOSS = ["kernels.check=false", "train.log_every=1", "train.checkpoint_every=2"]
+
+
+def test_non_finite_steps_are_skipped_counted_and_the_run_goes_on(tmp_path, shapes16):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, shapes16, "train.steps=6", "kernels.noise_loss=tests.kernel_plugins:noise_loss_nan_every_third_call",
+                   *NAN_LOSS)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 0, 0, 1]
+    # an interval's loss is the mean over its finite steps: NaN only when it had none
+    assert [bool(np.isfinite(r["loss"])) for r in records] == [True, True, False, True, True, False]
+    assert "skipped non-finite steps: 2" in result.stderr
+    state = torch.load(run_dir / "checkpoints" / "step-00000006.pt", weights_only=True)
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_only_non_finite_steps_stop_the_run_naming_the_step_and_keep_finite_checkpoints(tmp_path, shapes16):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, shapes16, "train.steps=10", "train.max_nonfinite_steps=3",
+                   "kernels.noise_loss=tests.kernel_plugins:noise_loss_always_nan", *NAN_LOSS)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 3: the last 3 steps had a non-finite loss or gradient"), last
+    state = torch.load(run_dir / "checkpoints" / "step-00000002.pt", weights_only=True)
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
