@@ -21,7 +21,7 @@ import torch
 
 import engine
 from engine import diffusion
-from engine.checkpoint import load_latest_checkpoint, save_checkpoint
+from engine.checkpoint import checkpoint_name, load_latest_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, random_flip_mask, read_manifest
 from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -30,6 +30,7 @@ from engine.images import save_grid
 from engine.metrics import MetricsLog, plot_loss_curve
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
+from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.sample import generate, resolve_kernels_from_config
 from engine.schedule import schedule_from_config
@@ -231,6 +232,12 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     max_grad_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")  # inf: measure only
     rank_offset = context.rank * micro_batch
     sample_offsets = torch.arange(micro_batch, device=device)
+    # Stop requests (SIGTERM, SIGINT) are agreed between ranks over a host-side group every
+    # `stop_check_every` steps (every step in one process, where checking is free).
+    stop_request = StopRequest(announce=is_main)
+    control_group = torch.distributed.new_group(backend="gloo") if context.is_distributed else None
+    stop_check_every = 10 if context.is_distributed else 1
+    stopped_by = None
     progress = progress_bar(total=cfg_train.steps, initial=step, desc="train", disable=not is_main)
     train_model.train()
     while step < cfg_train.steps:
@@ -319,10 +326,26 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             if is_main:
                 save_checkpoint(run_dir, step, state, keep=cfg_train.keep_checkpoints)
             saved_step = step
+        if step % stop_check_every == 0 and agreed_stop(stop_request, control_group):
+            stopped_by = stop_request.requested or "another rank's stop request"
+            if saved_step != step:
+                state = snapshot()
+                if is_main:
+                    save_checkpoint(run_dir, step, state, keep=cfg_train.keep_checkpoints)
+                saved_step = step
+            break
         if (is_main or sampling_ranks_all) and cfg_train.sample_every and step % cfg_train.sample_every == 0 \
                 and step < cfg_train.steps:
             write_samples(f"step-{step:08d}.png")
     progress.close()
+    stop_request.restore()
+    if stopped_by is not None:
+        if metrics is not None:
+            metrics.close()
+        log(f"stopped by {stopped_by} at step {step}; checkpoint {run_dir / 'checkpoints' / checkpoint_name(step)}; "
+            f"run the same command to resume")
+        return {"run_dir": str(run_dir), "step": step, "stopped_by": stopped_by, "skipped_samples": skipped_total,
+                "nonfinite_steps": nonfinite_total}
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "skipped_samples": skipped_total,
                                "nonfinite_steps": nonfinite_total}

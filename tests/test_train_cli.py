@@ -25,13 +25,6 @@ SMALL = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.attention_
          "sample.sampler=ddim", "sample.steps=4", "data.num_workers=0", "data.shuffle_buffer=16"]
 
 
-@pytest.fixture(scope="module")
-def shapes16(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "shapes16"
-    prepare("shapes", out, shard_size=16, num=64, image_size=16, channels=3, seed=0, progress=False)
-    return out
-
-
 def run(module, *args, timeout=300, launcher=None):
     command = [*(launcher or [sys.executable, "-m"]), module, *map(str, args)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
