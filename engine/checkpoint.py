@@ -20,6 +20,10 @@ LATEST = "latest"
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (full disk, no permission): one line; the previous one is intact."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
@@ -64,10 +68,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
     """Write `state` as the checkpoint of `step`, point `latest` at it, keep the newest `keep`."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(step)
-    atomic_write(path, lambda file: torch.save(state, file))
-    atomic_write(folder / LATEST, lambda file: file.write(path.name.encode() + b"\n"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda file: torch.save(state, file))
+        atomic_write(folder / LATEST, lambda file: file.write(path.name.encode() + b"\n"))
+    except OSError as error:  # the temporary file is gone and `latest` still names the previous checkpoint
+        previous = list_checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no previous checkpoint"
+        raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}; {kept}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -21,7 +21,7 @@ import torch
 
 import engine
 from engine import diffusion
-from engine.checkpoint import checkpoint_name, load_latest_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, checkpoint_name, load_latest_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, random_flip_mask, read_manifest
 from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, KernelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except TrainingError as error:
+    except (TrainingError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from engine.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 
 def state(step):
@@ -47,5 +47,29 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded, _ = load_latest_checkpoint(tmp_path)
+    assert loaded["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000001.pt"]
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EACCES"])
+def test_a_full_disk_or_unwritable_directory_is_one_clear_error_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, errno_name):
+    import errno
+    import os
+
+    save_checkpoint(tmp_path, 1, state(1))
+
+    def failing_write(*args, **kwargs):
+        code = getattr(errno, errno_name)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(torch, "save", failing_write)
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(tmp_path, 2, state(2))
+    message = str(caught.value)
+    assert "\n" not in message and "step-00000002.pt" in message and os.strerror(getattr(errno, errno_name)) in message
+    assert "previous checkpoint" in message and "step-00000001.pt is intact" in message
+    monkeypatch.undo()
+    loaded, _ = load_latest_checkpoint(tmp_path)
     assert loaded["step"] == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000001.pt"]
