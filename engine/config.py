@@ -54,6 +54,7 @@ class DataConfig:
     random_flip: bool = True
     shuffle_buffer: int = 1000
     num_workers: int = 2
+    max_bad_fraction: float = 0.05  # more skipped (unreadable) samples than this stops the run: no trickle training
     cache: Literal["none", "device"] = "none"  # device: hold this rank's slice of the set on the GPU, no loader
 
 
@@ -314,6 +315,7 @@ def validate(config: Config, where: str) -> None:
         require(resolution in resolutions, "model.attention_resolutions",
                 f"contains {resolution}, which is not a resolution of this UNet (it has {resolutions})")
     require(data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {data.shuffle_buffer}")
+    require(0.0 <= data.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {data.max_bad_fraction}")
     require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     require(bool(data.path), "data.path", "must name a prepared data folder")
 

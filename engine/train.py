@@ -93,6 +93,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. only non-finite steps): one line naming the step (exit status 1)."""
 
 
+def check_bad_fraction(skipped: int, delivered: int, cfg_data, step: int, progress) -> None:
+    """Stop rather than train on a trickle of data: too many skipped samples is an error (this rank's counts)."""
+    seen = skipped + delivered
+    if seen >= 100 and skipped > cfg_data.max_bad_fraction * seen:
+        progress.close()
+        raise TrainingError(f"step {step}: {skipped} of the {seen} samples read from {cfg_data.path} could not be used "
+                            f"({skipped / seen:.0%} > data.max_bad_fraction={cfg_data.max_bad_fraction}); the warnings "
+                            f"above name the shards; prepare the data set again")
+
+
 def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
     """Per-rank micro-batch: the global batch is a config value, independent of the world size."""
     if batch_size % (world_size * accumulation):
@@ -314,6 +324,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             progress.set_postfix(loss=f"{mean_loss:.4f}", **progress_fields(record))
             loss_sum.zero_(), grad_norm_sum.zero_(), finite_steps.zero_()
             interval_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
+            check_bad_fraction(skipped_total, step * cfg_train.batch_size // context.world_size, cfg_data,
+                               step, progress)
             if streak >= cfg_train.max_nonfinite_steps:
                 progress.close()
                 raise TrainingError(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,15 @@ def test_only_non_finite_steps_stop_the_run_naming_the_step_and_keep_finite_chec
     assert last.startswith("error: step 3: the last 3 steps had a non-finite loss or gradient"), last
     state = torch.load(run_dir / "checkpoints" / "step-00000002.pt", weights_only=True)
     assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_too_many_bad_samples_stop_the_run_rather_than_train_on_a_trickle(tmp_path, shapes16):
+    from test_data import add_shard
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes16, data)
+    add_shard(data, "garbage.tar", [(f"bad{index:03d}", {"png": b"not an image", "cls": b"0"}) for index in range(96)])
+    result = train(tmp_path / "run", data, "train.steps=40", "train.log_every=5", "data.shuffle_buffer=0")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step ") and "could not be used" in last and "data.max_bad_fraction=0.05" in last
