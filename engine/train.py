@@ -33,6 +33,7 @@ from engine.parallel import (compile_model, full_model_state, full_optimizer_sta
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.sample import generate, resolve_kernels_from_config
+from engine.rng import gather_rng_states, restore_rng_state
 from engine.schedule import schedule_from_config
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
 from engine.unet import build_unet, count_parameters
@@ -174,7 +175,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     header = None  # what every rank needs besides the tensors: small enough to broadcast as objects
     if resumed is not None:
         header = {"step": int(resumed[0]["step"]), "path": str(resumed[1]), "scaler": resumed[0].get("scaler"),
-                  "lr_schedule": resumed[0]["lr_schedule"]}
+                  "lr_schedule": resumed[0]["lr_schedule"], "rng": resumed[0].get("rng")}
     if context.is_distributed:  # rank 0 reads the checkpoint; the others receive it (no shared disk needed)
         shared = [header]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -219,6 +220,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         return {"step": step, "model": full_model_state(model), "ema": ema_state(ema),
                 "optimizer": full_optimizer_state(model, optimizer), "lr_schedule": lr_schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "kernels": kernels.names,
+                "rng": gather_rng_states(device), "world_size": context.world_size,
                 "config": config.to_dict(), "engine_version": engine.__version__}
 
     def write_samples(name: str) -> Path | None:
@@ -250,6 +252,10 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     stopped_by = None
     progress = progress_bar(total=cfg_train.steps, initial=step, desc="train", disable=not is_main)
     train_model.train()
+    # Last thing before the first step: setting up the data draws from the global generators too.
+    if header is not None and not restore_rng_state(header["rng"], context.rank, context.world_size, device,
+                                                    cfg_train.seed, step):
+        log("the world size changed since the checkpoint: dropout's generators are reseeded from (seed, rank, step)")
     while step < cfg_train.steps:
         if sync_check and step > first_step:  # after the first step (autotuning, lazy init) nothing may wait
             torch.cuda.set_sync_debug_mode("error")

@@ -218,3 +218,16 @@ def test_too_many_bad_samples_stop_the_run_rather_than_train_on_a_trickle(tmp_pa
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: step ") and "could not be used" in last and "data.max_bad_fraction=0.05" in last
+
+
+def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_device_resident_data(tmp_path, shapes16):
+    """Model, EMA, optimizer, LR, dropout's generators and the data position all come back; timesteps,
+    flips and noise follow from counters. (The streaming loader restarts its stream instead.)"""
+    exact = ["data.cache=device", "model.dropout=0.1", "train.log_every=1", "train.checkpoint_every=3"]
+    straight = train(tmp_path / "straight", shapes16, "train.steps=6", *exact)
+    assert straight.returncode == 0, straight.stderr
+    first = train(tmp_path / "resumed", shapes16, "train.steps=3", *exact)
+    second = train(tmp_path / "resumed", shapes16, "train.steps=6", *exact)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "resumed from" in second.stderr
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exactly equal floats
