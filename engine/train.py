@@ -255,7 +255,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     # Last thing before the first step: setting up the data draws from the global generators too.
     if header is not None and not restore_rng_state(header["rng"], context.rank, context.world_size, device,
                                                     cfg_train.seed, step):
-        log("the world size changed since the checkpoint: dropout's generators are reseeded from (seed, rank, step)")
+        log("the checkpoint holds no generator states for this world size: dropout's generators are reseeded "
+            "from (seed, rank, step)")
     while step < cfg_train.steps:
         if sync_check and step > first_step:  # after the first step (autotuning, lazy init) nothing may wait
             torch.cuda.set_sync_debug_mode("error")
