@@ -104,6 +104,35 @@ def check_bad_fraction(skipped: int, delivered: int, cfg_data, step: int, progre
                             f"above name the shards; prepare the data set again")
 
 
+def stream_start(header: dict | None, cfg_data, cfg_train, context: DistributedContext,
+                 micro_batch: int) -> tuple[int, list[int] | None]:
+    """(loader seed, per-worker start positions) for the streaming loader.
+
+    A fresh run starts every worker's stream at 0. A resumed run with the same world size, worker
+    count, micro-batch and seed continues each stream exactly where the checkpoint left it (the
+    workers re-read and re-shuffle, without decoding, what they pass over). Otherwise the positions
+    mean nothing to the new layout, and the stream starts afresh, seeded by the step, so a resume
+    does not replay the first batches.
+    """
+    saved = header.get("data_position") if header else None
+    if header is None:
+        return cfg_train.seed, None
+    layout = {"world_size": context.world_size, "num_workers": cfg_data.num_workers, "batch_size": micro_batch,
+              "seed": cfg_train.seed}
+    if saved and all(saved.get(key) == value for key, value in layout.items()):
+        return cfg_train.seed, list(saved["positions"][context.rank])
+    return cfg_train.seed * 1_000_003 + header["step"], None
+
+
+def gather_objects(value, context: DistributedContext) -> list:
+    """`value` from every rank, in rank order."""
+    if not context.is_distributed:
+        return [value]
+    gathered: list = [None] * context.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
     """Per-rank micro-batch: the global batch is a config value, independent of the world size."""
     if batch_size % (world_size * accumulation):
@@ -175,7 +204,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     header = None  # what every rank needs besides the tensors: small enough to broadcast as objects
     if resumed is not None:
         header = {"step": int(resumed[0]["step"]), "path": str(resumed[1]), "scaler": resumed[0].get("scaler"),
-                  "lr_schedule": resumed[0]["lr_schedule"], "rng": resumed[0].get("rng")}
+                  "lr_schedule": resumed[0]["lr_schedule"], "rng": resumed[0].get("rng"),
+                  "data_position": resumed[0].get("data_position")}
     if context.is_distributed:  # rank 0 reads the checkpoint; the others receive it (no shared disk needed)
         shared = [header]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -195,6 +225,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     if step >= cfg_train.steps:
         log(f"{run_dir} has already trained {step} of train.steps={cfg_train.steps}; raise train.steps to continue")
 
+    start = None  # the streaming loader's per-worker positions to resume at
     if cfg_data.cache == "device":  # read once; then batches are drawn on the device, no DataLoader
         cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
                                   device=device, rank=context.rank, world_size=context.world_size,
@@ -202,11 +233,16 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         log(f"data: {cache.describe()} (rank 0)")
         batches = cache.batches(micro_batch, seed=cfg_train.seed, start_batch=step * accumulation)
     else:
+        loader_seed, start = stream_start(header, cfg_data, cfg_train, context, micro_batch)
+        if header is not None and start is None:
+            log("the data stream starts afresh (seeded by the step): the checkpoint's stream positions are for "
+                "another world size, worker count or batch size")
         batches = iter(build_train_loader(
             cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
-            num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer,
-            seed=cfg_train.seed * 1_000_003 + step,  # a resumed run continues with a fresh stream, not the first batches
+            num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer, seed=loader_seed, start=start,
             resample=True, rank=context.rank, world_size=context.world_size, pin_memory=device.type == "cuda"))
+    # Samples each of this rank's loader workers has taken from its stream, for exact resumes.
+    stream_positions = list(start) if start else [0] * max(cfg_data.num_workers, 1)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if is_main else None
     log(f"training {count_parameters(model) / 1e6:.1f}M parameters on {context.world_size} x {device} ({parallel}, "
         f"{str(dtype).removeprefix('torch.')}{', compiled' if cfg_train.compile else ''}), {manifest['num_samples']:,} "
@@ -221,6 +257,9 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                 "optimizer": full_optimizer_state(model, optimizer), "lr_schedule": lr_schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "kernels": kernels.names,
                 "rng": gather_rng_states(device), "world_size": context.world_size,
+                "data_position": {"world_size": context.world_size, "num_workers": cfg_data.num_workers,
+                                  "batch_size": micro_batch, "seed": cfg_train.seed,
+                                  "positions": gather_objects(stream_positions, context)},
                 "config": config.to_dict(), "engine_version": engine.__version__}
 
     def write_samples(name: str) -> Path | None:
@@ -272,6 +311,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             batch = next(batches)
             data_wait += time.perf_counter() - wait_start
             skipped_total += int(batch["skipped"])
+            if "position" in batch:
+                stream_positions[batch["worker"]] = int(batch["position"])
             # Global sample index: step, then micro-batch, then rank; it keys the noise of each sample.
             first = micro * context.world_size * micro_batch + rank_offset
             index = slice(first, first + micro_batch)

@@ -231,3 +231,35 @@ def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_devic
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "resumed from" in second.stderr
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exactly equal floats
+
+
+def _train_until_killed(run_dir, data, kill_after_step: int, *overrides):
+    """Start training, kill -9 it once metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={data}",
+               f"train.run_dir={run_dir}", *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.is_file() and max(losses(run_dir), default=0) >= kill_after_step):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_kill_9_twice_then_the_same_command_reproduces_the_uninterrupted_losses_bit_for_bit(tmp_path, shapes16):
+    """Streaming loader with 2 workers and dropout: after two kills the losses equal an uninterrupted run's."""
+    exact = ["train.steps=30", "model.dropout=0.1", "train.log_every=1", "train.checkpoint_every=4",
+             "data.num_workers=2"]
+    straight = train(tmp_path / "straight", shapes16, *exact)
+    assert straight.returncode == 0, straight.stderr
+    _train_until_killed(tmp_path / "killed", shapes16, 9, *exact)
+    _train_until_killed(tmp_path / "killed", shapes16, 18, *exact)
+    final = train(tmp_path / "killed", shapes16, *exact)
+    assert final.returncode == 0, final.stderr
+    assert "resumed from" in final.stderr
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")  # exactly equal floats, every step

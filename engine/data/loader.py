@@ -101,11 +101,34 @@ class _SkipCounter:
         return taken
 
 
+class _Position:
+    """How many samples one worker has taken from its (seeded, shuffled) stream: where a resume restarts it."""
+
+    def __init__(self, start: list[int] | None):
+        self.start = start  # per worker: samples to pass over before the first batch
+        self.taken = 0
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
+def _resume_at(samples, position: _Position):
+    """Count the stream's samples, passing over the first start[worker] (taken before a resume).
+
+    It sits after the shuffle buffer and before decoding, so a resume replays the reading and the
+    shuffling (cheap) but decodes nothing it skips."""
+    skip = position.start[_worker_id()] if position.start else 0
+    for index, sample in enumerate(samples):
+        position.taken = index + 1
+        if index >= skip:
+            yield sample
+
+
 def _worker_seed(seed: int, rank: int, purpose: int) -> int:
     """A seed of its own for every (seed, rank, DataLoader worker, purpose)."""
-    info = get_worker_info()
-    worker = info.id if info is not None else 0
-    return int(np.random.SeedSequence([seed, rank, worker, purpose]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, rank, _worker_id(), purpose]).generate_state(1)[0])
 
 
 def _split_by_rank(urls, rank: int, world_size: int):
@@ -222,28 +245,43 @@ def _decode_samples(samples, image_size: int, channels: int, skips: _SkipCounter
             yield decoded
 
 
-def _batch_dict(images: np.ndarray, labels: list[int], skipped: int) -> dict:
-    return {"image": torch.from_numpy(images), "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped}
+def _batch_dict(images: np.ndarray, labels: list[int], skipped: int, position: _Position) -> dict:
+    # worker and position: the main process keeps the latest per worker for the checkpoint
+    return {"image": torch.from_numpy(images), "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped,
+            "worker": _worker_id(), "position": position.taken}
 
 
 class _Collate:
     """Stacks (C, H, W) samples into a batch that carries the skip count since the previous batch."""
 
-    def __init__(self, skips: _SkipCounter):
-        self.skips = skips
+    def __init__(self, skips: _SkipCounter, position: _Position):
+        self.skips, self.position = skips, position
 
     def __call__(self, samples: list) -> dict:
         # numpy copies into one contiguous (B, C, H, W) array, also from the png path's transposed
         # views (out= keeps it C-contiguous): torch's multi-threaded uint8 permute was 50x slower on 2 cores
         images = np.empty((len(samples), *samples[0][0].shape), np.uint8)
         np.stack([image for image, _ in samples], out=images)
-        return _batch_dict(images, [label for _, label in samples], self.skips.take())
+        return _batch_dict(images, [label for _, label in samples], self.skips.take(), self.position)
 
 
-def _flush_skips(batches, skips: _SkipCounter, image_size: int, channels: int):
+def _batched(samples, batch_size: int, collate, partial: bool):
+    """Batches of `batch_size`, collated as soon as the last one arrives. (wds.batched pulls the next
+    sample before collating, which would put a batch's stream position one sample too far.)"""
+    batch = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+    if batch and partial:
+        yield collate(batch)
+
+
+def _flush_skips(batches, skips: _SkipCounter, position: _Position, image_size: int, channels: int):
     yield from batches
     if skips.pending:  # skips after the last sample of a finite pass: an empty batch reports them
-        yield _batch_dict(np.zeros((0, channels, image_size, image_size), np.uint8), [], skips.take())
+        yield _batch_dict(np.zeros((0, channels, image_size, image_size), np.uint8), [], skips.take(), position)
 
 
 def _hand_over_errors(batches):
@@ -318,10 +356,11 @@ def _shard_stages(urls: list[str], *, resample: bool, seed: int, rank: int, worl
 
 
 def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: int, image_size: int, channels: int,
-                    shuffle_buffer: int, seed: int, resample: bool, rank: int, world_size: int) -> wds.DataPipeline:
+                    shuffle_buffer: int, seed: int, resample: bool, rank: int, world_size: int,
+                    start: list[int] | None = None) -> wds.DataPipeline:
     """The per-worker pipeline over {shard path: number of samples} in `shard_format` ("png" or
     "array"), yielding batch dicts (see build_train_loader)."""
-    skips = _SkipCounter()
+    skips, position = _SkipCounter(), _Position(start)
     stages = _shard_stages(list(shards), resample=resample, seed=seed, rank=rank, world_size=world_size)
     shuffle = functools.partial(_seeded_shuffle, size=shuffle_buffer, seed=seed, rank=rank)
     if shard_format == "array":
@@ -329,14 +368,16 @@ def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: in
                                         channels=channels, skips=skips))
         if shuffle_buffer > 1:
             stages.append(shuffle)
+        stages.append(functools.partial(_resume_at, position=position))
     else:
         stages.append(functools.partial(_read_encoded_shards, num_samples=shards, skips=skips))
         if shuffle_buffer > 1:  # shuffle before decoding: the buffer then holds small encoded images
             stages.append(shuffle)
+        stages.append(functools.partial(_resume_at, position=position))
         stages.append(functools.partial(_decode_samples, image_size=image_size, channels=channels, skips=skips))
     stages += [
-        wds.batched(batch_size, collation_fn=_Collate(skips), partial=not resample),
-        functools.partial(_flush_skips, skips=skips, image_size=image_size, channels=channels),
+        functools.partial(_batched, batch_size=batch_size, collate=_Collate(skips, position), partial=not resample),
+        functools.partial(_flush_skips, skips=skips, position=position, image_size=image_size, channels=channels),
         _hand_over_errors,
     ]
     return wds.DataPipeline(*stages)
@@ -344,13 +385,19 @@ def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: in
 
 def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, channels: int, num_workers: int = 2,
                        shuffle_buffer: int = 1000, seed: int = 0, resample: bool = True, rank: int = 0,
-                       world_size: int = 1, pin_memory: bool = False) -> Iterable[dict]:
+                       world_size: int = 1, pin_memory: bool = False, start: list[int] | None = None) -> Iterable[dict]:
     """Batches {"image": uint8 (B, C, H, W), "label": int64 (B,), "skipped": int} from a prepared data set.
 
     `path` is the folder written by `python -m engine.data.prepare`, in either shard format (the
     manifest says which); `batch_size` is per rank. resample=True streams forever (training);
     resample=False reads every sample once over all ranks.
+
+    Every batch also names its `worker` and that worker's `position` (samples taken from its stream
+    so far). `start`, one position per worker (as a checkpoint recorded them), resumes each worker's
+    stream there: with the same seed, rank, world size and worker count the batches continue exactly.
     """
+    if start is not None and len(start) != max(num_workers, 1):
+        raise DataError(f"a resume position needs one entry per loader worker ({max(num_workers, 1)}), got {len(start)}")
     manifest = read_manifest(path)
     _check_request(manifest, path, image_size=image_size, channels=channels, batch_size=batch_size, rank=rank,
                    world_size=world_size)
@@ -359,8 +406,11 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
         _check_finite_split(len(shards), world_size, num_workers)
     dataset = _build_pipeline(shards, shard_format=manifest["shard_format"], batch_size=batch_size,
                               image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer, seed=seed,
-                              resample=resample, rank=rank, world_size=world_size)
+                              resample=resample, rank=rank, world_size=world_size, start=start)
     # batch_size=None: the workers already batch; collating single samples here would be far slower
+    # Its own generator: the DataLoader's per-iterator seed must not come from (and move) the global
+    # generator that dropout draws from, or a resumed run's dropout would drift from the original's.
     return _Batches(DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                               generator=torch.Generator().manual_seed(seed),
                                # pinned batches let the step's non_blocking copy to the GPU overlap, not wait
                                persistent_workers=num_workers > 0, pin_memory=pin_memory))
