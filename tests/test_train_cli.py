@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from engine import diffusion
+from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.schedule import NoiseSchedule
 from engine.unet import UNet
@@ -156,7 +157,6 @@ def test_triton_kernels_train_to_the_same_losses_as_the_pytorch_ones(tmp_path, s
 
     The Triton kernels run in the interpreter here (TRITON_INTERPRET=1 from conftest, inherited).
     """
-    from engine.checkpoint import load_latest_checkpoint
     from kernels import OPS
 
     runs = {}
@@ -263,3 +263,16 @@ def test_kill_9_twice_then_the_same_command_reproduces_the_uninterrupted_losses_
     assert final.returncode == 0, final.stderr
     assert "resumed from" in final.stderr
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")  # exactly equal floats, every step
+
+
+def test_a_kill_at_any_moment_even_while_checkpointing_leaves_a_resumable_run(tmp_path, shapes16):
+    """A checkpoint every step, so the kills land in or near a write; the next run always resumes."""
+    run_dir = tmp_path / "run"
+    every_step = ["train.steps=40", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    for kill_at in (3, 7, 11):
+        _train_until_killed(run_dir, shapes16, kill_at, *every_step)
+        state, path = load_latest_checkpoint(run_dir)  # never a half-written one
+        assert state["step"] >= kill_at - 1 and path.name == f"step-{state['step']:08d}.pt"
+    final = train(run_dir, shapes16, *every_step)
+    assert final.returncode == 0, final.stderr
+    assert sorted(losses(run_dir)) == list(range(1, 41))
