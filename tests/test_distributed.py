@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
-from test_train_cli import losses, train
+from test_train_cli import losses, train, train_until_killed
 
 # torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
@@ -120,3 +120,20 @@ def test_precisions_and_channels_last_follow_the_fp32_trajectory(tmp_path, repea
     result = train(run_dir, repeated_image, *STEPS, option)
     assert result.returncode == 0, result.stderr
     _assert_same_trajectory(losses(run_dir), single_process, rel=rel)
+
+
+def test_a_killed_two_rank_ddp_run_resumes_to_the_uninterrupted_losses(tmp_path, repeated_image):
+    """kill -9 of torchrun and both ranks; the same command then follows the uninterrupted trajectory."""
+    exact = [*STEPS[1:], "train.steps=12", "train.checkpoint_every=3", "model.dropout=0.1", "data.num_workers=1"]
+    straight = train(tmp_path / "straight", repeated_image, *exact, launcher=TORCHRUN)
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "killed"
+    train_until_killed(run_dir, repeated_image, 7, *exact, launcher=TORCHRUN)
+    resumed = train(run_dir, repeated_image, *exact, launcher=TORCHRUN)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    expected = losses(tmp_path / "straight")
+    got = losses(run_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}"

@@ -233,21 +233,22 @@ def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_devic
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exactly equal floats
 
 
-def _train_until_killed(run_dir, data, kill_after_step: int, *overrides):
-    """Start training, kill -9 it once metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup."""
+def train_until_killed(run_dir, data, kill_after_step: int, *overrides, launcher=None):
+    """Start training, kill -9 it (with its workers, or torchrun and its ranks) once metrics.jsonl
+    reaches `kill_after_step`: a real crash, no cleanup."""
     import signal
     import time
 
-    command = [sys.executable, "-m", "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={data}",
-               f"train.run_dir={run_dir}", *overrides]
+    command = [*(launcher or [sys.executable, "-m"]), "engine.train", "configs/tiny.yaml", *SMALL,
+               f"data.path={data}", f"train.run_dir={run_dir}", *overrides]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+                               start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.is_file() and max(losses(run_dir), default=0) >= kill_after_step):
         assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole process group at once
     process.wait()
 
 
@@ -257,8 +258,8 @@ def test_kill_9_twice_then_the_same_command_reproduces_the_uninterrupted_losses_
              "data.num_workers=2"]
     straight = train(tmp_path / "straight", shapes16, *exact)
     assert straight.returncode == 0, straight.stderr
-    _train_until_killed(tmp_path / "killed", shapes16, 9, *exact)
-    _train_until_killed(tmp_path / "killed", shapes16, 18, *exact)
+    train_until_killed(tmp_path / "killed", shapes16, 9, *exact)
+    train_until_killed(tmp_path / "killed", shapes16, 18, *exact)
     final = train(tmp_path / "killed", shapes16, *exact)
     assert final.returncode == 0, final.stderr
     assert "resumed from" in final.stderr
@@ -270,7 +271,7 @@ def test_a_kill_at_any_moment_even_while_checkpointing_leaves_a_resumable_run(tm
     run_dir = tmp_path / "run"
     every_step = ["train.steps=40", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
     for kill_at in (3, 7, 11):
-        _train_until_killed(run_dir, shapes16, kill_at, *every_step)
+        train_until_killed(run_dir, shapes16, kill_at, *every_step)
         state, path = load_latest_checkpoint(run_dir)  # never a half-written one
         assert state["step"] >= kill_at - 1 and path.name == f"step-{state['step']:08d}.pt"
     final = train(run_dir, shapes16, *every_step)
