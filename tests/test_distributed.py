@@ -5,7 +5,12 @@ The data set holds one image repeated, so the loss does not depend on which rank
 shard; timesteps, flips and noise come from counters over the global batch, so they match too.
 """
 
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ from PIL import Image
 
 from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
-from test_train_cli import losses, train, train_until_killed
+from test_train_cli import ROOT, SMALL, losses, train, train_until_killed
 
 # torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
@@ -137,3 +142,32 @@ def test_a_killed_two_rank_ddp_run_resumes_to_the_uninterrupted_losses(tmp_path,
     assert sorted(got) == sorted(expected) == list(range(1, 13))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
+
+
+def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path, repeated_image, single_process):
+    """The reverse of FSDP -> 1: the same weights, optimizer and EMA continue under DDP on 2 ranks."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(single_process, run_dir)  # 4 steps in one process
+    result = train(run_dir, repeated_image, *STEPS[1:], "train.steps=6", launcher=TORCHRUN)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr and "starts afresh" in result.stderr  # the documented data semantics
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_step(tmp_path, repeated_image):
+    run_dir = tmp_path / "run"
+    command = [*TORCHRUN, "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={repeated_image}",
+               f"train.run_dir={run_dir}", *STEPS[1:], "train.steps=100000", "train.checkpoint_every=100000"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+    deadline = time.monotonic() + 180
+    while not ((run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    _, stderr = process.communicate(timeout=120)
+    assert "stopped by SIGTERM" in stderr
+    state, _ = load_latest_checkpoint(run_dir)
+    assert state["step"] % 10 == 0  # the ranks agree every 10 steps, and stop together there
+    again = train(run_dir, repeated_image, *STEPS[1:], f"train.steps={state['step'] + 2}", launcher=TORCHRUN)
+    assert again.returncode == 0 and f"at step {state['step']}" in again.stderr
