@@ -79,6 +79,9 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}; {kept}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+    for stale in folder.glob(".*.tmp-*"):  # half-written by a process that was killed mid-save
+        if not stale.name.endswith(f".tmp-{os.getpid()}"):
+            stale.unlink(missing_ok=True)
     return path
 
 

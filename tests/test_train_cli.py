@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from engine import diffusion
-from engine.checkpoint import load_latest_checkpoint
+from engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.schedule import NoiseSchedule
 from engine.unet import UNet
@@ -278,3 +278,38 @@ def test_a_kill_at_any_moment_even_while_checkpointing_leaves_a_resumable_run(tm
     final = train(run_dir, shapes16, *every_step)
     assert final.returncode == 0, final.stderr
     assert sorted(losses(run_dir)) == list(range(1, 41))
+
+
+def test_a_kill_in_the_middle_of_a_checkpoint_write_falls_back_to_the_previous_checkpoint(tmp_path, shapes16):
+    """Watch for a checkpoint's temporary file and kill -9 the run while it exists: the half-written file
+    is never taken for a checkpoint, and the same command resumes from the previous one."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints"
+    every_step = ["train.steps=100000", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    command = [sys.executable, "-m", "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={shapes16}",
+               f"train.run_dir={run_dir}", *every_step]
+    caught = None
+    for _ in range(5):  # a write lasts milliseconds; a few runs are enough to land in one
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        deadline = time.monotonic() + 60
+        while caught is None and time.monotonic() < deadline and process.poll() is None:
+            partial = list(folder.glob(".step-*.tmp-*")) if folder.is_dir() else []
+            if partial and list_checkpoints(run_dir):  # a write under way, with a complete one before it
+                os.killpg(process.pid, signal.SIGKILL)
+                caught = partial[0]
+        if caught is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if caught is not None and caught.exists():
+            break
+        caught = None
+    assert caught is not None, "never caught a checkpoint in the middle of its write"
+    half_written_step = int(caught.name.split("-")[1].split(".")[0])
+    state, path = load_latest_checkpoint(run_dir)
+    assert state["step"] < half_written_step and path.name != caught.name
+    resumed = train(run_dir, shapes16, f"train.steps={state['step'] + 2}", "train.log_every=1")
+    assert resumed.returncode == 0 and f"at step {state['step']}" in resumed.stderr
