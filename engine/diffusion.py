@@ -151,8 +151,11 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tuple[int, ...], *, seed: int = 0,
            first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
            variance: str = "fixed_large", clip_denoised: bool = True, target: str = "eps",
-           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False) -> torch.Tensor:
+           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Draw images from pure noise with DDPM ancestral sampling or DDIM, through the resolved kernels.
+
+    `on_step(t, x_t, eps)`, if given, sees every step's input and predicted noise (plots use it).
 
     Image i of the batch is image number `first_index + i` of the seed: its noise (x_T and every
     step's z) is keyed by (seed, that number), so a set of images does not depend on how it is
@@ -164,7 +167,10 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
     x = randn(keys, x_end, numel).view(shape).to(dtype)
 
     def eps_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return eps_from_model_output(schedule, x, t, model(x, t).to(dtype), target)
+        eps = eps_from_model_output(schedule, x, t, model(x, t).to(dtype), target)
+        if on_step is not None:
+            on_step(int(t[0]), x, eps)
+        return eps
 
     if sampler == "ddpm":
         tables = posterior_step_op.schedule_tables(schedule, variance)

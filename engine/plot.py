@@ -1,0 +1,155 @@
+"""Pictures of a diffusion: `python -m engine.plot WHAT ...`, each a PNG.
+
+    schedules   sqrt(abar_t) (solid) and sqrt(1 - abar_t) (dashed) against t, several schedules on one chart
+    loss        the loss curve of a run's metrics.jsonl
+    noising     data images noised at several timesteps: a row per image, a column per t
+    trajectory  while a run's model samples: x_t (odd rows) and its predicted x_0 (even rows) at chosen steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import diffusion
+from engine.config import ConfigError
+from engine.data import DataError, build_train_loader, read_manifest
+from engine.images import make_grid, save_image, to_uint8
+from engine.metrics import plot_loss_curve
+from engine.schedule import NoiseSchedule
+from kernels.noise import noise_keys, randn_like
+from kernels.q_sample import images_to_unit_range
+
+
+def plot_schedules(names: list[str], num_timesteps: int, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    t = np.arange(num_timesteps)
+    for name in names:
+        schedule = NoiseSchedule.create(name, num_timesteps)
+        line, = axes.plot(t, schedule.sqrt_alphas_cumprod.numpy(), label=f"{name}: sqrt(abar_t)")
+        axes.plot(t, schedule.sqrt_one_minus_alphas_cumprod.numpy(), "--", color=line.get_color(),
+                  label=f"{name}: sqrt(1 - abar_t)")
+    axes.set(xlabel="t", ylabel="coefficient", title=f"noise schedules, T = {num_timesteps}")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return out
+
+
+def noising_strip(data: str | Path, timesteps: list[int], *, num_images: int = 4, schedule: str = "linear",
+                  num_timesteps: int = 1000, seed: int = 0) -> np.ndarray:
+    """uint8 (H', W', C) grid: the first `num_images` images of a prepared set, noised at each t (eq. 4)."""
+    manifest = read_manifest(data)
+    loader = build_train_loader(data, batch_size=num_images, image_size=manifest["image_size"],
+                                channels=manifest["channels"], num_workers=0, shuffle_buffer=0, resample=False)
+    images = next(iter(loader))["image"][:num_images]
+    x0 = images_to_unit_range(images, torch.zeros(len(images), dtype=torch.bool), torch.float32)
+    noise_schedule = NoiseSchedule.create(schedule, num_timesteps).to("cpu", torch.float32)
+    keys = noise_keys(seed, torch.arange(len(images)))
+    columns = []
+    for step in timesteps:
+        t = torch.full((len(images),), step)
+        columns.append(diffusion.q_sample(noise_schedule, x0, t, randn_like(x0, keys, t)))
+    tiles = torch.stack(columns, dim=1).flatten(0, 1)  # image-major: a row per image
+    return make_grid(to_uint8(tiles), columns=len(timesteps))
+
+
+def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int = 6, device: str = "cpu",
+                    seed: int = 0) -> np.ndarray:
+    """uint8 grid of x_t and predicted x_0 at `num_frames` evenly spaced steps of the run's sampler."""
+    from engine.distributed import choose_device
+    from engine.sample import load_run, resolve_kernels_from_config
+    from engine.schedule import schedule_from_config
+
+    torch_device = choose_device(device)
+    model, config, _ = load_run(run_dir, torch_device)
+    schedule = schedule_from_config(config.diffusion).to(torch_device)
+    kernels = resolve_kernels_from_config(config, torch_device)
+    options = config.sample
+    steps = (diffusion.ddim_timesteps(schedule.num_timesteps, options.steps or schedule.num_timesteps)
+             if options.sampler == "ddim" else list(range(schedule.num_timesteps)))
+    wanted = {steps[round(i)] for i in np.linspace(len(steps) - 1, 0, num_frames)}
+    frames: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(step: int, x_t: torch.Tensor, eps: torch.Tensor) -> None:
+        if step in wanted:
+            t = torch.full((x_t.shape[0],), step, device=x_t.device)
+            x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps).clamp(-1, 1)
+            frames[step] = (x_t.clamp(-1, 1).cpu(), x0.cpu())
+
+    shape = (num_images, config.data.channels, config.data.image_size, config.data.image_size)
+    model.eval()
+    diffusion.sample(model, schedule, kernels, shape, seed=seed, sampler=options.sampler, steps=options.steps,
+                     eta=options.eta, variance=options.variance, clip_denoised=options.clip_denoised,
+                     target=config.diffusion.target, device=torch_device, on_step=record)
+    order = sorted(frames, reverse=True)  # from noise to data
+    rows = []
+    for image in range(num_images):
+        rows.append(torch.stack([frames[step][0][image] for step in order]))
+        rows.append(torch.stack([frames[step][1][image] for step in order]))
+    return make_grid(to_uint8(torch.cat(rows)), columns=len(order))
+
+
+def _save(grid: np.ndarray, out: str | Path, image_size: int) -> Path:
+    return save_image(grid, out, scale=max(1, 128 // image_size))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.plot", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="what", required=True)
+    schedules = commands.add_parser("schedules", help="schedule curves")
+    schedules.add_argument("--schedules", nargs="+", default=["linear", "cosine", "scaled_linear"])
+    schedules.add_argument("--timesteps", type=int, default=1000)
+    schedules.add_argument("--out", default="schedules.png")
+    loss = commands.add_parser("loss", help="a run's loss curve")
+    loss.add_argument("run_dir")
+    loss.add_argument("--out", default=None, help="default: RUN_DIR/loss.png")
+    noising = commands.add_parser("noising", help="data images noised at several timesteps")
+    noising.add_argument("data", help="a prepared data set")
+    noising.add_argument("--timesteps", default="0,50,100,250,500,750,999")
+    noising.add_argument("--images", type=int, default=4)
+    noising.add_argument("--schedule", default="linear")
+    noising.add_argument("--out", default="noising.png")
+    trajectory = commands.add_parser("trajectory", help="x_t and predicted x_0 while sampling")
+    trajectory.add_argument("run_dir")
+    trajectory.add_argument("--images", type=int, default=4)
+    trajectory.add_argument("--frames", type=int, default=6)
+    trajectory.add_argument("--device", default="auto")
+    trajectory.add_argument("--out", default=None, help="default: RUN_DIR/trajectory.png")
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "schedules":
+            out = plot_schedules(args.schedules, args.timesteps, args.out)
+        elif args.what == "loss":
+            metrics = Path(args.run_dir) / "metrics.jsonl"
+            if not metrics.is_file():
+                raise ConfigError(f"{metrics} does not exist; train first with python -m engine.train")
+            out = plot_loss_curve(metrics, args.out or Path(args.run_dir) / "loss.png")
+        elif args.what == "noising":
+            timesteps = [int(step) for step in args.timesteps.split(",")]
+            grid = noising_strip(args.data, timesteps, num_images=args.images, schedule=args.schedule)
+            out = _save(grid, args.out, read_manifest(args.data)["image_size"])
+        else:
+            grid = trajectory_grid(args.run_dir, num_images=args.images, num_frames=args.frames, device=args.device)
+            out = _save(grid, args.out or Path(args.run_dir) / "trajectory.png", grid.shape[0] // (2 * args.images))
+    except (ConfigError, DataError, ValueError, IndexError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
