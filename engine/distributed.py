@@ -49,6 +49,15 @@ def init_distributed(requested_device: str = "auto") -> DistributedContext:
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def all_gather_objects(value) -> list:
+    """`value` from every rank, in rank order (just [value] outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

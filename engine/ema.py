@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from ema_pytorch import EMA
 
+from engine.parallel import full_model_state, load_full_model_state
+
 
 def build_ema(model: torch.nn.Module, decay: float, ema_model: torch.nn.Module | None = None) -> EMA:
     """The EMA of `model`'s weights; `ema_model` is the copy to average into (default: a deep copy).
@@ -32,16 +34,12 @@ def update_ema(ema: EMA, warmup: bool = False) -> None:
 def ema_state(ema: EMA) -> dict[str, torch.Tensor]:
     """ema-pytorch's state dict layout ("ema_model.<name>", "initted", "step") with full, unsharded
     weights on rank 0, so a checkpoint's EMA loads whatever the layout that wrote or reads it."""
-    from engine.parallel import full_model_state
-
     weights = {f"ema_model.{name}": value for name, value in full_model_state(ema.ema_model).items()}
     return {**weights, "initted": ema.initted.detach().cpu(), "step": ema.step.detach().cpu()}
 
 
 def load_ema_state(ema: EMA, state: dict[str, torch.Tensor] | None, context) -> None:
     """Inverse of `ema_state`; `state` is read on rank 0 only under torchrun."""
-    from engine.parallel import load_full_model_state
-
     weights = {name.removeprefix("ema_model."): value for name, value in (state or {}).items()
                if name.startswith("ema_model.")}
     load_full_model_state(ema.ema_model, weights, context)

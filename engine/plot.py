@@ -102,8 +102,9 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
     return make_grid(to_uint8(torch.cat(rows)), columns=len(order))
 
 
-def _save(grid: np.ndarray, out: str | Path, image_size: int) -> Path:
-    return save_image(grid, out, scale=max(1, 128 // image_size))
+def _save(grid: np.ndarray, out: str | Path) -> Path:
+    """Small images enlarged (nearest neighbour) until the grid is about 512 pixels wide."""
+    return save_image(grid, out, scale=max(1, 512 // grid.shape[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.what == "noising":
             timesteps = [int(step) for step in args.timesteps.split(",")]
             grid = noising_strip(args.data, timesteps, num_images=args.images, schedule=args.schedule)
-            out = _save(grid, args.out, read_manifest(args.data)["image_size"])
+            out = _save(grid, args.out)
         else:
             grid = trajectory_grid(args.run_dir, num_images=args.images, num_frames=args.frames, device=args.device)
-            out = _save(grid, args.out or Path(args.run_dir) / "trajectory.png", grid.shape[0] // (2 * args.images))
+            out = _save(grid, args.out or Path(args.run_dir) / "trajectory.png")
     except (ConfigError, DataError, ValueError, IndexError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

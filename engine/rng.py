@@ -13,7 +13,6 @@ import random
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 
 def rng_state(device: torch.device) -> dict:
@@ -24,16 +23,6 @@ def rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
-
-
-def gather_rng_states(device: torch.device) -> list[dict]:
-    """Every rank's states, in rank order (on every rank)."""
-    state = rng_state(device)
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def restore_rng_state(states: list[dict] | None, rank: int, world_size: int, device: torch.device, seed: int,

@@ -23,12 +23,13 @@ from engine.images import save_grid, to_uint8
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule, schedule_from_config
 from engine.unet import build_unet
+from kernels.registry import OPS as KERNEL_OPS
 from kernels.registry import KernelError, Kernels, resolve_kernels
 
 
 def resolve_kernels_from_config(config: Config, device: torch.device, check: bool | None = None) -> Kernels:
     """The run's kernel choices resolved for `device`, once; checked as `kernels.check` says unless `check` is given."""
-    choices = {op: value for op, value in config.kernels.__dict__.items() if op not in ("plugins", "check")}
+    choices = {op: getattr(config.kernels, op) for op in KERNEL_OPS}
     return resolve_kernels(choices, device, plugins=config.kernels.plugins,
                            check=config.kernels.check if check is None else check)
 

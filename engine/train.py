@@ -24,7 +24,7 @@ from engine import diffusion
 from engine.checkpoint import CheckpointError, checkpoint_name, load_latest_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, random_flip_mask, read_manifest
-from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
+from engine.distributed import DistributedContext, all_gather_objects, init_distributed, shutdown_distributed
 from engine.ema import build_ema, ema_state, load_ema_state, update_ema
 from engine.images import save_grid
 from engine.metrics import MetricsLog, plot_loss_curve
@@ -33,7 +33,7 @@ from engine.parallel import (compile_model, full_model_state, full_optimizer_sta
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.sample import generate, resolve_kernels_from_config
-from engine.rng import gather_rng_states, restore_rng_state
+from engine.rng import restore_rng_state, rng_state
 from engine.schedule import schedule_from_config
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
 from engine.unet import build_unet, count_parameters
@@ -114,23 +114,14 @@ def stream_start(header: dict | None, cfg_data, cfg_train, context: DistributedC
     mean nothing to the new layout, and the stream starts afresh, seeded by the step, so a resume
     does not replay the first batches.
     """
-    saved = header.get("data_position") if header else None
     if header is None:
         return cfg_train.seed, None
+    saved = header.get("data_position")
     layout = {"world_size": context.world_size, "num_workers": cfg_data.num_workers, "batch_size": micro_batch,
               "seed": cfg_train.seed}
     if saved and all(saved.get(key) == value for key, value in layout.items()):
         return cfg_train.seed, list(saved["positions"][context.rank])
-    return cfg_train.seed * 1_000_003 + header["step"], None
-
-
-def gather_objects(value, context: DistributedContext) -> list:
-    """`value` from every rank, in rank order."""
-    if not context.is_distributed:
-        return [value]
-    gathered: list = [None] * context.world_size
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
+    return step_seed(cfg_train.seed, header["step"]), None
 
 
 def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
@@ -149,10 +140,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def step_generator(generator: torch.Generator, seed: int, step: int) -> torch.Generator:
-    """Timesteps and flips of step s come from a generator seeded by (seed, s) and are drawn for the whole
-    global batch on every rank, which then takes its slice: independent of the world size and of resumes."""
-    return generator.manual_seed(seed * 1_000_003 + step)
+def step_seed(seed: int, step: int) -> int:
+    """A seed of its own for every (run seed, step)."""
+    return seed * 1_000_003 + step
 
 
 def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
@@ -191,9 +181,9 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     # Fused Adam (one kernel for all parameters; it can also skip a step on the device, see below);
     # foreach for sharded (DTensor) parameters.
     fused = parallel != "fsdp"
+    implementation = {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
     optimizer = optimizer_class(model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
-                                eps=config.optim.eps, weight_decay=config.optim.weight_decay,
-                                fused=fused or None, foreach=None if fused else True)
+                                eps=config.optim.eps, weight_decay=config.optim.weight_decay, **implementation)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.optim.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: bf16 needs no scaling
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -216,7 +206,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         load_ema_state(ema, state.get("ema"), context)
         load_full_optimizer_state(model, optimizer, state.get("optimizer"), context)
         for group in optimizer.param_groups:  # the saved groups carry the writer's implementation choice
-            group["fused"], group["foreach"] = fused or None, None if fused else True
+            group.update(implementation)
         lr_schedule.load_state_dict(header["lr_schedule"])
         if header["scaler"]:
             scaler.load_state_dict(header["scaler"])
@@ -256,11 +246,18 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         return {"step": step, "model": full_model_state(model), "ema": ema_state(ema),
                 "optimizer": full_optimizer_state(model, optimizer), "lr_schedule": lr_schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "kernels": kernels.names,
-                "rng": gather_rng_states(device), "world_size": context.world_size,
+                "rng": all_gather_objects(rng_state(device)),
                 "data_position": {"world_size": context.world_size, "num_workers": cfg_data.num_workers,
                                   "batch_size": micro_batch, "seed": cfg_train.seed,
-                                  "positions": gather_objects(stream_positions, context)},
+                                  "positions": all_gather_objects(stream_positions)},
                 "config": config.to_dict(), "engine_version": engine.__version__}
+
+    def checkpoint() -> int:
+        """Every rank gathers; rank 0 writes. Returns the step saved."""
+        state = snapshot()
+        if is_main:
+            save_checkpoint(run_dir, step, state, keep=cfg_train.keep_checkpoints)
+        return step
 
     def write_samples(name: str) -> Path | None:
         """Under FSDP every rank runs the (sharded) model; rank 0 writes the grid."""
@@ -299,7 +296,9 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     while step < cfg_train.steps:
         if sync_check and step > first_step:  # after the first step (autotuning, lazy init) nothing may wait
             torch.cuda.set_sync_debug_mode("error")
-        step_generator(generator, cfg_train.seed, step)
+        # Timesteps and flips of step s come from (seed, s) and are drawn for the whole global batch on
+        # every rank, which takes its slice: independent of the world size and of resumes.
+        generator.manual_seed(step_seed(cfg_train.seed, step))
         t_global = diffusion.sample_timesteps(cfg_train.batch_size, schedule.num_timesteps,
                                               config.diffusion.timestep_sampling, generator=generator, device=device)
         flip_global = (random_flip_mask(cfg_train.batch_size, generator=generator, device=device) if cfg_data.random_flip
@@ -382,33 +381,26 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                     f"checkpoints hold the weights of step {step - round(streak)}; lower optim.lr or check the data")
 
         if step % cfg_train.checkpoint_every == 0 or step == cfg_train.steps:
-            state = snapshot()
-            if is_main:
-                save_checkpoint(run_dir, step, state, keep=cfg_train.keep_checkpoints)
-            saved_step = step
+            saved_step = checkpoint()
         if step % stop_check_every == 0 and agreed_stop(stop_request, control_group):
             stopped_by = stop_request.requested or "another rank's stop request"
             if saved_step != step:
-                state = snapshot()
-                if is_main:
-                    save_checkpoint(run_dir, step, state, keep=cfg_train.keep_checkpoints)
-                saved_step = step
+                saved_step = checkpoint()
             break
         if (is_main or sampling_ranks_all) and cfg_train.sample_every and step % cfg_train.sample_every == 0 \
                 and step < cfg_train.steps:
             write_samples(f"step-{step:08d}.png")
     progress.close()
     stop_request.restore()
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "skipped_samples": skipped_total,
+                               "nonfinite_steps": nonfinite_total}
     if stopped_by is not None:
         if metrics is not None:
             metrics.close()
         log(f"stopped by {stopped_by} at step {step}; checkpoint {run_dir / 'checkpoints' / checkpoint_name(step)}; "
             f"run the same command to resume")
-        return {"run_dir": str(run_dir), "step": step, "stopped_by": stopped_by, "skipped_samples": skipped_total,
-                "nonfinite_steps": nonfinite_total}
+        return {**summary, "stopped_by": stopped_by}
 
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "skipped_samples": skipped_total,
-                               "nonfinite_steps": nonfinite_total}
     grid = write_samples(f"step-{step:08d}.png") if is_main or sampling_ranks_all else None
     if is_main:
         if metrics is not None:
