@@ -147,15 +147,56 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, num_timesteps - 1, steps)})
 
 
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, t_prev, keys) -> x_prev
+
+
+def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *, sampler: str = "ddpm", eta: float = 0.0,
+                   variance: str = "fixed_large", clip_denoised: bool = True, target: str = "eps",
+                   dtype: torch.dtype = torch.float32,
+                   on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Step:
+    """One reverse step, the network and the update kernel, as a function of tensors only.
+
+    Everything that varies between steps and batches (x_t, t, t_prev, the noise keys) is an argument,
+    so the function can be compiled, or captured in a CUDA graph, once and replayed at every step of
+    every batch. DDPM ignores t_prev (it always steps to t - 1); no noise is added at t = 0.
+    `on_step(t, x_t, eps)`, if given, sees every step's input and predicted noise (plots use it).
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    tables = posterior_step_op.schedule_tables(schedule, variance) if sampler == "ddpm" else None
+
+    def step(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        eps = eps_from_model_output(schedule, x, t, model(x, t).to(dtype), target)
+        if on_step is not None:
+            on_step(int(t[0]), x, eps)
+        if tables is not None:
+            return kernels.posterior_step(x, eps, t, keys, *tables, clip_denoised)
+        return kernels.ddim_step(x, eps, t, t_prev, keys, schedule.alphas_cumprod, float(eta), clip_denoised)
+
+    return step
+
+
+def sampling_timesteps(num_timesteps: int, sampler: str, steps: int | None = None) -> list[tuple[int, int]]:
+    """The (t, t_prev) pairs a sampler visits, from T-1 down to the data (t_prev = -1 at the end)."""
+    if sampler == "ddpm":
+        descending = list(range(num_timesteps - 1, -1, -1))
+    elif sampler == "ddim":
+        descending = ddim_timesteps(num_timesteps, steps or num_timesteps)[::-1]
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    return list(zip(descending, descending[1:] + [-1]))
+
+
 @torch.no_grad()
 def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tuple[int, ...], *, seed: int = 0,
            first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
            variance: str = "fixed_large", clip_denoised: bool = True, target: str = "eps",
            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           step: Step | None = None) -> torch.Tensor:
     """Draw images from pure noise with DDPM ancestral sampling or DDIM, through the resolved kernels.
 
-    `on_step(t, x_t, eps)`, if given, sees every step's input and predicted noise (plots use it).
+    `step` is a prebuilt (e.g. compiled) `denoising_step` for these settings; by default one is built.
 
     Image i of the batch is image number `first_index + i` of the seed: its noise (x_T and every
     step's z) is keyed by (seed, that number), so a set of images does not depend on how it is
@@ -165,26 +206,12 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
     keys = noise_keys(seed, torch.arange(first_index, first_index + batch, device=device))
     x_end = torch.full((batch,), schedule.num_timesteps, device=device)  # x_T uses the counter t = T
     x = randn(keys, x_end, numel).view(shape).to(dtype)
-
-    def eps_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = eps_from_model_output(schedule, x, t, model(x, t).to(dtype), target)
-        if on_step is not None:
-            on_step(int(t[0]), x, eps)
-        return eps
-
-    if sampler == "ddpm":
-        tables = posterior_step_op.schedule_tables(schedule, variance)
-        for step in progress_bar(range(schedule.num_timesteps - 1, -1, -1), total=schedule.num_timesteps, desc="ddpm",
-                                 disable=not progress, leave=False):
-            t = torch.full((batch,), step, device=device, dtype=torch.long)
-            x = kernels.posterior_step(x, eps_at(x, t), t, keys, *tables, clip_denoised)
-        return x
-    if sampler == "ddim":
-        descending = ddim_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)[::-1]
-        pairs = list(zip(descending, descending[1:] + [-1]))  # (t, t_prev), ending at the data
-        for step, step_prev in progress_bar(pairs, desc="ddim", disable=not progress, leave=False):
-            t = torch.full((batch,), step, device=device, dtype=torch.long)
-            t_prev = torch.full((batch,), step_prev, device=device, dtype=torch.long)
-            x = kernels.ddim_step(x, eps_at(x, t), t, t_prev, keys, schedule.alphas_cumprod, float(eta), clip_denoised)
-        return x
-    raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    if step is None:
+        step = denoising_step(model, schedule, kernels, sampler=sampler, eta=eta, variance=variance,
+                              clip_denoised=clip_denoised, target=target, dtype=dtype, on_step=on_step)
+    pairs = sampling_timesteps(schedule.num_timesteps, sampler, steps)
+    times = torch.tensor(pairs, device=device, dtype=torch.long)  # one copy to the device, not two per step
+    for index in progress_bar(range(len(pairs)), desc=sampler, disable=not progress, leave=False):
+        t, t_prev = times[index, 0].expand(batch), times[index, 1].expand(batch)
+        x = step(x, t, t_prev, keys)
+    return x

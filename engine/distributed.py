@@ -1,4 +1,4 @@
-"""Process-group setup: the same code runs under `python -m` and under torchrun."""
+"""Process-group and device setup: the same code runs under `python -m` and under torchrun."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def choose_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device(requested)
 
 
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast (and FSDP compute) dtype of a precision setting: auto = bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def init_distributed(requested_device: str = "auto") -> DistributedContext:
     """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU)."""
     rank = int(os.environ.get("RANK", 0))
@@ -55,6 +62,15 @@ def all_gather_objects(value) -> list:
         return [value]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def gather_to_main(value) -> list | None:
+    """`value` from every rank, in rank order, on rank 0 only (None elsewhere); [value] outside torchrun."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
     return gathered
 
 

@@ -40,7 +40,9 @@ def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     return path
 
 
-def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
-    """Model outputs in [-1, 1] as one grid PNG; small images are enlarged so people can see them."""
-    grid = make_grid(to_uint8(images), columns)
-    return save_image(grid, path, scale=max(1, 256 // images.shape[-1]) if images.shape[-1] < 64 else 1)
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, columns: int | None = None) -> Path:
+    """Model outputs in [-1, 1] (or uint8 (N, H, W, C) images) as one grid PNG; small images are enlarged
+    so people can see them."""
+    array = images if isinstance(images, np.ndarray) else to_uint8(images)
+    size = array.shape[2]
+    return save_image(make_grid(array, columns), path, scale=max(1, 256 // size) if size < 64 else 1)

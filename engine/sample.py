@@ -1,25 +1,36 @@
-"""Sample from a trained run: `python -m engine.sample RUN_DIR --num 64 --sampler ddpm|ddim --steps N --out grid.png`.
+"""Sample from a trained run: `python -m engine.sample RUN_DIR --num-images 64 --sampler ddpm|ddim --steps N --out grid.png`.
 
 Uses the EMA weights of the run's latest checkpoint by default (`--raw` for the trained weights),
-is seeded, batched, and writes a grid PNG and optionally an `.npz` of uint8 images (key `arr_0`,
-shape (N, H, W, C), as the improved-diffusion evaluation scripts expect).
+is seeded and batched, and writes a grid PNG of the first images, optionally one PNG per image
+(`--png-dir`) and an `.npz` of uint8 images (key `arr_0`, shape (N, H, W, C), as the
+improved-diffusion evaluation scripts expect). The fast path: the registry's fused update kernels,
+bf16 autocast and, on CUDA, the whole denoising step compiled into a CUDA graph.
+
+Under `torchrun --nproc_per_node K -m engine.sample ...` each rank draws its share of the image
+indices and rank 0 writes the outputs, identical to one process's for the same seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from typing import Iterator
+
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine import diffusion
 from engine.checkpoint import load_latest_checkpoint
 from engine.config import Config, ConfigError, config_from_dict
-from engine.distributed import choose_device
-from engine.images import save_grid, to_uint8
+from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
+from engine.distributed import (all_gather_objects, compute_dtype, gather_to_main, init_distributed,
+                                shutdown_distributed)
+from engine.images import save_grid, save_image, to_uint8
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule, schedule_from_config
 from engine.unet import build_unet
@@ -34,41 +45,116 @@ def resolve_kernels_from_config(config: Config, device: torch.device, check: boo
                            check=config.kernels.check if check is None else check)
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels, *, num_images: int,
-             batch_size: int, seed: int, device: torch.device | str, progress: bool = False) -> torch.Tensor:
-    """`num_images` samples in [-1, 1] on the CPU, drawn with the settings of `config.sample`.
+def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels,
+                  device: torch.device | str) -> diffusion.Step:
+    """The denoising step of `config.sample`'s settings: network + update kernel, under bf16 autocast where
+    `sample.precision` says, compiled where `sample.compile` says (on CUDA in "reduce-overhead" mode, so
+    the step is one CUDA-graph replay instead of hundreds of kernel launches from Python).
 
-    Image i is keyed by (seed, i): the same seed gives the same images whatever the batch size.
+    Build it once and pass it to `generate` for every call: the compiled graph is reused as long as the
+    model object (whose weights may change in place) and the batch shape stay the same.
     """
-    options = config.sample
-    device = torch.device(device)
+    options, device = config.sample, torch.device(device)
+    dtype = compute_dtype(options.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(x, t)
+
+    step = diffusion.denoising_step(denoise, schedule, kernels, sampler=options.sampler, eta=options.eta,
+                                    variance=options.variance, clip_denoised=options.clip_denoised,
+                                    target=config.diffusion.target)
+    compile_step = device.type == "cuda" if options.compile is None else options.compile
+    if not compile_step:
+        return step
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    compiled = torch.compile(step, mode=mode, dynamic=False)
+    if device.type != "cuda":
+        return compiled
+
+    def replay(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last output may be reused
+        return compiled(x, t, t_prev, keys).clone()  # own the result: the next replay overwrites the graph's buffer
+
+    return replay
+
+
+def batch_starts(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """First image index of each batch this rank draws.
+
+    Batches are dealt to ranks in turn; every rank gets the same number (starts past `num_images` are
+    padding batches, drawn and dropped), because a sharded model's forward is a collective.
+    """
+    batches = -(-num_images // batch_size)
+    rounds = -(-batches // world_size)
+    return [(rank + turn * world_size) * batch_size for turn in range(rounds)]
+
+
+@torch.no_grad()
+def generate_batches(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels, *,
+                     num_images: int, batch_size: int, seed: int, device: torch.device | str, rank: int = 0,
+                     world_size: int = 1, step: diffusion.Step | None = None,
+                     progress: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """This rank's share of images 0 .. num_images-1 of `seed`: (first index, images in [-1, 1] on the CPU).
+
+    Image i is keyed by (seed, i), so the images do not depend on the batch size or the number of
+    ranks. Every batch has the same shape (the last one is padded with images past the end and cut),
+    so a compiled step is traced once. `step` defaults to `sampling_step(...)` for this call.
+    """
+    options, device = config.sample, torch.device(device)
     shape = (config.data.channels, config.data.image_size, config.data.image_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    batch_size = min(batch_size, -(-num_images // world_size))  # no padding work for a handful of images
+    step = step or sampling_step(model, config, schedule, kernels, device)
+    starts = batch_starts(num_images, batch_size, rank, world_size)
     was_training = model.training
     model.eval()
-    batches = []
-    starts = range(0, num_images, batch_size)
-    for start in progress_bar(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2):
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with autocast:
-                return model(x, t)
+    try:
+        bar = progress_bar(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2)
+        for start in bar:
+            images = diffusion.sample(None, schedule, kernels, (batch_size, *shape), seed=seed, first_index=start,
+                                      sampler=options.sampler, steps=options.steps, device=device,
+                                      progress=progress, step=step)
+            kept = images[:max(0, min(batch_size, num_images - start))]
+            if len(kept):
+                yield start, kept.float().clamp(-1, 1).cpu()
+    finally:
+        model.train(was_training)
 
-        images = diffusion.sample(denoise, schedule, kernels, (min(batch_size, num_images - start), *shape), seed=seed,
-                                  first_index=start, sampler=options.sampler, steps=options.steps, eta=options.eta,
-                                  variance=options.variance, clip_denoised=options.clip_denoised,
-                                  target=config.diffusion.target, device=device, progress=progress)
-        batches.append(images.float().clamp(-1, 1).cpu())
-    model.train(was_training)
-    return torch.cat(batches)
+
+def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels, *, num_images: int,
+             batch_size: int, seed: int, device: torch.device | str, step: diffusion.Step | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """Images 0 .. num_images-1 of `seed` in [-1, 1] on the CPU, on every rank.
+
+    Under torch.distributed every rank draws its share (`generate_batches`) and the shares are gathered.
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mine = list(generate_batches(model, config, schedule, kernels, num_images=num_images, batch_size=batch_size,
+                                 seed=seed, device=device, rank=rank, world_size=world_size, step=step,
+                                 progress=progress and rank == 0))
+    batches = dict(pair for share in all_gather_objects(mine) for pair in share)
+    return torch.cat([batches[start] for start in sorted(batches)])
 
 
 def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None) -> tuple[torch.nn.Module, Config, int]:
     """The model of a run's latest checkpoint, its config and step.
 
-    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`.
+    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A diffusers folder
+    (pipeline or bare UNet) works too: its weights, with its settings over the defaults, at step 0.
     """
     run_dir = Path(run_dir)
+    if is_diffusers_folder(run_dir):  # e.g. engine.export's output, or a model saved by diffusers
+        if use_ema is False:
+            raise ConfigError(f"{run_dir} is a diffusers folder: it holds one set of weights (drop --raw)")
+        found = read_diffusers_folder(run_dir)
+        if found.diffusion is None:
+            print(f"warning: {run_dir} has no scheduler config; sampling with the default diffusion settings "
+                  f"({Config().diffusion})", file=sys.stderr)
+        config = config_from_dict(config_with_diffusers(Config().to_dict(), found), where=str(run_dir))
+        model = build_unet(config, device)
+        model.load_state_dict(found.state_dict)
+        return model, config, 0
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
     loaded = load_latest_checkpoint(run_dir, map_location="cpu")
@@ -89,9 +175,10 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory written by engine.train")
-    parser.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: sample.batch_size)")
+    parser.add_argument("run_dir", help="a run directory written by engine.train, or a diffusers folder")
+    # --num-images, not --num: torchrun's own parser takes --num for its --numa-binding
+    parser.add_argument("--num-images", "--num", dest="num", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch and rank (default: sample.batch_size)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the run's sample.sampler")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (ddpm always runs all timesteps)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
@@ -100,48 +187,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     parser.add_argument("--raw", action="store_true", help="use the trained weights instead of the EMA weights")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--out", default=None, help="grid PNG (default: RUN_DIR/sample_grid.png)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                        help="autocast dtype of the network (default: sample.precision; auto = bf16 on CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the denoising step (CUDA graphs on CUDA); default: sample.compile (on CUDA only)")
+    parser.add_argument("--out", default=None, help="grid PNG (default: RUN_DIR/sample_grid.png; ./sample_grid.png "
+                                                    "for a diffusers folder)")
+    parser.add_argument("--grid-size", type=int, default=64, help="images in the grid: the first N (default 64)")
+    parser.add_argument("--png-dir", default=None, help="also write every image as DIR/<index>.png")
     parser.add_argument("--npz", default=None, help="also write the images as uint8 to this .npz")
     parser.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
                         help="override the run's kernels choice for one op, e.g. posterior_step=pytorch; repeatable")
     return parser.parse_args(argv)
 
 
+def sampling_config(config: Config, args: argparse.Namespace) -> Config:
+    """The run's config with the command line's sampling options, through the same checks as config files."""
+    sample = config.sample
+    changes = {"sampler": args.sampler or sample.sampler, "eta": sample.eta if args.eta is None else args.eta,
+               "variance": args.variance or sample.variance, "clip_denoised": sample.clip_denoised and not args.no_clip,
+               "batch_size": args.batch_size or sample.batch_size, "num_images": args.num,
+               "use_ema": sample.use_ema and not args.raw}
+    changes["steps"] = args.steps if args.steps is not None else (sample.steps if changes["sampler"] == "ddim" else None)
+    for name in ("seed", "precision", "compile"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    raw = config.to_dict()
+    raw["sample"].update(changes)
+    for choice in args.kernel:
+        op, sep, name = choice.partition("=")
+        if not sep:
+            raise ConfigError(f"--kernel {choice!r}: expected OP=IMPL, e.g. posterior_step=pytorch")
+        raw.setdefault("kernels", {})[op.strip()] = name.strip()  # runs from before kernels had none
+    return config_from_dict(raw, where="command line")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    context = init_distributed(args.device)
+    say = print if context.is_main else (lambda *a, **k: None)
     try:
-        device = choose_device(args.device)
-        model, config, step = load_run(args.run_dir, device, use_ema=False if args.raw else None)
-        sample = config.sample
-        changes = {"sampler": args.sampler or sample.sampler, "eta": sample.eta if args.eta is None else args.eta,
-                   "variance": args.variance or sample.variance, "clip_denoised": sample.clip_denoised and not args.no_clip,
-                   "batch_size": args.batch_size or sample.batch_size, "num_images": args.num}
-        changes["steps"] = args.steps if args.steps is not None else (sample.steps if changes["sampler"] == "ddim" else None)
-        if args.seed is not None:
-            changes["seed"] = args.seed
-        raw = config.to_dict()
-        raw["sample"].update(changes)
-        for choice in args.kernel:
-            op, sep, name = choice.partition("=")
-            if not sep:
-                raise ConfigError(f"--kernel {choice!r}: expected OP=IMPL, e.g. posterior_step=pytorch")
-            raw.setdefault("kernels", {})[op.strip()] = name.strip()  # runs from before kernels had none
-        config = config_from_dict(raw, where="command line")  # the same checks as the config files
-        kernels = resolve_kernels_from_config(config, device)
+        if args.num < 1 or args.grid_size < 0:
+            raise ConfigError(f"--num-images must be at least 1 and --grid-size at least 0 (got {args.num}, {args.grid_size})")
+        model, config, step = load_run(args.run_dir, context.device, use_ema=False if args.raw else None)
+        config = sampling_config(config, args)
+        kernels = resolve_kernels_from_config(config, context.device)
     except (ConfigError, KernelError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if context.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        shutdown_distributed()
         return 2
+    options, device = config.sample, context.device
     schedule = schedule_from_config(config.diffusion).to(device)
-    images = generate(model, config, schedule, kernels, num_images=args.num, batch_size=config.sample.batch_size,
-                      seed=config.sample.seed, device=device, progress=True)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "sample_grid.png"
-    save_grid(images, out)
-    print(f"wrote {out} ({args.num} images, {config.sample.sampler}, step {step}, "
-          f"{'EMA' if config.sample.use_ema and not args.raw else 'raw'} weights)")
-    if args.npz:
-        Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.npz, arr_0=to_uint8(images))
-        print(f"wrote {args.npz}")
+    png_dir = Path(args.png_dir) if args.png_dir else None
+    digits = max(6, len(str(args.num - 1)))
+    started = time.perf_counter()
+    mine = []
+    for start, images in generate_batches(model, config, schedule, kernels, num_images=args.num,
+                                          batch_size=options.batch_size, seed=options.seed, device=device,
+                                          rank=context.rank, world_size=context.world_size, progress=context.is_main):
+        images = to_uint8(images)
+        mine.append((start, images))
+        for offset, image in enumerate(images if png_dir else []):  # every rank writes its own images
+            save_image(image, png_dir / f"{start + offset:0{digits}d}.png")
+    shares = gather_to_main(mine)
+    seconds = time.perf_counter() - started
+    if context.is_main:
+        batches = dict(pair for share in shares for pair in share)
+        images = np.concatenate([batches[start] for start in sorted(batches)])
+        say(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s) on "
+            f"{context.world_size} x {device.type}, {options.sampler}, step {step}, "
+            f"{'EMA' if options.use_ema else 'raw'} weights")
+        default_out = "sample_grid.png" if is_diffusers_folder(args.run_dir) else Path(args.run_dir) / "sample_grid.png"
+        out = Path(args.out or default_out)
+        if args.grid_size:
+            save_grid(images[:args.grid_size], out)
+            say(f"wrote {out}")
+        if png_dir:
+            say(f"wrote {len(images)} PNGs to {png_dir}")
+        if args.npz:
+            Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.npz, arr_0=images)
+            say(f"wrote {args.npz}")
+    shutdown_distributed()
     return 0
 
 
