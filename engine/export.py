@@ -1,0 +1,50 @@
+"""Export a run for other libraries: `python -m engine.export RUN_DIR --format diffusers OUT_DIR`.
+
+Writes the run's latest checkpoint (EMA weights by default, `--raw` for the trained weights) as a
+diffusers DDPMPipeline folder: `model_index.json`, `unet/` (UNet2DModel config and safetensors weights)
+and `scheduler/` (DDPMScheduler config), which `DDPMPipeline.from_pretrained(OUT_DIR)` loads. diffusers
+itself is not needed to export. The folder appears whole or not at all; an existing non-empty OUT_DIR
+is replaced only with `--overwrite`. Mistakes, and models diffusers cannot express, are one line with
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from engine.config import ConfigError
+from engine.diffusers_format import check_destination, write_diffusers_folder
+from engine.sample import load_run
+
+FORMATS = ("diffusers",)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run directory written by engine.train")
+    parser.add_argument("out_dir", help="the folder to write")
+    parser.add_argument("--format", choices=FORMATS, default="diffusers", help="what to write (default diffusers)")
+    parser.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_destination(args.out_dir, args.overwrite)  # before reading a checkpoint for nothing
+        # on the CPU: export only renames tensors, and the file must not depend on the machine
+        model, config, step = load_run(args.run_dir, torch.device("cpu"), use_ema=not args.raw)
+        out = write_diffusers_folder(args.out_dir, config, model.state_dict(), overwrite=args.overwrite)
+    except (ConfigError, RuntimeError) as error:  # DiffusersFormatError is a ConfigError
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for load_state_dict's
+        return 2
+    print(f"wrote {out} (diffusers DDPMPipeline, step {step}, {'raw' if args.raw else 'EMA'} weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
