@@ -91,6 +91,8 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     sample_every: int = 10_000  # steps between sample grids; 0 = only at the end
+    init_from: str = ""  # a diffusers folder (engine.export's, or saved by diffusers) to start from; a resume ignores it
+    tensorboard: bool = False  # also log metrics and sample grids to RUN_DIR/tensorboard (pip install tensorboard)
 
 
 @dataclass
@@ -104,6 +106,23 @@ class SampleConfig:
     batch_size: int = 64
     use_ema: bool = True
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
+    compile: Optional[bool] = None  # compile the denoising step (CUDA graphs on CUDA); None = on CUDA only
+
+
+@dataclass
+class EvalConfig:
+    """FID and KID of the model `sample.use_ema` picks, during training (see engine/evaluate.py)."""
+
+    every: int = 0  # steps between evaluations; 0 = never during training
+    num_images: int = 10_000  # generated images per evaluation, shared by the ranks (papers report 50,000)
+    batch_size: int = 256  # images per sampling batch and rank
+    sampler: Literal["ddpm", "ddim"] = "ddim"  # eta, variance and clipping come from the sample section
+    steps: Optional[int] = 100  # ddim steps
+    reference: str = ""  # precomputed statistics (.npz) or a data set; "" = data.path, its statistics cached in the run
+    inception: str = ""  # the FID Inception file; "" = $DDPM_INCEPTION or ~/.cache/ddpm-engine/inception-2015-12-05.pt
+    kid_subset_size: int = 1000
+    seed: int = 1  # keys the evaluation images (other than the sample grids')
 
 
 @dataclass
@@ -128,6 +147,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -349,6 +369,16 @@ def validate(config: Config, where: str) -> None:
     require(sample.num_images > 0, "sample.num_images", f"must be positive, got {sample.num_images}")
     require(sample.batch_size > 0, "sample.batch_size", f"must be positive, got {sample.batch_size}")
     require(0 <= sample.seed < 2**31, "sample.seed", f"must be in [0, 2**31) (it keys the noise), got {sample.seed}")
+
+    evaluation = config.eval
+    require(evaluation.every >= 0, "eval.every", f"must be >= 0 (0 = never), got {evaluation.every}")
+    require(evaluation.num_images >= 2, "eval.num_images", f"must be at least 2 (FID needs a covariance), got {evaluation.num_images}")
+    require(evaluation.batch_size > 0, "eval.batch_size", f"must be positive, got {evaluation.batch_size}")
+    require(evaluation.kid_subset_size > 1, "eval.kid_subset_size", f"must be at least 2, got {evaluation.kid_subset_size}")
+    require(0 <= evaluation.seed < 2**31, "eval.seed", f"must be in [0, 2**31) (it keys the noise), got {evaluation.seed}")
+    if evaluation.every and evaluation.sampler == "ddim" and evaluation.steps is not None:
+        require(0 < evaluation.steps <= diffusion.num_timesteps, "eval.steps",
+                f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {evaluation.steps}")
 
     for op in KERNEL_OPS:
         choice = getattr(config.kernels, op)

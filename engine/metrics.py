@@ -1,4 +1,4 @@
-"""One JSONL metrics file per run, and the loss-curve PNG drawn from it."""
+"""One JSONL metrics file per run (mirrored to TensorBoard when asked), and the loss-curve PNG drawn from it."""
 
 from __future__ import annotations
 
@@ -7,12 +7,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from engine.config import ConfigError
+
 
 class MetricsLog:
     """Appends one JSON object per line. On resume, records past the resumed step are dropped,
-    since those steps are about to be trained again."""
+    since those steps are about to be trained again.
 
-    def __init__(self, path: str | Path, resume_step: int = 0):
+    With `tensorboard_dir`, every numeric field of a record is also a TensorBoard scalar (tag = field
+    name) at the record's step, images go there too, and events past the resumed step are purged.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int = 0, tensorboard_dir: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -20,13 +28,40 @@ class MetricsLog:
                     if line.strip() and _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
+        self._tensorboard = None
+        if tensorboard_dir is not None:
+            summary_writer = tensorboard_writer_class()
+            self._tensorboard = summary_writer(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tensorboard is not None and "step" in record:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(name, value, record["step"])
+            self._tensorboard.flush()
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, C) uint8 image (e.g. a sample grid), to TensorBoard only."""
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(tag, image, step, dataformats="HWC")
+            self._tensorboard.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or a clear error when the optional tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:  # torch.utils.tensorboard imports the tensorboard package
+        raise ConfigError("train.tensorboard is true but the tensorboard package is not installed; "
+                          "pip install 'ddpm-engine[tensorboard]' (or tensorboard), or set train.tensorboard=false") from error
+    return SummaryWriter
 
 
 def _step_of(line: str) -> float:

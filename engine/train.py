@@ -24,15 +24,17 @@ from engine import diffusion
 from engine.checkpoint import CheckpointError, checkpoint_name, load_latest_checkpoint, save_checkpoint
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, random_flip_mask, read_manifest
-from engine.distributed import DistributedContext, all_gather_objects, init_distributed, shutdown_distributed
+from engine.diffusers_format import init_state_dict
+from engine.distributed import (DistributedContext, all_gather_objects, compute_dtype, init_distributed,
+                                shutdown_distributed)
 from engine.ema import build_ema, ema_state, load_ema_state, update_ema
-from engine.images import save_grid
-from engine.metrics import MetricsLog, plot_loss_curve
+from engine.images import make_grid, save_grid, to_uint8
+from engine.metrics import MetricsLog, plot_loss_curve, tensorboard_writer_class
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
-from engine.sample import generate, resolve_kernels_from_config
+from engine.sample import generate, resolve_kernels_from_config, sampling_step
 from engine.rng import restore_rng_state, rng_state
 from engine.schedule import schedule_from_config
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
@@ -59,6 +61,16 @@ def check_data(config: Config) -> dict[str, Any]:
     return manifest
 
 
+def check_extras(config: Config) -> dict[str, torch.Tensor] | None:
+    """What optional settings need (packages, files) is there before any step is trained; returns the
+    `train.init_from` weights, if any."""
+    if config.train.tensorboard:
+        tensorboard_writer_class()
+    if config.train.init_from:
+        return init_state_dict(config.train.init_from, config)
+    return None
+
+
 def dry_run(config: Config) -> int:
     print(config.to_yaml(), end="")
     model = build_unet(config, "cpu")
@@ -70,6 +82,7 @@ def dry_run(config: Config) -> int:
     kernels = resolve_kernels_from_config(config, torch.device("cuda" if on_cuda else "cpu"), check=False)
     print(f"# kernels: {kernels.describe()}")
     manifest = check_data(config)
+    check_extras(config)
     print(f"# data: {manifest['num_samples']:,} images of {manifest['image_size']}x{manifest['image_size']}x"
           f"{manifest['channels']} in {len(manifest['shards'])} shards at {config.data.path}")
     print("# config is valid")
@@ -133,13 +146,6 @@ def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int
     return batch_size // (world_size * accumulation)
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast (and FSDP compute) dtype; the loss, EMA and optimizer state stay fp32 regardless."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def step_seed(seed: int, step: int) -> int:
     """A seed of its own for every (run seed, step)."""
     return seed * 1_000_003 + step
@@ -153,6 +159,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     accumulation = cfg_train.grad_accum_steps
     micro_batch = micro_batch_size(cfg_train.batch_size, context.world_size, accumulation)
     manifest = check_data(config)
+    initial_weights = check_extras(config)
     run_dir = Path(cfg_train.run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +170,9 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     parallel = cfg_train.parallel if context.is_distributed else "single process"
     torch.manual_seed(cfg_train.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model = build_unet(config, device)
+    if initial_weights is not None:  # before the EMA copies the model and FSDP shards it; a resume overwrites them
+        model.load_state_dict(initial_weights)
+        log(f"starting from the weights in {cfg_train.init_from}")
     ema_model = build_unet(config, device) if parallel == "fsdp" else None  # FSDP: an EMA of each rank's shard
     if cfg_train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -233,7 +243,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             resample=True, rank=context.rank, world_size=context.world_size, pin_memory=device.type == "cuda"))
     # Samples each of this rank's loader workers has taken from its stream, for exact resumes.
     stream_positions = list(start) if start else [0] * max(cfg_data.num_workers, 1)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if is_main else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step,
+                         tensorboard_dir=run_dir / "tensorboard" if cfg_train.tensorboard else None) if is_main else None
     log(f"training {count_parameters(model) / 1e6:.1f}M parameters on {context.world_size} x {device} ({parallel}, "
         f"{str(dtype).removeprefix('torch.')}{', compiled' if cfg_train.compile else ''}), {manifest['num_samples']:,} "
         f"images, global batch {cfg_train.batch_size} = {context.world_size} ranks x {accumulation} micro-batches "
@@ -259,15 +270,22 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             save_checkpoint(run_dir, step, state, keep=cfg_train.keep_checkpoints)
         return step
 
+    sampler_model = ema.ema_model if config.sample.use_ema else model
+    sampler_step = sampling_step(sampler_model, config, schedule, kernels, device)  # built (and compiled) once
+
     def write_samples(name: str) -> Path | None:
-        """Under FSDP every rank runs the (sharded) model; rank 0 writes the grid."""
-        images = generate(ema.ema_model if config.sample.use_ema else model, config, schedule, kernels,
-                          num_images=config.sample.num_images,
-                          batch_size=config.sample.batch_size, seed=config.sample.seed, device=device)
-        return save_grid(images, run_dir / "samples" / name) if is_main else None
+        """Every rank draws its share of the images (a sharded model's forward is a collective anyway); rank 0
+        writes the grid."""
+        images = generate(sampler_model, config, schedule, kernels, num_images=config.sample.num_images,
+                          batch_size=config.sample.batch_size, seed=config.sample.seed, device=device,
+                          step=sampler_step)
+        if not is_main:
+            return None
+        if metrics is not None:
+            metrics.add_image("samples", make_grid(to_uint8(images)), step)
+        return save_grid(images, run_dir / "samples" / name)
 
     sync_check, first_step = cfg_train.sync_check and device.type == "cuda", step
-    sampling_ranks_all = parallel == "fsdp"  # a sharded model's forward is a collective
     # Device-side running sums, read once per log interval.
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
@@ -387,7 +405,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             if saved_step != step:
                 saved_step = checkpoint()
             break
-        if (is_main or sampling_ranks_all) and cfg_train.sample_every and step % cfg_train.sample_every == 0 \
+        if cfg_train.sample_every and step % cfg_train.sample_every == 0 \
                 and step < cfg_train.steps:
             write_samples(f"step-{step:08d}.png")
     progress.close()
@@ -401,7 +419,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             f"run the same command to resume")
         return {**summary, "stopped_by": stopped_by}
 
-    grid = write_samples(f"step-{step:08d}.png") if is_main or sampling_ranks_all else None
+    grid = write_samples(f"step-{step:08d}.png")
     if is_main:
         if metrics is not None:
             metrics.close()

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -21,6 +22,31 @@ def test_metrics_log_appends_and_drops_steps_past_a_resume(tmp_path):
         f.write('{"step": 40, "lo')  # a line cut off by a kill
     MetricsLog(path, resume_step=20).close()
     assert [r["step"] for r in read_metrics(path)] == [10, 20]
+
+
+def _tensorboard_events(folder):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(folder))
+    events.Reload()
+    return events
+
+
+def test_metrics_mirror_to_tensorboard_and_a_resume_purges_later_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": 1.0 / step, "note": "text is not a scalar", "finite": True})
+    log.add_image("samples", np.full((8, 12, 3), 200, np.uint8), 30)
+    log.close()
+    events = _tensorboard_events(tmp_path / "tb")
+    assert events.Tags()["scalars"] == ["loss"] and events.Tags()["images"] == ["samples"]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(10, 0.1), (20, 0.05), (30, 0.0333)]
+    assert (events.Images("samples")[0].width, events.Images("samples")[0].height) == (12, 8)
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", resume_step=20, tensorboard_dir=tmp_path / "tb")
+    resumed.write({"step": 30, "loss": 0.5})
+    resumed.close()
+    assert [(e.step, e.value) for e in _tensorboard_events(tmp_path / "tb").Scalars("loss")][-1] == (30, 0.5)
+    assert [e.step for e in _tensorboard_events(tmp_path / "tb").Scalars("loss")] == [10, 20, 30]
 
 
 def test_loss_curve_is_a_png(tmp_path):
