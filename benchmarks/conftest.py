@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.config import load_config
+from engine.diffusers_format import DiffusersFormatError, diffusers_unet_config
 from engine.schedule import NoiseSchedule, schedule_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +49,29 @@ def synchronized(fn, device):
         return result
 
     return run
+
+
+def diffusers_unet(config) -> torch.nn.Module:
+    """diffusers' UNet2DModel laid out as engine.unet's UNet for `config` (engine.diffusers_format's mapping;
+    for configs/cifar.yaml, the layout of google/ddpm-cifar10-32): the same blocks, widths and parameters."""
+    diffusers = pytest.importorskip("diffusers")
+    try:
+        return diffusers.UNet2DModel.from_config(diffusers_unet_config(config))
+    except DiffusersFormatError as error:
+        pytest.skip(f"UNet2DModel cannot express this preset: {error}")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Ours against the diffusers baseline of the same group and run, as a ratio of medians."""
+    session = getattr(config, "_benchmarksession", None)
+    runs = [b for b in getattr(session, "benchmarks", []) if getattr(b, "stats", None) is not None]
+    lines = []
+    for baseline in (b for b in runs if b.extra_info.get("baseline")):
+        key = baseline.extra_info["baseline"]
+        for ours in (b for b in runs if b.group == baseline.group and b.extra_info.get("compare") == key):
+            ratio = baseline.stats.median / ours.stats.median
+            lines.append(f"{ours.name}: {ratio:.2f}x the throughput of {baseline.name}")
+    if lines:
+        terminalreporter.section("ours vs diffusers (same run)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.conftest import synchronized
+from benchmarks.conftest import diffusers_unet, synchronized
+from engine.diffusers_format import diffusers_scheduler_config
 from engine import diffusion
 from engine.ema import build_ema, update_ema
 from engine.throughput import count_flops_per_image, mfu, model_flops_per_image, peak_bf16_flops, peak_memory_gb
@@ -113,37 +114,14 @@ def _time_train_step(benchmark, device, config, schedule, batch_size, flops_per_
     benchmark.extra_info.update(kernels=kernels.describe(), images=batch_size, parameters=count_parameters(model),
                                 precision=str(precision).removeprefix("torch."),
                                 attention=config.model.attention_backend, compiled=compiled)
+    if group == "train_step":
+        benchmark.extra_info["compare"] = "diffusers train step"  # the ratio in the terminal summary
     loss = benchmark(synchronized(step, device))
     assert torch.isfinite(loss)
     record_throughput(benchmark, device, batch_size, flops_per_image)
 
 
 # ----------------------------------------------------------------------------- the diffusers baseline
-
-
-def diffusers_unet_like(config) -> nn.Module:
-    """diffusers' UNet2DModel laid out as engine.unet's UNet for `config` (for configs/cifar.yaml, the
-    layout of google/ddpm-cifar10-32): the same blocks, widths, attention positions and parameters."""
-    from diffusers import UNet2DModel
-
-    model = config.model
-    if model.num_heads != 1:
-        pytest.skip("UNet2DModel takes one head size for every block; the comparison is for single-head presets")
-    if any((model.base_channels * mult) % 32 for mult in model.channel_mult):
-        pytest.skip("UNet2DModel uses one GroupNorm group count; ours falls back below 32 groups for narrow blocks")
-    resolutions = [config.data.image_size // 2**level for level in range(len(model.channel_mult))]
-    attends = [resolution in model.attention_resolutions for resolution in resolutions]
-    return UNet2DModel(
-        sample_size=config.data.image_size, in_channels=config.data.channels, out_channels=config.data.channels,
-        block_out_channels=tuple(model.base_channels * mult for mult in model.channel_mult),
-        layers_per_block=model.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
-        attention_head_dim=None,  # one head over all channels, as the DDPM reference (the default is 8 per head)
-        dropout=model.dropout, norm_num_groups=32, norm_eps=1e-6,
-        downsample_padding=0,  # pad right/bottom by one, then a stride-2 conv: TF's 'SAME', as ours
-        flip_sin_to_cos=False, freq_shift=1,  # [sin | cos] at frequencies 10000^(-i / (half - 1)), as ours
-    )
 
 
 class SampleOnly(nn.Module):
@@ -165,18 +143,14 @@ def test_train_step_diffusers(benchmark, device, bench_config, batch_size, flops
     size, channels = bench_config.data.image_size, bench_config.data.channels
     with torch.device("meta"):
         ours_parameters = count_parameters(build_unet(bench_config, "meta"))
-        their_flops = count_flops_per_image(SampleOnly(diffusers_unet_like(bench_config)), (channels, size, size))
+        their_flops = count_flops_per_image(SampleOnly(diffusers_unet(bench_config)), (channels, size, size))
     torch.manual_seed(0)
-    model = diffusers_unet_like(bench_config).to(device)
+    model = diffusers_unet(bench_config).to(device)
     # The same architecture, or the comparison means nothing: same parameters, same matmuls.
     assert count_parameters(model) == ours_parameters
     assert their_flops == pytest.approx(flops_per_image, rel=1e-6)
 
-    diffusion_config = bench_config.diffusion
-    noise_scheduler = DDPMScheduler(
-        num_train_timesteps=diffusion_config.num_timesteps, beta_start=diffusion_config.beta_start,
-        beta_end=diffusion_config.beta_end,
-        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(diffusion_config.schedule, diffusion_config.schedule))
+    noise_scheduler = DDPMScheduler.from_config(diffusers_scheduler_config(bench_config))
     # train_unconditional's defaults: AdamW (lr 1e-4, betas 0.95/0.999, weight decay 1e-6), EMA with warmup
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     ema = EMAModel(model.parameters(), decay=bench_config.train.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
@@ -208,6 +182,7 @@ def test_train_step_diffusers(benchmark, device, bench_config, batch_size, flops
     reset_peak_memory(device)
     benchmark.group = "train_step"
     benchmark.extra_info["kernels"] = "diffusers UNet2DModel, DDPMScheduler.add_noise, F.mse_loss, EMAModel"
+    benchmark.extra_info["baseline"] = "diffusers train step"
     benchmark.extra_info["images"] = batch_size
     benchmark.extra_info["parameters"] = count_parameters(model)
     benchmark.extra_info["parameters_ours"] = ours_parameters
