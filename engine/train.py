@@ -11,6 +11,7 @@ once per `train.log_every` steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from contextlib import nullcontext
@@ -28,13 +29,16 @@ from engine.diffusers_format import init_state_dict
 from engine.distributed import (DistributedContext, all_gather_objects, compute_dtype, init_distributed,
                                 shutdown_distributed)
 from engine.ema import build_ema, ema_state, load_ema_state, update_ema
+from engine.evaluate import (EvaluationError, evaluate, inception_path, load_feature_network, load_reference,
+                             save_reference)
+from engine.evaluate import summary as evaluation_summary
 from engine.images import make_grid, save_grid, to_uint8
 from engine.metrics import MetricsLog, plot_loss_curve, tensorboard_writer_class
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
-from engine.sample import generate, resolve_kernels_from_config, sampling_step
+from engine.sample import generate, generate_batches, resolve_kernels_from_config, sampling_step
 from engine.rng import restore_rng_state, rng_state
 from engine.schedule import schedule_from_config
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
@@ -66,6 +70,14 @@ def check_extras(config: Config) -> dict[str, torch.Tensor] | None:
     `train.init_from` weights, if any."""
     if config.train.tensorboard:
         tensorboard_writer_class()
+    if config.eval.every:
+        inception, _ = inception_path(config.eval.inception or None)
+        if not inception.is_file():  # load_feature_network says the same, with where to get the file
+            load_feature_network(inception)
+        reference = config.eval.reference or config.data.path
+        if not Path(reference).exists():
+            raise ConfigError(f"eval.reference: {reference} does not exist (a statistics .npz from "
+                              f"python -m engine.evaluate --save-reference, or a data set)")
     if config.train.init_from:
         return init_state_dict(config.train.init_from, config)
     return None
@@ -87,6 +99,48 @@ def dry_run(config: Config) -> int:
           f"{manifest['channels']} in {len(manifest['shards'])} shards at {config.data.path}")
     print("# config is valid")
     return 0
+
+
+def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, schedule, kernels,
+                     context: DistributedContext, log, metrics: MetricsLog | None):
+    """`evaluate_now(step)`: FID and KID of `model` (the one `sample.use_ema` picks) against `eval.reference`,
+    on `eval.num_images` images shared by the ranks, logged to the metrics (and TensorBoard).
+
+    The feature network and the reference statistics are loaded once, here. A reference that is a data set
+    is read once per run: its statistics are cached as RUN_DIR/fid_reference.npz.
+    """
+    options = config.eval
+    if not options.every:
+        return None
+    feature_net = load_feature_network(options.inception or None, context.device)
+    source = Path(options.reference or config.data.path)
+    cached = run_dir / "fid_reference.npz"
+    if source.suffix != ".npz" and cached.is_file():
+        source = cached
+    log(f"evaluation: FID/KID every {options.every} steps on {options.num_images:,} images, reference {source}")
+    reference = load_reference(source, feature_net, device=context.device, progress=context.is_main)
+    if source.suffix != ".npz" and context.is_main:
+        save_reference(reference, cached)
+    sampling = dataclasses.replace(config.sample, sampler=options.sampler,
+                                   steps=options.steps if options.sampler == "ddim" else None)
+    eval_config = dataclasses.replace(config, sample=sampling)
+    step_fn = sampling_step(model, eval_config, schedule, kernels, context.device)
+
+    def evaluate_now(step: int) -> dict:
+        started = time.perf_counter()
+        batches = generate_batches(model, eval_config, schedule, kernels, num_images=options.num_images,
+                                   batch_size=options.batch_size, seed=options.seed, device=context.device,
+                                   rank=context.rank, world_size=context.world_size, step=step_fn)
+        result = evaluate(batches, reference, feature_net, kid_subset_size=options.kid_subset_size,
+                          device=context.device, seed=options.seed)
+        seconds = time.perf_counter() - started
+        log(f"step {step}: {evaluation_summary(result)}, {seconds:.0f} s")
+        if metrics is not None:
+            metrics.write({"step": step, "fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
+                           "eval_images": result["num_images"], "eval_seconds": seconds})
+        return result
+
+    return evaluate_now
 
 
 def warmup_then_constant(warmup_steps: int):
@@ -285,6 +339,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             metrics.add_image("samples", make_grid(to_uint8(images)), step)
         return save_grid(images, run_dir / "samples" / name)
 
+    evaluate_now = build_evaluation(config, run_dir, sampler_model, schedule, kernels, context, log, metrics)
+
     sync_check, first_step = cfg_train.sync_check and device.type == "cuda", step
     # Device-side running sums, read once per log interval.
     loss_sum = torch.zeros((), device=device)
@@ -408,6 +464,8 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         if cfg_train.sample_every and step % cfg_train.sample_every == 0 \
                 and step < cfg_train.steps:
             write_samples(f"step-{step:08d}.png")
+        if config.eval.every and (step % config.eval.every == 0 or step == cfg_train.steps):
+            evaluate_now(step)
     progress.close()
     stop_request.restore()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "skipped_samples": skipped_total,
@@ -438,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(config)
         train(config)
-    except (ConfigError, DataError, KernelError) as error:
+    except (ConfigError, DataError, KernelError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError) as error:

@@ -1,0 +1,804 @@
+"""FID and KID of generated images against a reference set, with the FID Inception network.
+
+    python -m engine.evaluate SAMPLES --reference REF [--inception PATH] [--batch-size N]
+                              [--device auto|cpu|cuda] [--json OUT.json] [--num N]
+                              [--kid-subset-size N] [--kid-subsets N] [--seed S]
+    python -m engine.evaluate --save-reference OUT.npz --reference SOURCE [--reference-num N]
+                              [--max-features N]
+
+SAMPLES is an `.npz` of uint8 images (key `arr_0`, (N, H, W, C), as `engine.sample --npz` writes
+it) or a folder of image files (any layout). REF is a statistics file written by
+`--save-reference`, a pytorch-fid / ADM-style `.npz` with `mu` and `sigma`, or any image source:
+an `.npz` of images, a data set prepared by `engine.data.prepare` (a folder with manifest.json),
+an image folder, a .tar/.tar.gz of one, or the CIFAR-10 python archive. Computing statistics from
+a source reads all of its images once; save them with `--save-reference` to do that only once.
+
+The metric maths is torchmetrics' (FrechetInceptionDistance, KernelInceptionDistance). The
+features come from the TensorFlow Inception-v3 graph of 2015-12-05 that FID is defined with, as
+NVIDIA's TorchScript file `inception-2015-12-05.pt` (INCEPTION_URL). Nothing is downloaded: the
+file is taken from `--inception PATH`, else $DDPM_INCEPTION, else DEFAULT_INCEPTION. The network
+takes uint8 images of any size and resizes them itself; each image's features are computed once
+and fed to both metrics.
+
+A statistics file (`.npz`, no pickles) holds `mu` and `sigma` (float64, the features' mean and
+covariance, ddof=1), `num_images`, `features` (float32, a seeded random subset of at most
+`max_features` feature rows, for KID), and which network computed them (file name and sha256
+prefix), the images' shape and the source. Statistics of another network are refused. A file with
+only mu and sigma gives FID, and KID is reported unavailable.
+
+Under torch.distributed (torchrun), `evaluate` is collective: every rank passes its own images
+(possibly none) and receives the global FID and KID; torchmetrics gathers the metric states over
+the process group (gloo or NCCL). Give rank r the contiguous block `rank_slice(N, r, world)` of
+images 0..N-1 and the numbers equal a single process's on all N (KID's random subsets included).
+The CLI does that itself when started with torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from engine.checkpoint import atomic_write
+from engine.data import DataError
+from engine.data.prepare import MANIFEST_NAME, read_manifest
+from engine.data.sources import IMAGE_EXTENSIONS, TAR_SUFFIXES, decode_image, open_source
+from engine.distributed import all_gather_objects, init_distributed, shutdown_distributed
+from engine.progress import progress_bar
+from engine.progress import write as progress_write
+
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_ENV = "DDPM_INCEPTION"
+DEFAULT_INCEPTION = Path("~/.cache/ddpm-engine/inception-2015-12-05.pt")
+STATS_FORMAT = 1
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_MAX_FEATURES = 10_000
+DEFAULT_KID_SUBSET_SIZE = 1000  # the KID paper's and clean-fid's choice
+DEFAULT_KID_SUBSETS = 100
+_SHA256_PREFIX = 16  # hex digits kept to tell feature networks apart
+# A prepared set is read by the loader's workers, whose batches interleave: a fixed worker count and
+# batch size make the order of the images (hence the KID feature subset) the same on every machine
+# and for every --batch-size.
+_LOADER_WORKERS = 2
+_LOADER_BATCH = 256
+
+
+class EvaluationError(ValueError):
+    """A problem with the evaluation's inputs, reported to the user as one line (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- feature network
+
+
+class FeatureNetwork(nn.Module):
+    """A TorchScript feature network called as `net(uint8 images, return_features=True)`, wrapped to
+    take uint8 (N, C, H, W) images with C = 1 (repeated to RGB), 3, or 4 (alpha dropped) and give
+    float32 (N, num_features). `name` and `sha256` identify the file; torchmetrics reads
+    `num_features`, so the wrapper also works as `FrechetInceptionDistance(feature=net)`."""
+
+    def __init__(self, net: nn.Module, *, num_features: int, name: str, sha256: str):
+        super().__init__()
+        self.net, self.num_features, self.name, self.sha256 = net, num_features, name, sha256
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+            raise EvaluationError(f"the feature network takes uint8 (N, C, H, W) images with C = 1, 3 or 4, "
+                                  f"not {images.dtype} {tuple(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        elif images.shape[1] == 4:
+            images = images[:, :3]
+        features = self.net(images.contiguous(), return_features=True)
+        return features.reshape(len(images), -1).float()
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name} (sha256 {self.sha256[:_SHA256_PREFIX]})"
+
+
+def inception_path(path: str | Path | None = None) -> tuple[Path, str]:
+    """Where the feature network file should be, and what said so: `path` (config or --inception),
+    else $DDPM_INCEPTION, else DEFAULT_INCEPTION."""
+    if path:
+        return Path(path).expanduser(), "given by --inception or the config"
+    if os.environ.get(INCEPTION_ENV):
+        return Path(os.environ[INCEPTION_ENV]).expanduser(), f"from ${INCEPTION_ENV}"
+    return DEFAULT_INCEPTION.expanduser(), "the default location"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def load_feature_network(path: str | Path | None = None, device: torch.device | str = "cpu") -> FeatureNetwork:
+    """The FID Inception (or a stand-in with its calling convention) from `path` (see
+    `inception_path`), in eval mode on `device`. Raises EvaluationError naming the path and the
+    download address when the file is missing."""
+    file, how = inception_path(path)
+    if not file.is_file():
+        raise EvaluationError(f"the FID Inception network is not at {file} ({how}); download {INCEPTION_URL} and put "
+                              f"it there, or pass --inception PATH or set {INCEPTION_ENV}=PATH (no network access is "
+                              "needed after that)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: deprecated, and the file's format
+            net = torch.jit.load(str(file), map_location="cpu")
+        net.eval()
+        for parameter in net.parameters():  # (ScriptModules lack requires_grad_)
+            parameter.requires_grad_(False)
+        with torch.no_grad():  # the feature count, from a tiny image (the Inception resizes it to 299 itself)
+            probe = net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), return_features=True)
+    except Exception as exn:  # TorchScript raises RuntimeError, zipfile errors, ... for a wrong or broken file
+        raise EvaluationError(f"cannot use {file} as the FID feature network ({how}): "
+                              f"{str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__}; "
+                              f"expected the TorchScript file {INCEPTION_URL}") from exn
+    wrapped = FeatureNetwork(net, num_features=int(probe.reshape(1, -1).shape[1]), name=file.name, sha256=_sha256(file))
+    return wrapped.to(device)
+
+
+def _device_of(module: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _is_nhwc_uint8(images: np.ndarray) -> bool:
+    return images.dtype == np.uint8 and (images.ndim == 3 or (images.ndim == 4 and images.shape[3] in (1, 3, 4)))
+
+
+def as_uint8_images(images: np.ndarray | Tensor) -> Tensor:
+    """One batch as uint8 (N, C, H, W), the layout the feature network takes. Accepted:
+
+    - numpy uint8 (N, H, W, C) or (N, H, W): the `.npz` layout (`engine.sample --npz`,
+      `engine.images.to_uint8`);
+    - torch uint8 (N, C, H, W): the loader's layout;
+    - torch float (N, C, H, W) in [-1, 1]: model outputs, rounded to uint8 as engine.images.to_uint8 does.
+    """
+    if isinstance(images, np.ndarray):
+        if not _is_nhwc_uint8(images):
+            raise EvaluationError(f"numpy images must be uint8 (N, H, W, C) with C = 1, 3 or 4, or (N, H, W), "
+                                  f"not {images.dtype} {images.shape}")
+        images = images[..., None] if images.ndim == 3 else images
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if isinstance(images, Tensor):
+        if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+            raise EvaluationError(f"torch images must be (N, C, H, W) with C = 1, 3 or 4, not {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            return images
+        if images.is_floating_point():
+            return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        raise EvaluationError(f"torch images must be uint8 or float in [-1, 1], not {images.dtype}")
+    raise EvaluationError(f"images must be a numpy array or a torch tensor, not {type(images).__name__}")
+
+
+Batch = np.ndarray | Tensor
+ImageInput = Batch | Iterable[Batch] | Iterable[tuple[int, Batch]]
+
+
+def _image_batches(images: ImageInput, batch_size: int) -> Iterator[tuple[int | None, Tensor]]:
+    """(index of the first image or None, uint8 (B, C, H, W)) batches of at most `batch_size` from one
+    array or tensor, or an iterable of them or of (first index, batch) pairs."""
+    if batch_size < 1:
+        raise EvaluationError(f"batch size must be at least 1, not {batch_size}")
+    for item in [images] if isinstance(images, (np.ndarray, Tensor)) else images:
+        indexed = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (int, np.integer))
+        first, batch = (int(item[0]), item[1]) if indexed else (None, item)
+        batch = as_uint8_images(batch)
+        for start in range(0, len(batch), batch_size):
+            yield None if first is None else first + start, batch[start:start + batch_size]
+
+
+class ImageSet(NamedTuple):
+    """Images on disk: `total` of them; `read(batch_size, select)` yields uint8 (B, C, H, W) batches
+    of the images whose index (0..total-1) is in `select` (all when None), in index order."""
+
+    total: int
+    read: Callable[[int, range | None], Iterator[Tensor]]
+    where: str
+
+
+def _stacked(images: Iterable[np.ndarray], batch_size: int) -> Iterator[Tensor]:
+    """(H, W, C) arrays -> uint8 (B, C, H, W) batches; a change of image shape starts a new batch."""
+    pending: list[np.ndarray] = []
+    for image in images:
+        if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
+            yield as_uint8_images(np.stack(pending))
+            pending = []
+        pending.append(image)
+    if pending:
+        yield as_uint8_images(np.stack(pending))
+
+
+def _decoded(items: Iterable[tuple[bytes, str]]) -> Iterator[np.ndarray]:
+    for data, origin in items:
+        try:
+            yield decode_image(data)
+        except Exception as exn:  # Pillow raises many types for broken files
+            warnings.warn(f"skipping {origin}: it does not decode as an image ({exn})", stacklevel=2)
+
+
+def _npz_images(path: Path, num: int | None) -> ImageSet:
+    names, arrays = _read_npz(path, {"arr_0"})
+    if "arr_0" not in arrays:
+        what = "a statistics file (mu, sigma), not images" if "mu" in names else f"keys {', '.join(names) or 'none'}"
+        raise EvaluationError(f"{path} holds {what}; expected uint8 images (N, H, W, C) under arr_0")
+    images = arrays["arr_0"]
+    if not _is_nhwc_uint8(images):
+        raise EvaluationError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 (N, H, W, C) "
+                              "with C = 1, 3 or 4")
+    images = images[:num]
+
+    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
+        select = range(len(images)) if select is None else select
+        for start in range(select.start, select.stop, batch_size):
+            yield as_uint8_images(images[start:min(start + batch_size, select.stop)])
+
+    return ImageSet(len(images), read, str(path))
+
+
+def _prepared_images(path: Path, num: int | None) -> ImageSet:
+    from engine.data.loader import build_train_loader  # webdataset and the DataLoader: only when needed
+
+    manifest = read_manifest(path)
+    total = manifest["num_samples"] if num is None else min(num, manifest["num_samples"])
+
+    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
+        select = range(total) if select is None else select
+        # one unshuffled, unflipped pass over every sample, as the device cache loads a set
+        loader = build_train_loader(path, batch_size=_LOADER_BATCH, image_size=manifest["image_size"],
+                                    channels=manifest["channels"], shuffle_buffer=0, resample=False,
+                                    num_workers=min(_LOADER_WORKERS, len(manifest["shards"])))
+        index = skipped = 0
+        for batch in loader:
+            skipped += batch["skipped"]
+            images, start = batch["image"], index
+            index += len(images)
+            chosen = images[max(select.start - start, 0):max(select.stop - start, 0)]
+            yield from chosen.split(batch_size)
+            if index >= select.stop:
+                break
+        if skipped:
+            warnings.warn(f"{path}: {skipped} samples did not decode and were left out", stacklevel=2)
+
+    return ImageSet(total, read, str(path))
+
+
+def _is_image_file(path: Path, root: Path) -> bool:
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(root).parts))
+
+
+def _folder_images(path: Path, num: int | None) -> ImageSet:
+    files = sorted(p for p in path.rglob("*") if _is_image_file(p, path))[:num]
+    if not files:
+        raise EvaluationError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
+        chosen = files if select is None else files[select.start:select.stop]
+        yield from _stacked(_decoded((file.read_bytes(), str(file)) for file in chosen), batch_size)
+
+    return ImageSet(len(files), read, str(path))
+
+
+def _archive_images(source: str | Path, num: int | None) -> ImageSet:
+    opened = [open_source(source, num=num)]  # reads a whole archive: keep it for the first pass
+
+    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
+        samples = (opened.pop() if opened else open_source(source, num=num)).samples
+        select = range(10**18) if select is None else select
+        chosen = ((s.data, s.origin) for index, s in enumerate(samples) if index in select)
+        yield from _stacked(_decoded(chosen), batch_size)
+
+    return ImageSet(opened[0].total, read, str(source))
+
+
+def open_images(source: str | Path, *, num: int | None = None) -> ImageSet:
+    """The images of `source`: an `.npz` (arr_0), a prepared data set folder (manifest.json), a folder
+    of image files (any layout, sorted by path), a .tar/.tar.gz of an image folder, the CIFAR-10
+    python archive, or `shapes`. `num` keeps the first `num` images."""
+    if num is not None and num < 1:
+        raise EvaluationError(f"the number of images must be at least 1, not {num}")
+    path = Path(source)
+    if str(source) == "shapes" or path.name.lower().endswith(TAR_SUFFIXES):
+        return _archive_images(source, num)
+    if not path.exists():
+        raise EvaluationError(f"{source} does not exist (expected an .npz of images, a prepared data set, "
+                              "an image folder or a .tar/.tar.gz of one)")
+    if path.suffix.lower() == ".npz" and path.is_file():
+        return _npz_images(path, num)
+    if path.is_dir():
+        return _prepared_images(path, num) if (path / MANIFEST_NAME).is_file() else _folder_images(path, num)
+    raise EvaluationError(f"unknown image source {source} (expected an .npz of images, a prepared data set, "
+                          "an image folder or a .tar/.tar.gz of one)")
+
+
+@torch.no_grad()
+def _features(batches: Iterable[tuple[int | None, Tensor]], feature_net: FeatureNetwork, device: torch.device, *,
+              total: int | None, progress: bool,
+              desc: str) -> Iterator[tuple[int | None, Tensor, tuple[int, ...]]]:
+    """(first index, float32 (B, D) features on `device`, the batch's (C, H, W)) per non-empty batch."""
+    with progress_bar(total=total, unit="img", desc=desc, disable=not progress) as bar:
+        for first, batch in batches:
+            if len(batch) == 0:
+                continue
+            # fp32 even when the caller (a training step) runs under autocast: the statistics are fp32's
+            with torch.autocast(device.type, enabled=False):
+                features = feature_net(batch.to(device, non_blocking=True))
+            bar.update(len(batch))
+            yield first, features, tuple(batch.shape[1:])
+
+
+# ----------------------------------------------------------------------------- reference statistics
+
+
+@dataclass
+class ReferenceStats:
+    """Feature statistics of a reference set: mean `mu` and covariance `sigma` (float64, ddof=1) of
+    `num_images` images (None when a mu/sigma-only file does not say), and `features` (float32,
+    a seeded random subset of the rows, for KID; None when unavailable)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int | None
+    features: np.ndarray | None = None
+    feature_network: str | None = None  # file name
+    feature_network_sha256: str | None = None  # prefix
+    image_shape: tuple[int, ...] | None = None  # (C, H, W) when all images share it
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _reservoir_add(reservoir: np.ndarray, kept: int, seen: int, rows: np.ndarray, rng: np.random.Generator) -> int:
+    """Adds `rows` (the stream's rows seen..seen+len-1) to a uniform random sample of at most
+    len(reservoir) rows (Algorithm R); returns how many reservoir slots are filled."""
+    capacity = len(reservoir)
+    fill = min(max(capacity - kept, 0), len(rows))
+    reservoir[kept:kept + fill] = rows[:fill]
+    if fill < len(rows):
+        indices = np.arange(seen + fill, seen + len(rows))
+        slots = rng.integers(0, indices + 1)  # row i replaces a slot with probability capacity / (i + 1)
+        for row, slot in zip(rows[fill:], slots):
+            if slot < capacity:
+                reservoir[slot] = row
+    return kept + fill
+
+
+def reference_statistics(source: str | Path | ImageInput, feature_net: FeatureNetwork, *, num: int | None = None,
+                         max_features: int = DEFAULT_MAX_FEATURES, seed: int = 0,
+                         batch_size: int = DEFAULT_BATCH_SIZE, device: torch.device | str | None = None,
+                         progress: bool = False) -> ReferenceStats:
+    """Statistics of every image of `source` (see `open_images`, or images as `evaluate` takes them),
+    read once in a fixed order, without shuffling or flips. `features` keeps a seeded uniform random
+    subset of at most `max_features` feature rows (all of them when there are fewer)."""
+    device = _device_of(feature_net, device)
+    feature_net.to(device)
+    if isinstance(source, (str, Path)):
+        images = open_images(source, num=num)
+        batches = ((None, batch) for batch in images.read(batch_size, None))
+        total, where = images.total, images.where
+    else:
+        batches, total, where = _image_batches(source, batch_size), None, "images in memory"
+    dim = feature_net.num_features
+    total_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+    outer_sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    reservoir = np.zeros((max(max_features, 0), dim), np.float32)
+    rng = np.random.default_rng(seed)
+    count = kept = 0
+    shapes: set[tuple[int, ...]] = set()
+    for _, features, shape in _features(batches, feature_net, device, total=total, progress=progress,
+                                        desc="reference"):
+        if num is not None and count >= num:
+            break
+        features = features[:None if num is None else num - count]
+        wide = features.double()  # the sums in float64, as torchmetrics accumulates them
+        total_sum += wide.sum(dim=0)
+        outer_sum += wide.T @ wide
+        kept = _reservoir_add(reservoir, kept, count, features.cpu().numpy(), rng)
+        count += len(features)
+        shapes.add(shape)
+    if count < 2:
+        raise EvaluationError(f"{where} gave {count} images; reference statistics need at least 2")
+    mu = total_sum / count
+    sigma = (outer_sum - count * torch.outer(mu, mu)) / (count - 1)  # torchmetrics' covariance formula
+    return ReferenceStats(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), num_images=count,
+                          features=reservoir[:kept] if kept else None, feature_network=feature_net.name,
+                          feature_network_sha256=feature_net.sha256[:_SHA256_PREFIX],
+                          image_shape=next(iter(shapes)) if len(shapes) == 1 else None, source=str(where))
+
+
+def save_reference(stats: ReferenceStats, path: str | Path) -> Path:
+    """Writes `stats` as an `.npz` statistics file (atomically; no pickles)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise EvaluationError(f"a statistics file must end in .npz (np.savez would add it): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"format": np.int64(STATS_FORMAT), "mu": stats.mu.astype(np.float64),
+              "sigma": stats.sigma.astype(np.float64), "num_images": np.int64(stats.num_images or 0),
+              "feature_network": np.str_(stats.feature_network or ""),
+              "feature_network_sha256": np.str_(stats.feature_network_sha256 or ""),
+              "image_shape": np.asarray(stats.image_shape or (), dtype=np.int64), "source": np.str_(stats.source)}
+    if stats.features is not None:
+        arrays["features"] = stats.features.astype(np.float32)
+    atomic_write(path, lambda file: np.savez(file, **arrays))
+    return path
+
+
+_STATS_KEYS = {"format", "mu", "sigma", "num_images", "features", "feature_network", "feature_network_sha256",
+               "image_shape", "source"}
+
+
+def _read_npz(path: Path, keys: set[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The names of an .npz's arrays, and those of them in `keys` (an ADM reference file also holds
+    all its images: they are not read when only the statistics are wanted)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:  # a downloaded file must not run code
+            return list(data.files), {key: data[key] for key in data.files if key in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exn:
+        raise EvaluationError(f"cannot read {path} as an .npz file: {exn}") from exn
+
+
+def _text(arrays: dict[str, np.ndarray], key: str) -> str | None:
+    return str(arrays[key]) or None if key in arrays else None
+
+
+def read_reference(path: str | Path) -> ReferenceStats:
+    """A statistics file: ours (--save-reference) or any `.npz` with `mu` and `sigma` (pytorch-fid,
+    ADM's reference batches); `features`, when present, enable KID."""
+    path = Path(path)
+    names, arrays = _read_npz(path, _STATS_KEYS)
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise EvaluationError(f"{path} is not a statistics file (it holds {', '.join(names) or 'nothing'}; "
+                              "expected mu and sigma)")
+    if int(arrays.get("format", STATS_FORMAT)) > STATS_FORMAT:
+        raise EvaluationError(f"{path} is a format-{int(arrays['format'])} statistics file; this version reads "
+                              f"format {STATS_FORMAT}: compute it again with --save-reference")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise EvaluationError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    features = arrays.get("features")
+    if features is not None and (features.ndim != 2 or features.shape[1] != len(mu) or len(features) == 0):
+        raise EvaluationError(f"{path}: features {features.shape} do not match mu {mu.shape}")
+    num_images = int(arrays["num_images"]) if "num_images" in arrays and int(arrays["num_images"]) > 0 else None
+    shape = tuple(int(v) for v in arrays["image_shape"]) if "image_shape" in arrays else ()
+    return ReferenceStats(mu=mu, sigma=sigma, num_images=num_images,
+                          features=None if features is None else features.astype(np.float32),
+                          feature_network=_text(arrays, "feature_network"),
+                          feature_network_sha256=_text(arrays, "feature_network_sha256"),
+                          image_shape=shape or None, source=_text(arrays, "source") or str(path))
+
+
+def check_reference(stats: ReferenceStats, feature_net: FeatureNetwork, where: str = "the reference") -> None:
+    """Refuses statistics of another feature network (by sha256) or of another feature width; adds a
+    note when the statistics do not say which network computed them."""
+    if stats.mu.shape != (feature_net.num_features,):
+        raise EvaluationError(f"{where} holds {len(stats.mu)}-dimensional statistics, but the feature network "
+                              f"{feature_net.identity} gives {feature_net.num_features} features")
+    if stats.feature_network_sha256 is None:
+        note = (f"{where} does not say which feature network computed it (pytorch-fid / ADM style); "
+                f"it is assumed to be {feature_net.name}")
+        if note not in stats.notes:
+            stats.notes.append(note)
+    elif not feature_net.sha256.startswith(stats.feature_network_sha256):
+        raise EvaluationError(f"{where} was computed with the feature network {stats.feature_network} (sha256 "
+                              f"{stats.feature_network_sha256}), but this evaluation uses {feature_net.identity}; "
+                              "compute the reference again with `python -m engine.evaluate --save-reference OUT.npz "
+                              "--reference SOURCE`")
+
+
+def _is_stats_file(reference: str | Path) -> bool:
+    path = Path(reference)
+    return path.suffix.lower() == ".npz" and path.is_file() and "mu" in _read_npz(path, set())[0]
+
+
+def _load_reference_here(reference: str | Path, feature_net: FeatureNetwork, **options) -> ReferenceStats:
+    if _is_stats_file(reference):
+        stats = read_reference(reference)
+    else:
+        stats = reference_statistics(reference, feature_net, **options)
+    check_reference(stats, feature_net, where=str(reference))
+    return stats
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def load_reference(reference: str | Path | ReferenceStats, feature_net: FeatureNetwork, *, num: int | None = None,
+                   max_features: int = DEFAULT_MAX_FEATURES, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+                   device: torch.device | str | None = None, progress: bool = False) -> ReferenceStats:
+    """Reference statistics from a statistics file (checked against `feature_net`) or computed from
+    an image source (see `reference_statistics` for the options). Under torch.distributed rank 0
+    alone reads or computes them and sends them to the others (every rank must call this)."""
+    if isinstance(reference, ReferenceStats):
+        check_reference(reference, feature_net)
+        return reference
+    options = {"num": num, "max_features": max_features, "seed": seed, "batch_size": batch_size, "device": device,
+               "progress": progress}
+    if not _distributed():
+        return _load_reference_here(reference, feature_net, **options)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", vars(_load_reference_here(reference, feature_net, **options)))
+        except (EvaluationError, DataError) as exn:
+            box[0] = ("error", str(exn))  # the other ranks must hear of it, or they would wait forever
+    dist.broadcast_object_list(box, src=0)  # plain data: the class may live in __main__ under `python -m`
+    status, value = box[0]
+    if status == "error":
+        raise EvaluationError(value)
+    stats = ReferenceStats(**value)
+    check_reference(stats, feature_net, where=str(reference))
+    return stats
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class _OrderedKID(KernelInceptionDistance):
+    """KID whose gathered generated features are put back into image-index order before the subsets
+    are drawn: torchmetrics concatenates them in rank order, so ranks dealt batches in turn would
+    otherwise draw other subsets than a single process does."""
+
+    fake_order: Tensor | None = None
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        if self.fake_order is not None:
+            self.fake_features = [torch.cat(self.fake_features)[self.fake_order]]
+        return super().compute()
+
+
+class _Precomputed(nn.Module):
+    """The metrics' 'feature network' when they are given features: each image's features are
+    computed once (by the real network) and fed to both FID and KID."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def rank_slice(num_images: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """Rank `rank`'s contiguous share of images 0..num_images-1 (the current process's by default)."""
+    if rank is None or world_size is None:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    return range(num_images * rank // world_size, num_images * (rank + 1) // world_size)
+
+
+def _fid_reference_states(stats: ReferenceStats, device: torch.device) -> dict[str, Tensor]:
+    """torchmetrics' FID 'real' states that reproduce mu and sigma exactly. Its compute takes
+    mean = sum / n and cov = (cov_sum - n mean mean^T) / (n - 1); inverted: sum = n mu,
+    cov_sum = (n - 1) sigma + n mu mu^T. Any n >= 2 gives the same mu and sigma, so a file
+    without a count uses 2."""
+    n = stats.num_images or 2
+    mu = torch.from_numpy(stats.mu).to(device, torch.float64)
+    sigma = torch.from_numpy(stats.sigma).to(device, torch.float64)
+    return {"real_features_sum": n * mu, "real_features_cov_sum": (n - 1) * sigma + n * torch.outer(mu, mu),
+            "real_features_num_samples": torch.tensor(n, dtype=torch.long, device=device)}
+
+
+def _metrics(stats: ReferenceStats, num_features: int, kid_subsets: int, device: torch.device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # KID's "saves all features in a buffer": that is the point
+        fid = FrechetInceptionDistance(feature=_Precomputed(num_features)).to(device)
+        kid = _OrderedKID(feature=_Precomputed(num_features), subsets=kid_subsets).to(device)
+    # torchmetrics sums the FID states over ranks and concatenates KID's: rank 0 alone holds the
+    # reference for FID, and each rank a contiguous share of the reference features for KID.
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    if rank == 0:
+        for name, value in _fid_reference_states(stats, device).items():
+            setattr(fid, name, value)
+    if stats.features is not None:
+        share = rank_slice(len(stats.features), rank, world_size)
+        kid.real_features = [torch.from_numpy(np.ascontiguousarray(stats.features[share.start:share.stop])).to(device)]
+    return fid, kid
+
+
+def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature_net: FeatureNetwork, *,
+             kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE, kid_subsets: int = DEFAULT_KID_SUBSETS,
+             batch_size: int = DEFAULT_BATCH_SIZE, device: torch.device | str | None = None, seed: int = 0,
+             total: int | None = None, progress: bool = False) -> dict:
+    """FID and KID of `images` against `reference`.
+
+    `images`: one uint8 numpy (N, H, W, C) array, a torch (N, C, H, W) uint8 tensor or float tensor
+    in [-1, 1] (see `as_uint8_images`), or an iterable of such batches or of (index of the batch's
+    first image, batch) pairs, as `engine.sample.generate_batches` yields them (streamed: nothing
+    but the features is kept). With indices, KID's subsets do not depend on which rank had which
+    images; without, ranks should hold contiguous blocks in rank order (`rank_slice`).
+
+    `reference`: ReferenceStats, a statistics file or an image source (see `load_reference`).
+    `total` only sizes the progress bar. KID draws `kid_subsets` random subsets of
+    `kid_subset_size` (clamped to the numbers available, with a note) from a generator seeded with
+    `seed`; the global generator is left as it was.
+
+    Returns {"fid", "kid", "kid_std", "num_images", "num_reference", "kid_subset_size", "notes"}:
+    kid, kid_std and kid_subset_size are None when KID is unavailable (a note says why);
+    num_reference is None when a mu/sigma-only file does not say. Under torch.distributed this is
+    collective: every rank calls it with its own images (possibly none) and gets the global numbers.
+    """
+    device = _device_of(feature_net, device)
+    feature_net.to(device)
+    if kid_subset_size < 1 or kid_subsets < 1:
+        raise EvaluationError(f"KID needs a subset size and a number of subsets of at least 1, not "
+                              f"{kid_subset_size} and {kid_subsets}")
+    stats = load_reference(reference, feature_net, batch_size=batch_size, device=device, progress=progress)
+    notes = list(stats.notes)
+    dim = feature_net.num_features
+    fid, kid = _metrics(stats, dim, kid_subsets, device)
+    local, shapes, runs = 0, set(), []  # runs: (first index or None, count) per batch
+    for first, features, shape in _features(_image_batches(images, batch_size), feature_net, device, total=total,
+                                            progress=progress, desc="evaluate"):
+        fid.update(features.double(), real=False)  # float64 features: FID comes back in float64
+        kid.update(features, real=False)
+        runs.append((first, len(features)))
+        local += len(features)
+        shapes.add(shape)
+    if local == 0:  # a rank without images still takes part in the gathers
+        empty = torch.zeros(0, dim, dtype=torch.float32, device=device)
+        fid.update(empty.double(), real=False)
+        kid.update(empty, real=False)
+    # One tensor per rank: torchmetrics gathers a list state element by element, so ranks holding
+    # different numbers of batches would issue different numbers of collectives and hang.
+    kid.fake_features = [torch.cat(kid.fake_features)]
+    gathered = all_gather_objects((local, sorted(shapes), runs))
+    num_images = sum(count for count, _, _ in gathered)
+    all_shapes = {tuple(shape) for _, rank_shapes, _ in gathered for shape in rank_shapes}
+    all_runs = [run for _, _, rank_runs in gathered for run in rank_runs]
+    if all_runs and all(first is not None for first, _ in all_runs):  # indexed batches: KID in index order
+        indices = np.concatenate([np.arange(first, first + count) for first, count in all_runs])
+        kid.fake_order = torch.from_numpy(np.argsort(indices, kind="stable")).to(device)
+    if num_images < 2:
+        raise EvaluationError(f"FID needs at least 2 generated images, got {num_images}")
+    if stats.image_shape and all_shapes and all_shapes != {tuple(stats.image_shape)}:
+        shown = ", ".join("x".join(map(str, s)) for s in sorted(all_shapes))
+        notes.append(f"the images are {shown} (C x H x W), the reference's {'x'.join(map(str, stats.image_shape))}")
+    if num_images < dim:
+        notes.append(f"FID from {num_images} images (fewer than the {dim} feature dimensions) is biased upwards; "
+                     "compare FIDs only at equal image counts (10k or 50k are usual)")
+    result = {"fid": float(fid.compute()), "kid": None, "kid_std": None, "num_images": num_images,
+              "num_reference": stats.num_images, "kid_subset_size": None, "notes": notes}
+    num_reference_features = 0 if stats.features is None else len(stats.features)
+    subset = min(kid_subset_size, num_images, num_reference_features)
+    if stats.features is None:
+        notes.append(f"KID is not available: {stats.source} holds only mu and sigma, no reference features; "
+                     "compute the reference with --save-reference to have both")
+    elif subset < 2:
+        notes.append(f"KID is not available: it needs subsets of at least 2 images ({num_images} generated, "
+                     f"{num_reference_features} reference features)")
+    else:
+        if subset < kid_subset_size:
+            notes.append(f"KID subset size {kid_subset_size} clamped to {subset} ({num_images} generated images, "
+                         f"{num_reference_features} reference features)")
+        kid.subset_size = subset
+        # KID draws its subsets from the global CPU generator: seed it, then restore it (torch.manual_seed
+        # would also reseed the CUDA generators, which fork_rng(devices=[]) does not restore)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            kid_mean, kid_std = kid.compute()
+        result.update(kid=float(kid_mean), kid_std=float(kid_std), kid_subset_size=subset)
+    return result
+
+
+def summary(result: dict) -> str:
+    """One line: `FID 12.34  KID 0.0123 ± 0.0004 (N images vs M reference)`."""
+    kid = "n/a" if result["kid"] is None else f"{result['kid']:.4f} ± {result['kid_std']:.4f}"
+    reference = "reference statistics" if result["num_reference"] is None else f"{result['num_reference']} reference"
+    return f"FID {result['fid']:.2f}  KID {kid} ({result['num_images']} images vs {reference})"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _OneLineParser(prog="python -m engine.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("samples", nargs="?", help="generated images: an .npz (arr_0, (N, H, W, C) uint8) or an "
+                                                   "image folder")
+    parser.add_argument("--reference", required=True,
+                        help="a statistics .npz (--save-reference, or mu/sigma from pytorch-fid / ADM), or images: "
+                             "a prepared data set, an image folder, a .tar/.tar.gz of one, the CIFAR-10 python "
+                             "archive, an .npz")
+    parser.add_argument("--save-reference", metavar="OUT.npz", help="write the reference statistics to OUT.npz")
+    parser.add_argument("--inception", metavar="PATH",
+                        help=f"inception-2015-12-05.pt (default: ${INCEPTION_ENV}, else {DEFAULT_INCEPTION})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per feature batch ({DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (auto)")
+    parser.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    parser.add_argument("--num", type=int, help="evaluate only the first N samples")
+    parser.add_argument("--reference-num", type=int, help="compute the reference from its first N images only")
+    parser.add_argument("--max-features", type=int, default=DEFAULT_MAX_FEATURES,
+                        help=f"reference feature rows kept for KID ({DEFAULT_MAX_FEATURES})")
+    parser.add_argument("--kid-subset-size", type=int, default=DEFAULT_KID_SUBSET_SIZE,
+                        help=f"images per KID subset ({DEFAULT_KID_SUBSET_SIZE})")
+    parser.add_argument("--kid-subsets", type=int, default=DEFAULT_KID_SUBSETS,
+                        help=f"KID subsets ({DEFAULT_KID_SUBSETS})")
+    parser.add_argument("--seed", type=int, default=0, help="KID subsets and the reference feature subset (0)")
+    args = parser.parse_args(argv)
+    if args.samples is None and args.save_reference is None:
+        parser.error("give SAMPLES to evaluate, or --save-reference OUT.npz, or both")
+    return args
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    progress_write(f"evaluate: warning: {message}")
+
+
+def _run(args: argparse.Namespace, is_main: bool, device: torch.device) -> None:
+    net = load_feature_network(args.inception, device)
+    stats = load_reference(args.reference, net, num=args.reference_num, max_features=args.max_features,
+                           seed=args.seed, batch_size=args.batch_size, device=device, progress=is_main)
+    if args.save_reference:
+        if is_main:
+            save_reference(stats, args.save_reference)
+            kept = 0 if stats.features is None else len(stats.features)
+            print(f"wrote {args.save_reference}: statistics of {stats.num_images} images from {stats.source} "
+                  f"({net.num_features} features, {kept} rows kept for KID, {net.identity})")
+        if _distributed():
+            dist.barrier()
+    if args.samples is None:
+        return
+    images = open_images(args.samples, num=args.num)
+    share = rank_slice(images.total)
+    result = evaluate(images.read(args.batch_size, share), stats, net, kid_subset_size=args.kid_subset_size,
+                      kid_subsets=args.kid_subsets, batch_size=args.batch_size, device=device, seed=args.seed,
+                      total=len(share), progress=is_main)
+    if not is_main:
+        return
+    for note in result["notes"]:
+        progress_write(f"evaluate: note: {note}")
+    print(summary(result))
+    if args.json:
+        record = {**result, "samples": str(args.samples), "reference": str(args.reference),
+                  "feature_network": net.identity, "world_size": dist.get_world_size() if _distributed() else 1}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(args.json), lambda file: file.write((json.dumps(record, indent=1) + "\n").encode()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    joined_here = not _distributed()  # a caller's process group is the caller's to end
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            context = init_distributed(args.device)
+        except RuntimeError as exn:  # e.g. --device cuda without CUDA
+            print(f"evaluate: error: {exn}", file=sys.stderr)
+            return 2
+        try:
+            _run(args, context.is_main, context.device)
+        except (EvaluationError, DataError) as exn:
+            print(f"evaluate: error: {exn}".replace("\n", " "), file=sys.stderr)
+            return 2
+        finally:
+            if joined_here:
+                shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
