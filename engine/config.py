@@ -107,7 +107,7 @@ class SampleConfig:
     use_ema: bool = True
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
-    compile: Optional[bool] = None  # compile the denoising step (CUDA graphs on CUDA); None = on CUDA only
+    compile: Optional[bool] = None  # compile the denoising step (CUDA graphs on CUDA); None = on CUDA, unsharded models
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from engine import diffusion
 from engine.checkpoint import load_latest_checkpoint
@@ -65,7 +66,9 @@ def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedul
     step = diffusion.denoising_step(denoise, schedule, kernels, sampler=options.sampler, eta=options.eta,
                                     variance=options.variance, clip_denoised=options.clip_denoised,
                                     target=config.diffusion.target)
-    compile_step = device.type == "cuda" if options.compile is None else options.compile
+    # By default on CUDA only, and not for an FSDP-sharded model, whose forward all-gathers (no CUDA graph).
+    compile_step = options.compile if options.compile is not None else (
+        device.type == "cuda" and not isinstance(model, FSDPModule))
     if not compile_step:
         return step
     mode = "reduce-overhead" if device.type == "cuda" else "default"
