@@ -3,13 +3,15 @@ path against Hugging Face diffusers' DDPMPipeline / DDIMPipeline with the same a
 schedule in the same run (the ratio is printed at the end), and one denoising step (UNet forward +
 update) with the PyTorch or (on CUDA) the Triton update kernels.
 
-Ours: the registry's update kernels, bf16 autocast and, on CUDA, the step compiled into a CUDA graph
-(`sample.precision` / `sample.compile` at their defaults). diffusers: its pipelines as documented, with
+Ours: the registry's update kernels, bf16 autocast on CUDA, the step eager or compiled (on CUDA into a
+CUDA graph, engine.sample's default there; on the CPU only with BENCH_COMPILE=1, as compiling takes
+about a minute). diffusers: its pipelines as documented, with
 the UNet in bf16 on CUDA (fp32 on the CPU), progress bars off. On the CPU the runs are shortened (20
 timesteps, 5 DDIM steps) so `make test` can smoke-test them; compare ratios, never CPU times.
 """
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -39,9 +41,13 @@ def record_images_per_sec(benchmark, images: int) -> None:
         benchmark.extra_info["images_per_sec"] = images / benchmark.stats.stats.median
 
 
+@pytest.mark.parametrize("variant", ["eager", "compiled"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sampling_run(benchmark, device, bench_config, batch_size, sampler):
+def test_sampling_run(benchmark, device, bench_config, batch_size, sampler, variant):
+    if variant == "compiled" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
+        pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (about a minute per sampler)")
     config = run_config(bench_config, device, sampler)
+    config.sample.compile = variant == "compiled"  # on CUDA, the compiled step is a CUDA-graph replay
     torch.manual_seed(0)
     model = build_unet(config, device).eval()
     schedule = schedule_from_config(config.diffusion).to(device)

@@ -17,7 +17,6 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-
 from typing import Iterator
 
 import numpy as np
