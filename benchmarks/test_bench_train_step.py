@@ -41,7 +41,8 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def record_throughput(benchmark, device: torch.device, batch_size: int, flops_per_image: float) -> None:
+def record_throughput(benchmark, device: torch.device, batch_size: int, flops_per_image: float,
+                      precision: torch.dtype) -> None:
     benchmark.extra_info["gflops_per_image"] = flops_per_image / 1e9
     if benchmark.stats is None:  # --benchmark-disable: one untimed call, no statistics
         return
@@ -49,7 +50,7 @@ def record_throughput(benchmark, device: torch.device, batch_size: int, flops_pe
     benchmark.extra_info["images_per_sec"] = images_per_sec
     if device.type == "cuda":
         benchmark.extra_info["peak_memory_gb"] = peak_memory_gb(device)
-        peak = peak_bf16_flops(device)
+        peak = peak_bf16_flops(device) if precision == torch.bfloat16 else None  # the table holds bf16 peaks
         if peak is not None:
             benchmark.extra_info["mfu"] = mfu(flops_per_image, images_per_sec, 1, peak)
 
@@ -118,7 +119,7 @@ def _time_train_step(benchmark, device, config, schedule, batch_size, flops_per_
         benchmark.extra_info["compare"] = "diffusers train step"  # the ratio in the terminal summary
     loss = benchmark(synchronized(step, device))
     assert torch.isfinite(loss)
-    record_throughput(benchmark, device, batch_size, flops_per_image)
+    record_throughput(benchmark, device, batch_size, flops_per_image, precision)
 
 
 # ----------------------------------------------------------------------------- the diffusers baseline
@@ -188,7 +189,7 @@ def test_train_step_diffusers(benchmark, device, bench_config, batch_size, flops
     benchmark.extra_info["parameters_ours"] = ours_parameters
     loss = benchmark(synchronized(step, device))
     assert torch.isfinite(loss)
-    record_throughput(benchmark, device, batch_size, their_flops)
+    record_throughput(benchmark, device, batch_size, their_flops, weight_dtype)
 
 
 def test_ema_update(benchmark, device, bench_config):
