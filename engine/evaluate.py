@@ -1,7 +1,7 @@
 """FID and KID of generated images against a reference set, with the FID Inception network.
 
     python -m engine.evaluate SAMPLES --reference REF [--inception PATH] [--batch-size N]
-                              [--device auto|cpu|cuda] [--json OUT.json] [--num N]
+                              [--device auto|cpu|cuda] [--json OUT.json] [--num-images N]
                               [--kid-subset-size N] [--kid-subsets N] [--seed S]
     python -m engine.evaluate --save-reference OUT.npz --reference SOURCE [--reference-num N]
                               [--max-features N]
@@ -729,7 +729,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"images per feature batch ({DEFAULT_BATCH_SIZE})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (auto)")
     parser.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
-    parser.add_argument("--num", type=int, help="evaluate only the first N samples")
+    # --num-images, not --num: torchrun's own parser takes --num for its --numa-binding
+    parser.add_argument("--num-images", "--num", dest="num", type=int, help="evaluate only the first N samples")
     parser.add_argument("--reference-num", type=int, help="compute the reference from its first N images only")
     parser.add_argument("--max-features", type=int, default=DEFAULT_MAX_FEATURES,
                         help=f"reference feature rows kept for KID ({DEFAULT_MAX_FEATURES})")
