@@ -22,7 +22,7 @@ class DistributedContext:
 
     @property
     def is_distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return is_distributed()
 
 
 def choose_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -56,9 +56,19 @@ def init_distributed(requested_device: str = "auto") -> DistributedContext:
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def is_distributed() -> bool:
+    """Whether this process is in an initialised process group (under torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) outside one."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
 def all_gather_objects(value) -> list:
     """`value` from every rank, in rank order (just [value] outside torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [value]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
@@ -67,7 +77,7 @@ def all_gather_objects(value) -> list:
 
 def gather_to_main(value) -> list | None:
     """`value` from every rank, in rank order, on rank 0 only (None elsewhere); [value] outside torchrun."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [value]
     gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(value, gathered, dst=0)

@@ -57,7 +57,9 @@ from engine.checkpoint import atomic_write
 from engine.data import DataError
 from engine.data.prepare import MANIFEST_NAME, read_manifest
 from engine.data.sources import IMAGE_EXTENSIONS, TAR_SUFFIXES, decode_image, open_source
-from engine.distributed import all_gather_objects, init_distributed, shutdown_distributed
+from engine.distributed import (all_gather_objects, init_distributed, is_distributed, rank_and_world_size,
+                                shutdown_distributed)
+from engine.images import unit_range_to_uint8
 from engine.progress import progress_bar
 from engine.progress import write as progress_write
 
@@ -185,7 +187,7 @@ def as_uint8_images(images: np.ndarray | Tensor) -> Tensor:
         if images.dtype == torch.uint8:
             return images
         if images.is_floating_point():
-            return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            return unit_range_to_uint8(images)
         raise EvaluationError(f"torch images must be uint8 or float in [-1, 1], not {images.dtype}")
     raise EvaluationError(f"images must be a numpy array or a torch tensor, not {type(images).__name__}")
 
@@ -518,10 +520,6 @@ def _load_reference_here(reference: str | Path, feature_net: FeatureNetwork, **o
     return stats
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def load_reference(reference: str | Path | ReferenceStats, feature_net: FeatureNetwork, *, num: int | None = None,
                    max_features: int = DEFAULT_MAX_FEATURES, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                    device: torch.device | str | None = None, progress: bool = False) -> ReferenceStats:
@@ -533,7 +531,7 @@ def load_reference(reference: str | Path | ReferenceStats, feature_net: FeatureN
         return reference
     options = {"num": num, "max_features": max_features, "seed": seed, "batch_size": batch_size, "device": device,
                "progress": progress}
-    if not _distributed():
+    if not is_distributed():
         return _load_reference_here(reference, feature_net, **options)
     box: list = [None]
     if dist.get_rank() == 0:
@@ -581,7 +579,7 @@ class _Precomputed(nn.Module):
 def rank_slice(num_images: int, rank: int | None = None, world_size: int | None = None) -> range:
     """Rank `rank`'s contiguous share of images 0..num_images-1 (the current process's by default)."""
     if rank is None or world_size is None:
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        rank, world_size = rank_and_world_size()
     return range(num_images * rank // world_size, num_images * (rank + 1) // world_size)
 
 
@@ -604,7 +602,7 @@ def _metrics(stats: ReferenceStats, num_features: int, kid_subsets: int, device:
         kid = _OrderedKID(feature=_Precomputed(num_features), subsets=kid_subsets).to(device)
     # torchmetrics sums the FID states over ranks and concatenates KID's: rank 0 alone holds the
     # reference for FID, and each rank a contiguous share of the reference features for KID.
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    rank, world_size = rank_and_world_size()
     if rank == 0:
         for name, value in _fid_reference_states(stats, device).items():
             setattr(fid, name, value)
@@ -759,7 +757,7 @@ def _run(args: argparse.Namespace, is_main: bool, device: torch.device) -> None:
             kept = 0 if stats.features is None else len(stats.features)
             print(f"wrote {args.save_reference}: statistics of {stats.num_images} images from {stats.source} "
                   f"({net.num_features} features, {kept} rows kept for KID, {net.identity})")
-        if _distributed():
+        if is_distributed():
             dist.barrier()
     if args.samples is None:
         return
@@ -775,14 +773,14 @@ def _run(args: argparse.Namespace, is_main: bool, device: torch.device) -> None:
     print(summary(result))
     if args.json:
         record = {**result, "samples": str(args.samples), "reference": str(args.reference),
-                  "feature_network": net.identity, "world_size": dist.get_world_size() if _distributed() else 1}
+                  "feature_network": net.identity, "world_size": rank_and_world_size()[1]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(Path(args.json), lambda file: file.write((json.dumps(record, indent=1) + "\n").encode()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    joined_here = not _distributed()  # a caller's process group is the caller's to end
+    joined_here = not is_distributed()  # a caller's process group is the caller's to end
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:

@@ -10,10 +10,14 @@ import torch
 from PIL import Image
 
 
+def unit_range_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] -> uint8 levels 0..255, rounding to the nearest level; the layout is kept."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8, rounding to the nearest level."""
-    scaled = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return scaled.permute(0, 2, 3, 1).cpu().numpy()
+    return unit_range_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from engine import diffusion
@@ -29,7 +28,7 @@ from engine.checkpoint import load_latest_checkpoint
 from engine.config import Config, ConfigError, config_from_dict
 from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
 from engine.distributed import (all_gather_objects, compute_dtype, gather_to_main, init_distributed,
-                                shutdown_distributed)
+                                rank_and_world_size, shutdown_distributed)
 from engine.images import save_grid, save_image, to_uint8
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule, schedule_from_config
@@ -131,7 +130,7 @@ def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, ke
 
     Under torch.distributed every rank draws its share (`generate_batches`) and the shares are gathered.
     """
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world_size = rank_and_world_size()
     mine = list(generate_batches(model, config, schedule, kernels, num_images=num_images, batch_size=batch_size,
                                  seed=seed, device=device, rank=rank, world_size=world_size, step=step,
                                  progress=progress and rank == 0))

@@ -335,8 +335,9 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
                           step=sampler_step)
         if not is_main:
             return None
+        images = to_uint8(images)  # once, for the PNG and TensorBoard
         if metrics is not None:
-            metrics.add_image("samples", make_grid(to_uint8(images)), step)
+            metrics.add_image("samples", make_grid(images), step)
         return save_grid(images, run_dir / "samples" / name)
 
     evaluate_now = build_evaluation(config, run_dir, sampler_model, schedule, kernels, context, log, metrics)
