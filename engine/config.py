@@ -101,7 +101,13 @@ class SampleConfig:
     steps: Optional[int] = None  # ddim steps; ddpm always runs all num_timesteps
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = ddpm-like noise
     variance: Literal["fixed_large", "fixed_small"] = "fixed_large"  # ddpm: beta_t or posterior
-    clip_denoised: bool = True  # clip the predicted x0 to [-1, 1]
+    clip_denoised: bool = True  # clip the predicted x0 to [-1, 1] (or threshold it: `thresholding`)
+    # ddim: the direction term from the network's eps (false: the DDIM paper, diffusers' default) or from the eps
+    # of the clipped x0 (true: improved-diffusion); true keeps an undertrained model's x0 overshoot as noise (issue 12)
+    use_clipped_model_output: bool = False
+    thresholding: Literal["static", "dynamic"] = "static"  # dynamic: Imagen's per-sample quantile rescaling of x0
+    dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| that dynamic thresholding maps to 1
+    timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"  # ddim timesteps, as diffusers names them
     num_images: int = 64  # images in the grid written during training
     batch_size: int = 64
     use_ema: bool = True
@@ -180,7 +186,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
-        _apply_override(raw, override, where)
+        apply_override(raw, override, where)
     config = _build(Config, raw, prefix="", where=where)
     if not config.train.run_dir:
         config.train.run_dir = str(Path("runs") / path.stem)
@@ -195,7 +201,8 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
     return config
 
 
-def _apply_override(raw: dict, override: str, where: str) -> None:
+def apply_override(raw: dict, override: str, where: str) -> None:
+    """Set `section.key=value` (the value read as YAML) in a raw config dict."""
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -366,6 +373,8 @@ def validate(config: Config, where: str) -> None:
         require(sample.sampler == "ddim" or sample.steps == diffusion.num_timesteps, "sample.steps",
                 f"applies to the ddim sampler; ddpm always runs all {diffusion.num_timesteps} steps")
     require(sample.eta >= 0, "sample.eta", f"must be >= 0, got {sample.eta}")
+    require(0.5 <= sample.dynamic_thresholding_ratio <= 1.0, "sample.dynamic_thresholding_ratio",
+            f"must be in [0.5, 1] (a quantile of |x0|), got {sample.dynamic_thresholding_ratio}")
     require(sample.num_images > 0, "sample.num_images", f"must be positive, got {sample.num_images}")
     require(sample.batch_size > 0, "sample.batch_size", f"must be positive, got {sample.batch_size}")
     require(0 <= sample.seed < 2**31, "sample.seed", f"must be in [0, 2**31) (it keys the noise), got {sample.seed}")

@@ -260,7 +260,8 @@ def diffusers_scheduler_config(config: Config | dict[str, Any]) -> dict[str, Any
         "beta_start": diffusion["beta_start"], "beta_end": diffusion["beta_end"],  # read for the linear ones only
         "trained_betas": None, "variance_type": sample["variance"], "clip_sample": sample["clip_denoised"],
         "clip_sample_range": 1.0, "prediction_type": TARGET_TO_PREDICTION[diffusion["target"]],
-        "thresholding": False, "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False,
+        "thresholding": False, "timestep_spacing": sample.get("timestep_spacing", "linspace"), "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
     }
 
 
@@ -508,6 +509,8 @@ def diffusion_fields_from_scheduler_config(scheduler_config: dict[str, Any], whe
         if variance not in VARIANCE_TYPES:
             raise refuse("variance_type", "ours has fixed_small and fixed_large (no learned variance)")
         sample["variance"] = VARIANCE_TYPES[variance]
+    if cfg.get("timestep_spacing") in ("linspace", "leading", "trailing") and not cfg.get("steps_offset"):
+        sample["timestep_spacing"] = cfg["timestep_spacing"]  # the DDIM timesteps the folder's author chose
     return diffusion, sample
 
 

@@ -133,25 +133,63 @@ def posterior_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, 
 
 
 def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, eps: torch.Tensor,
-              noise: torch.Tensor | None, *, eta: float = 0.0, clip_denoised: bool = False) -> torch.Tensor:
+              noise: torch.Tensor | None, *, eta: float = 0.0, clip_denoised: bool = False,
+              use_clipped_model_output: bool = False) -> torch.Tensor:
     """One DDIM update from t to t_prev (Song et al. 2021, eq. 12); t_prev = -1 means the data end (abar = 1)."""
-    return ddim_step_op.formula(x_t, eps, t, t_prev, noise, schedule.alphas_cumprod, eta, clip_denoised)
+    return ddim_step_op.formula(x_t, eps, t, t_prev, noise, schedule.alphas_cumprod, eta, clip_denoised,
+                                use_clipped_model_output)
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly spaced over [0, T-1], first and last included, in ascending order."""
+def dynamic_threshold(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, ratio: float,
+                      use_clipped_model_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022, sec. 2.3) as inputs for the update kernels.
+
+    Per sample, s = max(1, the `ratio` quantile of |x_0|) and x_0 <- clip(x_0, -s, s) / s. Returns
+    (x_t', eps') whose implied x_0 = (x_t' - sqrt(1 - abar) eps') / sqrt(abar) is that x_0, so the
+    kernels' own clipping is a no-op on it: eps' is the network's eps (x_t' re-noised from x_0 with it)
+    or, with `use_clipped_model_output`, the eps re-derived from x_0 (then x_t' = x_t; the DDPM
+    posterior mean always takes this form, as it needs the true x_t).
+    """
+    x0 = predict_x0_from_eps(schedule, x_t, t, eps)
+    magnitude = x0.abs().flatten(1).to(torch.promote_types(x0.dtype, torch.float32))  # quantile needs float32+
+    s = torch.quantile(magnitude, ratio, dim=1).clamp_min(1.0).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    x0 = torch.minimum(torch.maximum(x0, -s), s) / s
+    if use_clipped_model_output:
+        return x_t, predict_eps_from_x0(schedule, x_t, t, x0)
+    renoised = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * eps
+    return renoised, eps
+
+
+SPACINGS = ("linspace", "leading", "trailing")  # diffusers' `timestep_spacing` names
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """`steps` timesteps in ascending order, spaced as diffusers' `timestep_spacing` of that name does.
+
+    linspace: evenly over [0, T-1], both ends included; leading: 0, k, 2k, ... with k = T // steps
+    (diffusers' default; it never starts at T-1); trailing: ..., T-1-k, T-1 (starts at T-1, as
+    Lin et al. 2024 recommend).
+    """
     if not 0 < steps <= num_timesteps:
         raise ValueError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
-    if steps == 1:
-        return [num_timesteps - 1]
-    return sorted({int(round(x)) for x in np.linspace(0, num_timesteps - 1, steps)})
+    if spacing == "linspace":
+        chosen = np.linspace(0, num_timesteps - 1, steps).round() if steps > 1 else [num_timesteps - 1]
+    elif spacing == "leading":
+        chosen = np.arange(steps) * (num_timesteps // steps)
+    elif spacing == "trailing":
+        chosen = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return sorted({int(x) for x in chosen})
 
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, t_prev, keys) -> x_prev
 
 
 def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *, sampler: str = "ddpm", eta: float = 0.0,
-                   variance: str = "fixed_large", clip_denoised: bool = True, target: str = "eps",
+                   variance: str = "fixed_large", clip_denoised: bool = True, use_clipped_model_output: bool = False,
+                   thresholding: str = "static", dynamic_thresholding_ratio: float = 0.995, target: str = "eps",
                    dtype: torch.dtype = torch.float32,
                    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Step:
     """One reverse step, the network and the update kernel, as a function of tensors only.
@@ -159,29 +197,40 @@ def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *
     Everything that varies between steps and batches (x_t, t, t_prev, the noise keys) is an argument,
     so the function can be compiled, or captured in a CUDA graph, once and replayed at every step of
     every batch. DDPM ignores t_prev (it always steps to t - 1); no noise is added at t = 0.
+    With `clip_denoised`, the predicted x_0 is clipped to [-1, 1] (`thresholding="static"`) or
+    dynamically thresholded; DDIM's direction term then takes the network's eps, or with
+    `use_clipped_model_output` the eps of the clipped x_0 (see kernels/ddim_step.py).
     `on_step(t, x_t, eps)`, if given, sees every step's input and predicted noise (plots use it).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    if thresholding not in ("static", "dynamic"):
+        raise ValueError(f"unknown thresholding {thresholding!r}; choose static or dynamic")
     tables = posterior_step_op.schedule_tables(schedule, variance) if sampler == "ddpm" else None
+    dynamic = clip_denoised and thresholding == "dynamic"
 
     def step(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         eps = eps_from_model_output(schedule, x, t, model(x, t).to(dtype), target)
         if on_step is not None:
             on_step(int(t[0]), x, eps)
+        if dynamic:
+            x, eps = dynamic_threshold(schedule, x, t, eps, dynamic_thresholding_ratio,
+                                       use_clipped_model_output or tables is not None)
         if tables is not None:
             return kernels.posterior_step(x, eps, t, keys, *tables, clip_denoised)
-        return kernels.ddim_step(x, eps, t, t_prev, keys, schedule.alphas_cumprod, float(eta), clip_denoised)
+        return kernels.ddim_step(x, eps, t, t_prev, keys, schedule.alphas_cumprod, float(eta), clip_denoised,
+                                 use_clipped_model_output)
 
     return step
 
 
-def sampling_timesteps(num_timesteps: int, sampler: str, steps: int | None = None) -> list[tuple[int, int]]:
-    """The (t, t_prev) pairs a sampler visits, from T-1 down to the data (t_prev = -1 at the end)."""
+def sampling_timesteps(num_timesteps: int, sampler: str, steps: int | None = None,
+                       spacing: str = "linspace") -> list[tuple[int, int]]:
+    """The (t, t_prev) pairs a sampler visits, from its first timestep down to the data (t_prev = -1 at the end)."""
     if sampler == "ddpm":
         descending = list(range(num_timesteps - 1, -1, -1))
     elif sampler == "ddim":
-        descending = ddim_timesteps(num_timesteps, steps or num_timesteps)[::-1]
+        descending = ddim_timesteps(num_timesteps, steps or num_timesteps, spacing)[::-1]
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     return list(zip(descending, descending[1:] + [-1]))
@@ -189,14 +238,13 @@ def sampling_timesteps(num_timesteps: int, sampler: str, steps: int | None = Non
 
 @torch.no_grad()
 def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tuple[int, ...], *, seed: int = 0,
-           first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-           variance: str = "fixed_large", clip_denoised: bool = True, target: str = "eps",
+           first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, timestep_spacing: str = "linspace",
            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-           step: Step | None = None) -> torch.Tensor:
+           step: Step | None = None, **step_options) -> torch.Tensor:
     """Draw images from pure noise with DDPM ancestral sampling or DDIM, through the resolved kernels.
 
-    `step` is a prebuilt (e.g. compiled) `denoising_step` for these settings; by default one is built.
+    `step` is a prebuilt (e.g. compiled) `denoising_step` for these settings; by default one is built
+    from `step_options` (eta, variance, clipping, target, on_step: `denoising_step`'s keywords).
 
     Image i of the batch is image number `first_index + i` of the seed: its noise (x_T and every
     step's z) is keyed by (seed, that number), so a set of images does not depend on how it is
@@ -207,9 +255,8 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
     x_end = torch.full((batch,), schedule.num_timesteps, device=device)  # x_T uses the counter t = T
     x = randn(keys, x_end, numel).view(shape).to(dtype)
     if step is None:
-        step = denoising_step(model, schedule, kernels, sampler=sampler, eta=eta, variance=variance,
-                              clip_denoised=clip_denoised, target=target, dtype=dtype, on_step=on_step)
-    pairs = sampling_timesteps(schedule.num_timesteps, sampler, steps)
+        step = denoising_step(model, schedule, kernels, sampler=sampler, dtype=dtype, **step_options)
+    pairs = sampling_timesteps(schedule.num_timesteps, sampler, steps, timestep_spacing)
     times = torch.tensor(pairs, device=device, dtype=torch.long)  # one copy to the device, not two per step
     for index in progress_bar(range(len(pairs)), desc=sampler, disable=not progress, leave=False):
         t, t_prev = times[index, 0].expand(batch), times[index, 1].expand(batch)

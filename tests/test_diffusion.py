@@ -152,3 +152,72 @@ def test_sampling_is_seeded_and_independent_of_the_batch_split(schedule, kernels
     assert not torch.equal(run(1), run(2))
     halves = torch.cat([run(1, (2, 1, 2, 2), 0), run(1, (2, 1, 2, 2), 2)])
     assert torch.equal(halves, run(1))  # image i is keyed by (seed, i), not by its batch
+
+
+# ----------------------------------------------------------------------------- DDIM options against diffusers (issue 12)
+
+
+def _ddim_inputs(schedule, seed=3, shape=(6, 3, 4, 4), scale=3.0):
+    """x_t and an eps whose implied x0 overshoots [-1, 1], as an undertrained network's does."""
+    x0, eps, t = _batch(seed, shape)
+    x_t = diffusion.q_sample(schedule, x0 * scale, t, eps)
+    eps_hat = eps + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return x_t, eps_hat
+
+
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+@pytest.mark.parametrize("thresholding", ["static", "dynamic"])
+def test_ddim_steps_equal_diffusers_ddim_scheduler_for_both_eps_conventions(schedule, kernels, use_clipped_model_output,
+                                                                           thresholding):
+    diffusers = pytest.importorskip("diffusers")
+    # sample_max_value unbounded: Imagen's s = max(1, quantile), which diffusers caps at sample_max_value
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=True,
+                                        thresholding=thresholding == "dynamic", sample_max_value=1e9)
+    scheduler.set_timesteps(50)
+    scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()  # theirs are float32: compare the maths in float64
+    x_t, eps_hat = _ddim_inputs(schedule)
+    step = diffusion.denoising_step(lambda x, t: eps_hat, schedule, kernels, sampler="ddim", clip_denoised=True,
+                                    use_clipped_model_output=use_clipped_model_output, thresholding=thresholding,
+                                    dtype=torch.float64)
+    for timestep in (980, 500, 20, 0):
+        t = torch.full((6,), timestep)
+        ours = step(x_t, t, t - 20, noise_keys(0, torch.arange(6)))
+        theirs = scheduler.step(eps_hat, timestep, x_t, eta=0.0, use_clipped_model_output=use_clipped_model_output)
+        torch.testing.assert_close(ours, theirs.prev_sample, rtol=1e-9, atol=1e-9)
+
+
+def test_the_two_eps_conventions_differ_once_x0_is_clipped(schedule):
+    x_t, eps_hat = _ddim_inputs(schedule)
+    t = torch.full((6,), 500)
+    network_eps = diffusion.ddim_step(schedule, x_t, t, t - 20, eps_hat, None, clip_denoised=True)
+    clipped_eps = diffusion.ddim_step(schedule, x_t, t, t - 20, eps_hat, None, clip_denoised=True,
+                                      use_clipped_model_output=True)
+    unclipped = [diffusion.ddim_step(schedule, x_t, t, t - 20, eps_hat, None, use_clipped_model_output=flag)
+                 for flag in (False, True)]
+    assert (network_eps - clipped_eps).abs().max() > 0.01
+    torch.testing.assert_close(*unclipped)  # without clipping the flag changes nothing
+
+
+def test_dynamic_thresholding_rescales_each_sample_by_its_own_quantile(schedule):
+    x_t, eps_hat = _ddim_inputs(schedule)
+    t = torch.full((6,), 300)
+    for clipped in (False, True):
+        x_in, eps_in = diffusion.dynamic_threshold(schedule, x_t, t, eps_hat, 0.9, clipped)
+        x0 = diffusion.predict_x0_from_eps(schedule, x_in, t, eps_in)
+        raw = diffusion.predict_x0_from_eps(schedule, x_t, t, eps_hat)
+        s = torch.quantile(raw.abs().flatten(1), 0.9, dim=1).clamp_min(1.0).view(-1, 1, 1, 1)
+        torch.testing.assert_close(x0, raw.clamp(-s, s) / s)
+        assert x0.abs().max() <= 1 + 1e-9
+        assert torch.equal(eps_in, eps_hat) != clipped  # the network's eps kept, or the thresholded x0's
+
+
+@pytest.mark.parametrize("spacing", diffusion.SPACINGS)
+@pytest.mark.parametrize("steps", [1, 7, 50, 333, 1000])
+def test_ddim_timesteps_are_diffusers_spacings(spacing, steps):
+    diffusers = pytest.importorskip("diffusers")
+    if spacing == "linspace" and steps == 1:  # theirs is [0], a single step that skips the whole process
+        assert diffusion.ddim_timesteps(T, 1, spacing) == [T - 1]
+        return
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    assert diffusion.ddim_timesteps(T, steps, spacing) == sorted(int(t) for t in scheduler.timesteps)

@@ -184,6 +184,19 @@ def test_neighbouring_noise_elements_are_uncorrelated(source):
         assert abs(corr(a**2, b**2)) < bound, f"lag {lag}, squares"  # independent, not only uncorrelated
 
 
+def test_the_samplers_x_T_has_no_spatial_or_cross_channel_structure():
+    """x_T as the samplers draw it (t = T) in an image's layout: pixel neighbours, channels and the
+    per-image colour means behave as independent normals (issue 12 suspected the noise; it is not that)."""
+    keys = noise.noise_keys(SEED, torch.arange(256))
+    x = noise.randn(keys, torch.full((256,), 1000), 3 * 32 * 32, dtype=torch.float64).view(256, 3, 32, 32)
+    pairs = {"horizontal": (x[..., 1:], x[..., :-1]), "vertical": (x[..., 1:, :], x[..., :-1, :]),
+             "channels 0-1": (x[:, 0], x[:, 1]), "channels 1-2": (x[:, 1], x[:, 2]), "channels 0-2": (x[:, 0], x[:, 2])}
+    for name, (a, b) in pairs.items():
+        assert abs(corr(a, b)) < 5 / math.sqrt(a.numel()), name
+    means = x.mean((2, 3)).flatten()  # a colour cast per image would inflate their variance
+    assert abs(means.var().item() * 1024 - 1) < 5 * math.sqrt(2 / means.numel())
+
+
 @pytest.mark.parametrize("shape", [(3, 35), (2, 3, 5, 7), (1, 1), (2, 6)], ids=str)
 def test_triton_noise_equals_the_spec_to_float32_rounding(shape):
     keys = noise.noise_keys(SEED, torch.arange(shape[0]) + 40)
@@ -351,8 +364,8 @@ def opcheck_case(case: str) -> tuple:
                                                         False)),
         "posterior_step-clipped": lambda: (ops.posterior_step, (batch(), batch(), t, keys,
                                                                 *schedule_tables(s, "fixed_small"), True)),
-        "ddim_step": lambda: (ops.ddim_step, (batch(), batch(), t, t_prev, keys, s.alphas_cumprod, 0.5, False)),
-        "ddim_step-eta0-clipped": lambda: (ops.ddim_step, (batch(), batch(), t, t_prev, keys, s.alphas_cumprod, 0.0, True)),
+        "ddim_step": lambda: (ops.ddim_step, (batch(), batch(), t, t_prev, keys, s.alphas_cumprod, 0.5, False, False)),
+        "ddim_step-eta0-clipped": lambda: (ops.ddim_step, (batch(), batch(), t, t_prev, keys, s.alphas_cumprod, 0.0, True, False)),
     }
     return cases[case]()
 
@@ -426,7 +439,7 @@ def test_compiled_sampler_steps_match_eager_without_graph_breaks():
     @torch.no_grad()
     def sample_steps(x, t, t_prev, keys):
         x = ops.posterior_step(x, model(x), t, keys, *posterior_tables, True)
-        return ops.ddim_step(x, model(x), t_prev, t_prev - 50, keys, s.alphas_cumprod, 0.5, False)
+        return ops.ddim_step(x, model(x), t_prev, t_prev - 50, keys, s.alphas_cumprod, 0.5, False, False)
 
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(sample_steps, backend=counter, fullgraph=True)
