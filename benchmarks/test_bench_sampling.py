@@ -18,12 +18,12 @@ import torch
 
 from benchmarks.conftest import diffusers_unet, synchronized
 from engine.diffusers_format import diffusers_scheduler_config, unet_to_diffusers
-from engine.sample import generate, resolve_kernels_from_config, sampling_step
+from engine.sample import generate, sampling_step
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet
 from kernels.noise import noise_keys
 from kernels.posterior_step import schedule_tables
-from kernels.registry import resolve_kernels
+from kernels.registry import resolve_kernels, resolve_kernels_from_config
 
 
 def run_config(bench_config, device, sampler):
@@ -121,7 +121,7 @@ def test_sampling_step(benchmark, device, bench_config, schedule, batch_size, sa
             eps = model(x, t).float()
         if sampler == "ddpm":
             return kernels.posterior_step(x, eps, t, keys, *tables, True)
-        return kernels.ddim_step(x, eps, t, t - 10, keys, schedule.alphas_cumprod, 0.0, True)
+        return kernels.ddim_step(x, eps, t, t - 10, keys, schedule.alphas_cumprod, 0.0, True, False)
 
     step()
     benchmark.group = "sampling_step"

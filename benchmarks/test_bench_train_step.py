@@ -1,5 +1,7 @@
-"""One optimizer step of the UNet (forward, loss, backward, clip, Adam, EMA), eager vs torch.compile,
-with the PyTorch or the Triton kernels for q_sample_uint8 and the fused loss; and, as the baseline,
+"""One optimizer step of the UNet, timed as the engine's own `engine.trainer.train_step` (forward, the fused
+loss, backward, clip, Adam, EMA) on the trainer `build_trainer` makes from the preset: eager vs torch.compile
+(whole model or per block), the PyTorch or the Triton kernels for q_sample_uint8 and the fused loss,
+fp32 vs bf16, each attention backend, NCHW vs channels_last; and, as the baseline,
 the same architecture as Hugging Face diffusers' UNet2DModel trained the way its
 `train_unconditional` example does (skipped when diffusers is not installed; it is no dependency).
 
@@ -23,12 +25,11 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import diffusers_unet, synchronized
 from engine.diffusers_format import diffusers_scheduler_config
-from engine import diffusion
+from engine.distributed import DistributedContext
 from engine.ema import build_ema, update_ema
 from engine.throughput import count_flops_per_image, mfu, model_flops_per_image, peak_bf16_flops, peak_memory_gb
+from engine.trainer import build_trainer, train_step
 from engine.unet import build_unet, count_parameters
-from kernels.noise import noise_keys
-from kernels.registry import resolve_kernels
 
 
 @pytest.fixture(scope="module")
@@ -56,70 +57,67 @@ def record_throughput(benchmark, device: torch.device, batch_size: int, flops_pe
 
 
 @pytest.mark.parametrize("kernel_impl", ["pytorch", "triton"])
-@pytest.mark.parametrize("variant", ["eager", "compiled"])
-def test_train_step(benchmark, device, bench_config, schedule, batch_size, flops_per_image, variant, kernel_impl):
-    if variant == "compiled" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
+@pytest.mark.parametrize("variant", ["eager", "compiled-model", "compiled-blocks"])
+def test_train_step(benchmark, device, bench_config, batch_size, flops_per_image, variant, kernel_impl):
+    if variant != "eager" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
         pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (minutes)")
     if kernel_impl == "triton" and device.type != "cuda":
         pytest.skip("the Triton kernels are timed on CUDA (tests check them in the interpreter)")
-    precision = torch.bfloat16 if device.type == "cuda" else torch.float32
-    _time_train_step(benchmark, device, bench_config, schedule, batch_size, flops_per_image, "train_step",
-                     compiled=variant == "compiled", kernel_impl=kernel_impl, precision=precision)
+    compiled, _, scope = variant.partition("-")
+    config = configured(bench_config, batch_size, precision="auto", compile=compiled == "compiled",
+                        compile_scope=scope or "model", kernels=kernel_impl)
+    time_train_step(benchmark, config, flops_per_image, "train_step")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "xformers", "math"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_train_step_precision_and_attention(benchmark, device, bench_config, schedule, batch_size, flops_per_image,
-                                            precision, attention):
-    """Eager steps with the default kernels: fp32 vs bf16 autocast, and each attention backend."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_step_precision_and_attention(benchmark, device, bench_config, batch_size, flops_per_image,
+                                            precision, attention, channels_last):
+    """Eager steps with the default kernels: fp32 vs bf16 autocast, each attention backend, NCHW vs NHWC."""
     if attention == "xformers" and (device.type != "cuda" or importlib.util.find_spec("xformers") is None):
         pytest.skip("xformers runs on CUDA only, with the xformers extra installed")
-    config = dataclasses.replace(bench_config, model=dataclasses.replace(bench_config.model, attention_backend=attention))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    _time_train_step(benchmark, device, config, schedule, batch_size, flops_per_image, "train_step_options",
-                     compiled=False, kernel_impl="auto", precision=dtype)
+    if channels_last and attention != "sdpa":
+        pytest.skip("the memory format is measured with the default attention only")
+    config = configured(bench_config, batch_size, precision=precision, attention=attention, channels_last=channels_last)
+    time_train_step(benchmark, config, flops_per_image, "train_step_options")
 
 
-def _time_train_step(benchmark, device, config, schedule, batch_size, flops_per_image, group, *, compiled: bool,
-                     kernel_impl: str, precision: torch.dtype) -> None:
-    kernels = resolve_kernels({"q_sample_uint8": kernel_impl, "noise_loss": kernel_impl}, device, check=False)
-    torch.manual_seed(0)
-    model = build_unet(config, device)
-    ema = build_ema(model, config.train.ema_decay)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None, foreach=None if fused else True)
-    forward = torch.compile(model) if compiled else model
+def configured(config, batch_size: int, *, kernels: str = "auto", attention: str | None = None, **train):
+    """The benchmark preset with one step's knobs set, as a user sets them in a config."""
+    kernel_choices = dataclasses.replace(config.kernels, q_sample_uint8=kernels, noise_loss=kernels, check=False)
+    model = dataclasses.replace(config.model, attention_backend=attention or config.model.attention_backend)
+    return dataclasses.replace(config, model=model, kernels=kernel_choices,
+                               train=dataclasses.replace(config.train, batch_size=batch_size, **train))
+
+
+def time_train_step(benchmark, config, flops_per_image: float, group: str) -> None:
+    """Times `engine.trainer.train_step` on the trainer `engine.trainer.build_trainer` makes: the code training
+    runs (gradient accumulation, non-finite skipping, per-step inputs, the EMA), fed a fixed uint8 batch."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    trainer = build_trainer(config, DistributedContext(rank=0, local_rank=0, world_size=1, device=device))
     size, channels = config.data.image_size, config.data.channels
-    images = torch.randint(0, 256, (batch_size, channels, size, size), dtype=torch.uint8, device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    keys = noise_keys(0, torch.arange(batch_size, device=device))
-    autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
+    batch = {"image": torch.randint(0, 256, (trainer.micro_batch, channels, size, size), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(0)).to(device), "skipped": 0}
+    steps = iter(range(10**9))
+    trainer.train_model.train()
 
     def step():
-        flip = torch.rand(batch_size, generator=generator, device=device) < 0.5
-        t = diffusion.sample_timesteps(batch_size, schedule.num_timesteps, "uniform", generator=generator, device=device)
-        with autocast:
-            loss = diffusion.training_loss(forward, kernels, schedule, images, flip, t, keys,
-                                           target=config.diffusion.target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        update_ema(ema)
-        return loss
+        return train_step(trainer, next(steps), lambda: batch).loss
 
     for _ in range(2):  # warm up (and compile) outside the timing
         step()
     reset_peak_memory(device)
     benchmark.group = group
-    benchmark.extra_info.update(kernels=kernels.describe(), images=batch_size, parameters=count_parameters(model),
-                                precision=str(precision).removeprefix("torch."),
-                                attention=config.model.attention_backend, compiled=compiled)
+    benchmark.extra_info.update(kernels=trainer.kernels.describe(), images=config.train.batch_size,
+                                parameters=count_parameters(trainer.model), precision=str(trainer.dtype).removeprefix("torch."),
+                                attention=config.model.attention_backend, compiled=config.train.compile,
+                                compile_scope=config.train.compile_scope, channels_last=config.train.channels_last)
     if group == "train_step":
         benchmark.extra_info["compare"] = "diffusers train step"  # the ratio in the terminal summary
     loss = benchmark(synchronized(step, device))
     assert torch.isfinite(loss)
-    record_throughput(benchmark, device, batch_size, flops_per_image, precision)
+    record_throughput(benchmark, device, config.train.batch_size, flops_per_image, trainer.dtype)
 
 
 # ----------------------------------------------------------------------------- the diffusers baseline
@@ -197,4 +195,4 @@ def test_ema_update(benchmark, device, bench_config):
     model = build_unet(bench_config, device)
     ema = build_ema(model, bench_config.train.ema_decay)
     benchmark.group = "ema_update"
-    benchmark(synchronized(lambda: update_ema(ema), device))
+    benchmark(synchronized(lambda: update_ema(ema, 1), device))

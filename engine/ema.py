@@ -24,11 +24,24 @@ def build_ema(model: torch.nn.Module, decay: float, ema_model: torch.nn.Module |
                include_online_model=False)
 
 
-def update_ema(ema: EMA, warmup: bool = False) -> None:
-    if warmup:
-        ema.update()
-    else:
+def update_ema(ema: EMA, step: int, warmup: bool = False) -> None:
+    """One EMA update after training step `step` (0-based): the fixed decay, or ema-pytorch's warmup decay.
+
+    ema-pytorch's own `update()` reads its `step` and `initted` counters and its warmup decay with
+    `.item()`, four host syncs per step; the trainer knows the step as a Python int, so the same
+    schedule is computed here (step 0 copies the weights, then 1 - (1 + step / inv_gamma)^-power,
+    clamped to [min_value, beta]) and the counters are only written, never read.
+    """
+    if not warmup:
         ema.update_moving_average(ema.ema_model, ema.model, current_decay=ema.beta)
+        return
+    ema.step.add_(1)
+    if step == 0:
+        ema.copy_params_from_model_to_ema()
+        ema.initted.fill_(True)
+        return
+    decay = 1 - (1 + step / ema.inv_gamma) ** -ema.power
+    ema.update_moving_average(ema.ema_model, ema.model, current_decay=min(max(decay, ema.min_value), ema.beta))
 
 
 def ema_state(ema: EMA) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.diffusers_format import check_destination, write_diffusers_folder
-from engine.sample import load_run
+from engine.run_dir import load_run
 
 FORMATS = ("diffusers",)
 

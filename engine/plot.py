@@ -20,6 +20,8 @@ from engine.config import ConfigError
 from engine.data import DataError, build_train_loader, read_manifest
 from engine.images import make_grid, save_image, to_uint8
 from engine.metrics import plot_loss_curve
+from engine.run_dir import RunDir
+from engine.sample import step_options
 from engine.schedule import NoiseSchedule
 from kernels.noise import noise_keys, randn_like
 from kernels.q_sample import images_to_unit_range
@@ -70,7 +72,8 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
                     seed: int = 0) -> np.ndarray:
     """uint8 grid of x_t and predicted x_0 at `num_frames` evenly spaced steps of the run's sampler."""
     from engine.distributed import choose_device
-    from engine.sample import load_run, resolve_kernels_from_config
+    from engine.run_dir import load_run
+    from kernels.registry import resolve_kernels_from_config
     from engine.schedule import schedule_from_config
 
     torch_device = choose_device(device)
@@ -78,7 +81,8 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
     schedule = schedule_from_config(config.diffusion).to(torch_device)
     kernels = resolve_kernels_from_config(config, torch_device)
     options = config.sample
-    steps = (diffusion.ddim_timesteps(schedule.num_timesteps, options.steps or schedule.num_timesteps)
+    steps = (diffusion.ddim_timesteps(schedule.num_timesteps, options.steps or schedule.num_timesteps,
+                                      options.timestep_spacing)
              if options.sampler == "ddim" else list(range(schedule.num_timesteps)))
     wanted = {steps[round(i)] for i in np.linspace(len(steps) - 1, 0, num_frames)}
     frames: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -92,8 +96,8 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
     shape = (num_images, config.data.channels, config.data.image_size, config.data.image_size)
     model.eval()
     diffusion.sample(model, schedule, kernels, shape, seed=seed, sampler=options.sampler, steps=options.steps,
-                     eta=options.eta, variance=options.variance, clip_denoised=options.clip_denoised,
-                     target=config.diffusion.target, device=torch_device, on_step=record)
+                     timestep_spacing=options.timestep_spacing, device=torch_device, on_step=record,
+                     **step_options(config))
     order = sorted(frames, reverse=True)  # from noise to data
     rows = []
     for image in range(num_images):
@@ -134,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "schedules":
             out = plot_schedules(args.schedules, args.timesteps, args.out)
         elif args.what == "loss":
-            metrics = Path(args.run_dir) / "metrics.jsonl"
+            metrics = RunDir(args.run_dir).metrics
             if not metrics.is_file():
                 raise ConfigError(f"{metrics} does not exist; train first with python -m engine.train")
-            out = plot_loss_curve(metrics, args.out or Path(args.run_dir) / "loss.png")
+            out = plot_loss_curve(metrics, args.out or RunDir(args.run_dir).loss_curve)
         elif args.what == "noising":
             timesteps = [int(step) for step in args.timesteps.split(",")]
             grid = noising_strip(args.data, timesteps, num_images=args.images, schedule=args.schedule)

@@ -24,24 +24,23 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from engine import diffusion
-from engine.checkpoint import load_latest_checkpoint
-from engine.config import Config, ConfigError, config_from_dict
-from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
+from engine.config import Config, ConfigError, apply_override, config_from_dict
+from engine.diffusers_format import is_diffusers_folder
 from engine.distributed import (all_gather_objects, compute_dtype, gather_to_main, init_distributed,
                                 rank_and_world_size, shutdown_distributed)
 from engine.images import save_grid, save_image, to_uint8
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule, schedule_from_config
-from engine.unet import build_unet
-from kernels.registry import OPS as KERNEL_OPS
-from kernels.registry import KernelError, Kernels, resolve_kernels
+from engine.run_dir import RunDir, load_run
+from kernels.registry import KernelError, Kernels, resolve_kernels_from_config
 
 
-def resolve_kernels_from_config(config: Config, device: torch.device, check: bool | None = None) -> Kernels:
-    """The run's kernel choices resolved for `device`, once; checked as `kernels.check` says unless `check` is given."""
-    choices = {op: getattr(config.kernels, op) for op in KERNEL_OPS}
-    return resolve_kernels(choices, device, plugins=config.kernels.plugins,
-                           check=config.kernels.check if check is None else check)
+def step_options(config: Config) -> dict:
+    """`config.sample`'s settings as `diffusion.denoising_step`'s keywords (sampler and dtype apart)."""
+    options = config.sample
+    return dict(eta=options.eta, variance=options.variance, clip_denoised=options.clip_denoised,
+                use_clipped_model_output=options.use_clipped_model_output, thresholding=options.thresholding,
+                dynamic_thresholding_ratio=options.dynamic_thresholding_ratio, target=config.diffusion.target)
 
 
 def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels,
@@ -61,9 +60,7 @@ def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedul
         with autocast:
             return model(x, t)
 
-    step = diffusion.denoising_step(denoise, schedule, kernels, sampler=options.sampler, eta=options.eta,
-                                    variance=options.variance, clip_denoised=options.clip_denoised,
-                                    target=config.diffusion.target)
+    step = diffusion.denoising_step(denoise, schedule, kernels, sampler=options.sampler, **step_options(config))
     # By default on CUDA only, and not for an FSDP-sharded model, whose forward all-gathers (no CUDA graph).
     compile_step = options.compile if options.compile is not None else (
         device.type == "cuda" and not isinstance(model, FSDPModule))
@@ -114,7 +111,8 @@ def generate_batches(model: torch.nn.Module, config: Config, schedule: NoiseSche
         bar = progress_bar(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2)
         for start in bar:
             images = diffusion.sample(None, schedule, kernels, (batch_size, *shape), seed=seed, first_index=start,
-                                      sampler=options.sampler, steps=options.steps, device=device,
+                                      sampler=options.sampler, steps=options.steps,
+                                      timestep_spacing=options.timestep_spacing, device=device,
                                       progress=progress, step=step)
             kept = images[:max(0, min(batch_size, num_images - start))]
             if len(kept):
@@ -138,45 +136,11 @@ def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, ke
     return torch.cat([batches[start] for start in sorted(batches)])
 
 
-def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None) -> tuple[torch.nn.Module, Config, int]:
-    """The model of a run's latest checkpoint, its config and step.
-
-    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A diffusers folder
-    (pipeline or bare UNet) works too: its weights, with its settings over the defaults, at step 0.
-    """
-    run_dir = Path(run_dir)
-    if is_diffusers_folder(run_dir):  # e.g. engine.export's output, or a model saved by diffusers
-        if use_ema is False:
-            raise ConfigError(f"{run_dir} is a diffusers folder: it holds one set of weights (drop --raw)")
-        found = read_diffusers_folder(run_dir)
-        if found.diffusion is None:
-            print(f"warning: {run_dir} has no scheduler config; sampling with the default diffusion settings "
-                  f"({Config().diffusion})", file=sys.stderr)
-        config = config_from_dict(config_with_diffusers(Config().to_dict(), found), where=str(run_dir))
-        model = build_unet(config, device)
-        model.load_state_dict(found.state_dict)
-        return model, config, 0
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
-    loaded = load_latest_checkpoint(run_dir, map_location="cpu")
-    if loaded is None:
-        raise ConfigError(f"{run_dir} has no checkpoint yet; train first with python -m engine.train")
-    state, path = loaded
-    config = config_from_dict(state["config"], where=str(path))
-    model = build_unet(config, device)
-    if use_ema is None:
-        use_ema = config.sample.use_ema
-    if use_ema:  # ema-pytorch keeps the averaged copy under "ema_model."
-        weights = {k.removeprefix("ema_model."): v for k, v in state["ema"].items() if k.startswith("ema_model.")}
-    else:
-        weights = state["model"]
-    model.load_state_dict(weights)
-    return model, config, int(state["step"])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.sample", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run directory written by engine.train, or a diffusers folder")
+    parser.add_argument("overrides", nargs="*", metavar="sample.key=value",
+                        help="any other sample setting, e.g. sample.timestep_spacing=trailing sample.thresholding=dynamic")
     # --num-images, not --num: torchrun's own parser takes --num for its --numa-binding
     parser.add_argument("--num-images", "--num", dest="num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch and rank (default: sample.batch_size)")
@@ -199,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--npz", default=None, help="also write the images as uint8 to this .npz")
     parser.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
                         help="override the run's kernels choice for one op, e.g. posterior_step=pytorch; repeatable")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options anywhere among the overrides
 
 
 def sampling_config(config: Config, args: argparse.Namespace) -> Config:
@@ -215,6 +179,10 @@ def sampling_config(config: Config, args: argparse.Namespace) -> Config:
             changes[name] = getattr(args, name)
     raw = config.to_dict()
     raw["sample"].update(changes)
+    for override in args.overrides:
+        if not override.startswith("sample."):
+            raise ConfigError(f"override {override!r}: only sample.* settings can change at sampling time")
+        apply_override(raw, override, "command line")
     for choice in args.kernel:
         op, sep, name = choice.partition("=")
         if not sep:
@@ -259,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s) on "
             f"{context.world_size} x {device.type}, {options.sampler}, step {step}, "
             f"{'EMA' if options.use_ema else 'raw'} weights")
-        default_out = "sample_grid.png" if is_diffusers_folder(args.run_dir) else Path(args.run_dir) / "sample_grid.png"
+        default_out = "sample_grid.png" if is_diffusers_folder(args.run_dir) else RunDir(args.run_dir).sample_grid
         out = Path(args.out or default_out)
         if args.grid_size:
             save_grid(images[:args.grid_size], out)

@@ -157,3 +157,11 @@ def resolve_kernels(choices: Mapping[str, str] | None = None, device: torch.devi
             if not report.passed:
                 raise KernelError(f"kernels.{op}: {names[op]!r} failed its conformance check: {report.first_failure()}")
     return Kernels(**resolved, names=names)
+
+
+def resolve_kernels_from_config(config, device: torch.device | str, check: bool | None = None) -> Kernels:
+    """A run config's `kernels` section resolved for `device`, once; checked as `kernels.check` says unless
+    `check` is given."""
+    choices = {op: getattr(config.kernels, op) for op in OPS}
+    return resolve_kernels(choices, device, plugins=config.kernels.plugins,
+                           check=config.kernels.check if check is None else check)

@@ -22,7 +22,7 @@ from engine.diffusers_format import (DiffusersFormatError, SCHEDULER_DEFAULTS, U
                                      read_diffusers_folder, unet_to_diffusers, write_diffusers_folder)
 from engine.ema import build_ema, ema_state, update_ema
 from engine.parallel import full_model_state
-from engine.sample import load_run
+from engine.run_dir import load_run
 from engine.schedule import make_betas
 from engine.unet import UNet, build_unet
 from test_train_cli import ROOT
@@ -68,7 +68,7 @@ def run_dir(tmp_path_factory):
     with torch.no_grad():  # one "step": the EMA ends up halfway between the old and the new weights
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
-    update_ema(ema)
+    update_ema(ema, 0)
     path = tmp_path_factory.mktemp("runs") / "tiny"
     save_checkpoint(path, 7, {"step": 7, "model": full_model_state(model), "ema": ema_state(ema),
                               "config": config.to_dict()})
@@ -189,7 +189,8 @@ def test_folders_saved_by_diffusers_read_back_as_our_unet(tmp_path, attention_he
     found = read_diffusers_folder(tmp_path / "pipe")
     assert found.diffusion == {"num_timesteps": 100, "schedule": "squaredcos_cap_v2", "beta_start": 1e-4,
                                "beta_end": 0.02, "target": "v"}
-    assert found.sample == {"variance": "fixed_large", "clip_denoised": False}
+    # diffusers saves its default timestep_spacing ("leading"): our DDIM then takes the same timesteps
+    assert found.sample == {"variance": "fixed_large", "clip_denoised": False, "timestep_spacing": "leading"}
 
     # what the sampler would call: the model on a device and a checked config
     model, config, step = load_run(tmp_path / "pipe", torch.device("cpu"))

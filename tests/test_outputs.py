@@ -78,6 +78,23 @@ def test_ema_follows_the_fixed_decay_from_the_first_step():
     start = ema.ema_model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    update_ema(ema)
+    update_ema(ema, 0)
     torch.testing.assert_close(ema.ema_model.weight, 0.9 * start + 0.1 * model.weight.detach())
     assert ema.ema_model.weight.dtype == torch.float32
+
+
+def test_the_ema_warmup_follows_ema_pytorch_without_reading_the_device():
+    """update_ema's warmup is ema-pytorch's own update() (copy at step 0, then its decay schedule), computed
+    from the trainer's step on the host: no `.item()` (aten::_local_scalar_dense) in any step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ours, theirs = build_ema(model, decay=0.999), build_ema(model, decay=0.999)
+    for step in range(6):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            update_ema(ours, step, warmup=True)
+        assert not [e for e in profile.events() if e.name == "aten::_local_scalar_dense"], "a host sync"
+        theirs.update()
+        torch.testing.assert_close(ours.ema_model.weight, theirs.ema_model.weight, rtol=1e-6, atol=1e-7)
+        assert int(ours.step) == int(theirs.step) and bool(ours.initted) == bool(theirs.initted)

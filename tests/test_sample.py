@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from engine.config import load_config
-from engine.sample import batch_starts, generate, resolve_kernels_from_config
+from engine.sample import batch_starts, generate
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet
+from kernels.registry import resolve_kernels_from_config
 from test_distributed import TORCHRUN
 from test_train_cli import ROOT, SMALL, run, train
 
@@ -73,6 +74,22 @@ def test_the_grid_holds_the_first_images_only(tmp_path, trained_run):
         assert grid.size == ((2 * 18 + 2) * 16,) * 2
     bad = run("engine.sample", trained_run, "--num-images", 0)
     assert bad.returncode == 2 and "--num-images" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_any_sample_setting_can_be_overridden_among_the_options(tmp_path, trained_run):
+    def sample(name, *overrides):
+        result = run("engine.sample", trained_run, "--num-images", 2, *overrides, "--sampler", "ddim", "--steps", 3,
+                     "--npz", tmp_path / f"{name}.npz", "--out", tmp_path / f"{name}.png")
+        assert result.returncode == 0, result.stderr
+        return np.load(tmp_path / f"{name}.npz")["arr_0"]
+
+    default = sample("default")
+    assert np.array_equal(default, sample("linspace", "sample.timestep_spacing=linspace"))  # the default spacing
+    assert not np.array_equal(default, sample("trailing", "sample.timestep_spacing=trailing"))
+    wrong_section = run("engine.sample", trained_run, "train.steps=3")
+    assert wrong_section.returncode == 2 and "only sample.* settings" in wrong_section.stderr
+    typo = run("engine.sample", trained_run, "sample.thresholdin=dynamic")
+    assert typo.returncode == 2 and "did you mean 'sample.thresholding'" in typo.stderr
 
 
 def test_a_run_exported_for_diffusers_samples_and_trains_on_as_the_run_does(tmp_path, trained_run, shapes16):

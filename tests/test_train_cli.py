@@ -103,8 +103,9 @@ def test_torchrun_with_one_process_trains_the_same_as_python_m(tmp_path, shapes1
 def test_dry_run_validates_each_preset_and_prints_the_parameter_count(tmp_path, preset, size, channels, expected):
     data = tmp_path / "data"
     prepare("shapes", data, shard_size=8, num=8, image_size=size, channels=channels, progress=False)
-    result = run("engine.train", f"configs/{preset}.yaml", f"data.path={data}", f"train.run_dir={tmp_path / 'run'}",
-                 "--dry-run")
+    # the option among the overrides, as users type it
+    result = run("engine.train", f"configs/{preset}.yaml", f"data.path={data}", "--dry-run",
+                 f"train.run_dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout and "config is valid" in result.stdout
     assert f"image_size: {size}" in result.stdout and "8 images" in result.stdout
@@ -219,6 +220,28 @@ def test_too_many_bad_samples_stop_the_run_rather_than_train_on_a_trickle(tmp_pa
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: step ") and "could not be used" in last and "data.max_bad_fraction=0.05" in last
+
+
+def test_sample_counters_live_in_the_checkpoint_and_add_up_over_resumes(tmp_path, shapes16):
+    """skipped_samples is cumulative over resumes, and the bad-fraction check compares the same span on both sides."""
+    from test_data import add_shard
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes16, data)
+    add_shard(data, "garbage.tar", [(f"bad{index:03d}", {"png": b"not an image", "cls": b"0"}) for index in range(8)])
+    options = ["train.log_every=5", "train.checkpoint_every=5", "data.max_bad_fraction=0.5", "data.shuffle_buffer=0"]
+    run_dir = tmp_path / "run"
+    first = train(run_dir, data, "train.steps=10", *options)
+    assert first.returncode == 0, first.stderr
+    counters = torch.load(run_dir / "checkpoints" / "step-00000010.pt", weights_only=True)["counters"]
+    before = counters[0]["skipped_samples"]
+    assert counters[0]["delivered_samples"] == 10 * 8 and before >= 8  # the shards are drawn with replacement
+    second = train(run_dir, data, "train.steps=20", *options)
+    assert second.returncode == 0, second.stderr
+    skipped = [record["skipped_samples"] for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert len(skipped) == 4 and skipped[1] == before and skipped == sorted(skipped), skipped  # never back to 0
+    counters = torch.load(run_dir / "checkpoints" / "step-00000020.pt", weights_only=True)["counters"]
+    assert counters[0]["delivered_samples"] == 20 * 8 and counters[0]["skipped_samples"] == skipped[-1]
 
 
 def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_device_resident_data(tmp_path, shapes16):

@@ -1,0 +1,67 @@
+"""A run directory: its layout, owned here (engine.train writes it; sample, export, plot and evaluate read
+it), and the model of its latest checkpoint (`load_run`, which takes a diffusers folder as well)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint
+from engine.config import Config, ConfigError, config_from_dict
+from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
+from engine.unet import build_unet
+
+
+class RunDir:
+    """Where everything of a run lives under `train.run_dir`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")  # the resolved config, written at every start
+    checkpoints = property(lambda self: self.path / CHECKPOINT_DIR)  # engine.checkpoint's atomic files
+    metrics = property(lambda self: self.path / "metrics.jsonl")  # one JSON record per log interval or evaluation
+    tensorboard = property(lambda self: self.path / "tensorboard")  # with train.tensorboard
+    samples = property(lambda self: self.path / "samples")  # a grid per train.sample_every steps
+    final_samples = property(lambda self: self.path / "samples.png")  # the grid at the end of training
+    loss_curve = property(lambda self: self.path / "loss.png")
+    fid_reference = property(lambda self: self.path / "fid_reference.npz")  # eval.reference's statistics, cached
+    sample_grid = property(lambda self: self.path / "sample_grid.png")  # engine.sample's default output
+
+
+def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None) -> tuple[torch.nn.Module, Config, int]:
+    """The model of a run's latest checkpoint, its config and step.
+
+    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A diffusers folder
+    (pipeline or bare UNet) works too: its weights, with its settings over the defaults, at step 0.
+    """
+    run_dir = Path(run_dir)
+    if is_diffusers_folder(run_dir):  # e.g. engine.export's output, or a model saved by diffusers
+        if use_ema is False:
+            raise ConfigError(f"{run_dir} is a diffusers folder: it holds one set of weights (drop --raw)")
+        found = read_diffusers_folder(run_dir)
+        if found.diffusion is None:
+            print(f"warning: {run_dir} has no scheduler config; sampling with the default diffusion settings "
+                  f"({Config().diffusion})", file=sys.stderr)
+        config = config_from_dict(config_with_diffusers(Config().to_dict(), found), where=str(run_dir))
+        model = build_unet(config, device)
+        model.load_state_dict(found.state_dict)
+        return model, config, 0
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    loaded = load_latest_checkpoint(run_dir, map_location="cpu")
+    if loaded is None:
+        raise ConfigError(f"{run_dir} has no checkpoint yet; train first with python -m engine.train")
+    state, path = loaded
+    config = config_from_dict(state["config"], where=str(path))
+    model = build_unet(config, device)
+    if use_ema is None:
+        use_ema = config.sample.use_ema
+    if use_ema:  # ema-pytorch keeps the averaged copy under "ema_model."
+        weights = {k.removeprefix("ema_model."): v for k, v in state["ema"].items() if k.startswith("ema_model.")}
+    else:
+        weights = state["model"]
+    model.load_state_dict(weights)
+    return model, config, int(state["step"])

@@ -1,0 +1,283 @@
+"""The training step and what it needs, shared by engine.train's loop, the train-step benchmark and the tests.
+
+- `build_trainer`: the components, built once (model, EMA, wrapping and compile order; the optimizer and its
+  update mode; kernels; the schedule), and `Trainer.load_state_dict` for a resume;
+- `TrainState`: the step and every counter a resumed run continues;
+- `train_step`: one optimizer step from the step's inputs to device-side statistics (no host sync);
+- `IntervalStats`: those statistics summed on the device and read once per log interval (EDM's
+  `training_stats`), with the data wait and the maintenance seconds kept apart from the step time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from engine import diffusion
+from engine.config import Config, ConfigError
+from engine.data import random_flip_mask
+from engine.distributed import DistributedContext, compute_dtype
+from engine.ema import build_ema, ema_state, load_ema_state, update_ema
+from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
+                             load_full_model_state, load_full_optimizer_state, shard, wrap)
+from engine.schedule import NoiseSchedule, schedule_from_config
+from engine.unet import build_unet
+from kernels.noise import noise_keys
+from kernels.registry import Kernels, resolve_kernels_from_config
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The step and this rank's counters, all continued by a resume (checkpointed per rank)."""
+
+    step: int = 0
+    skipped_samples: int = 0  # unreadable samples the loader skipped
+    delivered_samples: int = 0  # samples trained on
+    nonfinite_steps: int = 0  # steps not applied for a NaN/inf loss or gradient
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, int(state[field.name]))
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a training step uses, built once by `build_trainer`."""
+
+    config: Config
+    context: DistributedContext
+    model: nn.Module  # the UNet (compiled in place with train.compile); checkpoints hold its weights
+    train_model: nn.Module  # what the step calls: the model, wrapped for DDP or FSDP under torchrun
+    ema: Any  # ema_pytorch.EMA
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    adam_implementation: dict  # fused (one kernel, skips on the device) or foreach (sharded parameters)
+    kernels: Kernels
+    schedule: NoiseSchedule  # on the device, float32
+    dtype: torch.dtype  # autocast dtype of the forward
+    micro_batch: int  # per rank and micro-batch
+    generator: torch.Generator  # timesteps and flips, reseeded from (seed, step) every step
+    loss_coefficients: tuple[torch.Tensor, torch.Tensor]  # the target as noise_coef[t] eps + x0_coef[t] x0
+    sample_offsets: torch.Tensor  # 0 .. micro_batch-1 on the device, for the noise keys
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank takes part (FSDP gathers shards); rank 0 ends up with the full tensors."""
+        return {"model": full_model_state(self.model), "ema": ema_state(self.ema),
+                "optimizer": full_optimizer_state(self.model, self.optimizer),
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "kernels": self.kernels.names}
+
+    def load_state_dict(self, state: dict[str, Any], lr_schedule: dict, scaler: dict | None) -> None:
+        """Tensors from rank 0's `state` (empty on the other ranks: they receive them); the small parts on every rank."""
+        load_full_model_state(self.model, state.get("model"), self.context)
+        load_ema_state(self.ema, state.get("ema"), self.context)
+        load_full_optimizer_state(self.model, self.optimizer, state.get("optimizer"), self.context)
+        for group in self.optimizer.param_groups:  # the saved groups carry the writer's implementation choice
+            group.update(self.adam_implementation)
+        self.lr_schedule.load_state_dict(lr_schedule)
+        if scaler:
+            self.scaler.load_state_dict(scaler)
+
+
+def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
+    """Per-rank micro-batch: the global batch is a config value, independent of the world size."""
+    if batch_size % (world_size * accumulation):
+        raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the world size ({world_size}) x "
+                          f"train.grad_accum_steps ({accumulation}); e.g. train.batch_size="
+                          f"{-(-batch_size // (world_size * accumulation)) * world_size * accumulation}")
+    return batch_size // (world_size * accumulation)
+
+
+def warmup_then_constant(warmup_steps: int):
+    """The DDPM learning-rate schedule: linear warmup, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A seed of its own for every (run seed, step)."""
+    return seed * 1_000_003 + step
+
+
+def build_model(config: Config, context: DistributedContext, dtype: torch.dtype,
+                initial_weights: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, nn.Module, Any]:
+    """(model, train_model, ema) in the order that matters: weights, EMA copy, layout, wrapping, compile."""
+    cfg_train = config.train
+    fsdp = context.is_distributed and cfg_train.parallel == "fsdp"
+    torch.manual_seed(cfg_train.seed)  # the same initial weights on every rank (FSDP shards them as they are)
+    model = build_unet(config, context.device)
+    if initial_weights is not None:  # before the EMA copies the model and FSDP shards it; a resume overwrites them
+        model.load_state_dict(initial_weights)
+    ema_model = build_unet(config, context.device) if fsdp else None  # FSDP: an EMA of each rank's shard
+    if cfg_train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = wrap(model, context, cfg_train.parallel, dtype)
+    if ema_model is not None:
+        shard(ema_model, dtype).load_state_dict(model.state_dict())
+    torch.manual_seed(cfg_train.seed + context.rank)  # dropout differs between ranks
+    ema = build_ema(model, cfg_train.ema_decay, ema_model=ema_model)  # before compiling: the copy samples eagerly
+    if cfg_train.compile:
+        compile_model(model, cfg_train.compile_mode, cfg_train.compile_scope)
+    return model, train_model, ema
+
+
+def build_optimizer(config: Config, model: nn.Module, sharded: bool):
+    """(optimizer, LR schedule, implementation): Adam(W) fused, so that a non-finite step is skipped on the
+    device; foreach for sharded (DTensor) parameters."""
+    optim = config.optim
+    implementation = {"fused": None, "foreach": True} if sharded else {"fused": True, "foreach": None}
+    optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                weight_decay=optim.weight_decay, **implementation)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
+    return optimizer, lr_schedule, implementation
+
+
+def build_trainer(config: Config, context: DistributedContext,
+                  initial_weights: dict[str, torch.Tensor] | None = None, check_kernels: bool | None = None) -> Trainer:
+    """Every component of a step, once; the kernels are resolved (and checked) before any step runs."""
+    device = context.device
+    dtype = compute_dtype(config.train.precision, device)
+    micro_batch = micro_batch_size(config.train.batch_size, context.world_size, config.train.grad_accum_steps)
+    model, train_model, ema = build_model(config, context, dtype, initial_weights)
+    sharded = context.is_distributed and config.train.parallel == "fsdp"
+    optimizer, lr_schedule, implementation = build_optimizer(config, model, sharded)
+    schedule = schedule_from_config(config.diffusion).to(device)
+    return Trainer(config=config, context=context, model=model, train_model=train_model, ema=ema, optimizer=optimizer,
+                   lr_schedule=lr_schedule, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                   adam_implementation=implementation,
+                   kernels=resolve_kernels_from_config(config, device, check=check_kernels),
+                   schedule=schedule, dtype=dtype, micro_batch=micro_batch, generator=torch.Generator(device=device),
+                   loss_coefficients=diffusion.loss_coefficients(schedule, config.diffusion.target),
+                   sample_offsets=torch.arange(micro_batch, device=device))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclasses.dataclass
+class StepStats:
+    """A step's statistics, on the device: nothing here has been read by the host."""
+
+    loss: torch.Tensor  # mean over the global batch's micro-batches (this rank's share)
+    grad_norm: torch.Tensor  # before clipping
+    finite: torch.Tensor  # bool: the update was applied
+
+
+def step_inputs(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps and flips of the whole global batch of `step`, from (seed, step) on every rank, which takes
+    its slice: independent of the world size and of resumes."""
+    config, device = trainer.config, trainer.device
+    trainer.generator.manual_seed(step_seed(config.train.seed, step))
+    batch_size = config.train.batch_size
+    t = diffusion.sample_timesteps(batch_size, trainer.schedule.num_timesteps, config.diffusion.timestep_sampling,
+                                   generator=trainer.generator, device=device)
+    flip = (random_flip_mask(batch_size, generator=trainer.generator, device=device) if config.data.random_flip
+            else torch.zeros(batch_size, dtype=torch.bool, device=device))
+    return t, flip
+
+
+def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> StepStats:
+    """One optimizer step: `train.grad_accum_steps` micro-batches from `next_batch()` (uint8 images under
+    "image"), forward, the fused loss, backward, then `apply_update`."""
+    config, context, micro_batch = trainer.config, trainer.context, trainer.micro_batch
+    accumulation, batch_size = config.train.grad_accum_steps, config.train.batch_size
+    t_global, flip_global = step_inputs(trainer, step)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=trainer.device)
+    for micro in range(accumulation):
+        images = next_batch()["image"].to(trainer.device, non_blocking=True)
+        # Global sample index: step, then micro-batch, then rank; it keys the noise of each sample.
+        first = micro * context.world_size * micro_batch + context.rank * micro_batch
+        index = slice(first, first + micro_batch)
+        keys = noise_keys(config.train.seed, trainer.sample_offsets + (step * batch_size + first))
+        with gradient_sync(trainer.train_model, enabled=micro == accumulation - 1):  # all-reduce on the last only
+            with trainer.autocast():
+                loss = diffusion.training_loss(trainer.train_model, trainer.kernels, trainer.schedule, images,
+                                               flip_global[index], t_global[index], keys,
+                                               target=config.diffusion.target, coefficients=trainer.loss_coefficients)
+            trainer.scaler.scale(loss / accumulation).backward()
+        step_loss += loss.detach() / accumulation
+    grad_norm, finite = apply_update(trainer, step, step_loss)
+    return StepStats(loss=step_loss, grad_norm=grad_norm, finite=finite)
+
+
+def apply_update(trainer: Trainer, step: int, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip, Adam, LR schedule, EMA. A NaN/inf loss or gradient skips the update (and so the EMA's move)."""
+    grad_clip = trainer.config.optim.grad_clip
+    optimizer, scaler = trainer.optimizer, trainer.scaler
+    scaler.unscale_(optimizer)
+    max_norm = grad_clip if grad_clip > 0 else float("inf")  # inf: measure only
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), max_norm, foreach=True))
+    finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself (reading found_inf: a sync)
+    elif trainer.adam_implementation["fused"]:
+        optimizer.found_inf = (~finite).float()  # fused Adam skips on the device: no sync
+        optimizer.step()
+    elif bool(finite):  # sharded parameters: decided on the host (one sync per step on a GPU)
+        optimizer.step()
+    scaler.update()
+    trainer.lr_schedule.step()
+    update_ema(trainer.ema, step, trainer.config.train.ema_warmup)
+    return grad_norm.detach(), finite
+
+
+# ----------------------------------------------------------------------------- interval statistics
+
+
+class IntervalStats:
+    """Step statistics summed on the device, read (and averaged over ranks) once per log interval.
+
+    The interval's wall time excludes what `maintenance()` covers (checkpoints, samples, evaluation), so
+    images/s, step time and MFU count training only; those seconds are reported apart.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device, dtype=torch.long)
+        self.nonfinite_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive, across intervals
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum.zero_(), self.grad_norm_sum.zero_(), self.finite_steps.zero_()
+        self.steps, self.data_wait, self.maintenance_seconds = 0, 0.0, 0.0
+        self.started = time.perf_counter()
+
+    def add(self, stats: StepStats) -> None:
+        self.loss_sum += torch.where(stats.finite, stats.loss, 0.0)
+        self.grad_norm_sum += torch.where(stats.finite, stats.grad_norm, 0.0)
+        self.finite_steps += stats.finite
+        self.nonfinite_streak.copy_(torch.where(stats.finite, 0, self.nonfinite_streak + 1))
+        self.steps += 1
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.maintenance_seconds
+
+    def reduce(self, context: DistributedContext) -> dict[str, float]:
+        """Means over the interval's finite steps (NaN when there were none): the one host sync of the interval."""
+        stats = torch.stack([self.loss_sum, self.grad_norm_sum, self.finite_steps.float(),
+                             self.nonfinite_streak.float()])
+        if context.is_distributed:
+            torch.distributed.all_reduce(stats)
+            stats /= context.world_size
+        loss, grad_norm, finite, streak = stats.tolist()
+        return {"loss": loss / finite if finite else float("nan"),
+                "grad_norm": grad_norm / finite if finite else float("nan"),
+                "nonfinite_steps": self.steps - round(finite), "nonfinite_streak": round(streak)}
