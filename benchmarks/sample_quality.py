@@ -88,19 +88,22 @@ def load_cifar(tar_path: Path, image_size: int, cache: Path, every: int = 1) -> 
     if cached.exists():
         with np.load(cached) as saved:
             return saved["images"], saved["labels"]
-    images, labels, classes = [], [], {}
     with tarfile.open(tar_path) as archive:
-        members = sorted((m for m in archive.getmembers() if m.isfile() and m.name.endswith((".jpg", ".png"))),
-                         key=lambda m: m.name)
-        for member in members[::every]:
-            name = Path(member.name).parent.name
-            image = Image.open(io.BytesIO(archive.extractfile(member).read())).convert("RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BOX)
-            images.append(np.asarray(image))
-            labels.append(classes.setdefault(name, len(classes)))
+        names = sorted(m.name for m in archive.getmembers() if m.isfile() and m.name.endswith((".jpg", ".png")))
+    wanted = set(names[::every])
+    decoded = {}
+    with tarfile.open(tar_path, "r|*") as archive:  # one pass in the archive's order: a .gz cannot seek back cheaply
+        for member in archive:
+            if member.name in wanted:
+                image = Image.open(io.BytesIO(archive.extractfile(member).read())).convert("RGB")
+                if image.size != (image_size, image_size):
+                    image = image.resize((image_size, image_size), Image.BOX)
+                decoded[member.name] = np.asarray(image)
+    classes = {folder: index for index, folder in enumerate(sorted({Path(name).parent.name for name in wanted}))}
+    ordered = sorted(decoded)
+    images = np.stack([decoded[name] for name in ordered])
+    labels = np.asarray([classes[Path(name).parent.name] for name in ordered], dtype=np.int64)
     cache.mkdir(parents=True, exist_ok=True)
-    images, labels = np.stack(images), np.asarray(labels, dtype=np.int64)
     np.savez(cached, images=images, labels=labels)
     return images, labels
 

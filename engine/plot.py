@@ -73,8 +73,8 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
     """uint8 grid of x_t and predicted x_0 at `num_frames` evenly spaced steps of the run's sampler."""
     from engine.distributed import choose_device
     from engine.run_dir import load_run
-    from kernels.registry import resolve_kernels_from_config
     from engine.schedule import schedule_from_config
+    from kernels.registry import resolve_kernels_from_config
 
     torch_device = choose_device(device)
     model, config, _ = load_run(run_dir, torch_device)

@@ -30,8 +30,8 @@ from engine.distributed import (all_gather_objects, compute_dtype, gather_to_mai
                                 rank_and_world_size, shutdown_distributed)
 from engine.images import save_grid, save_image, to_uint8
 from engine.progress import progress_bar
-from engine.schedule import NoiseSchedule, schedule_from_config
 from engine.run_dir import RunDir, load_run
+from engine.schedule import NoiseSchedule, schedule_from_config
 from kernels.registry import KernelError, Kernels, resolve_kernels_from_config
 
 

@@ -1,6 +1,9 @@
-"""The sample-quality guard (issue 12): at equal architecture, data and budget, our samples are not worse
-than diffusers', both trained in this test from the same seed and scored by benchmarks/sample_quality.py's
-measure (the Fréchet distance in a small CIFAR-10 classifier's features, against held-out images)."""
+"""The sample-quality guard (issue 12): at equal architecture, data and budget our samples are not worse
+than diffusers', both models trained in this test from the same seed and scored by
+benchmarks/sample_quality.py's measure (the Fréchet distance, FD, in a small CIFAR-10 classifier's
+features against held-out images). At this size (300 steps) diffusers' UNet2DModel, with PyTorch's default
+initialisation, is still mostly noise, so the end-to-end comparison is loose; the sharp check is our
+sampler against diffusers' DDIMScheduler on the same weights, which is what issue 12's bug broke."""
 
 import pytest
 
@@ -9,8 +12,12 @@ from benchmarks import sample_quality
 pytestmark = pytest.mark.slow
 THEIRS = "diffusers model, diffusers DDIM"
 OURS = "ours model, engine.sample now (network's eps)"
-# The FD spread between training seeds at this size (benchmarks/RESULTS.md: seeds 0-2 of both models).
-RUN_TO_RUN_SPREAD = 1.0
+OURS_IN_THEIRS = "ours model, diffusers DDIM"
+# Measured at this size for training seeds 0, 1, 2 (benchmarks/SAMPLE_QUALITY.md): ours 5.5 / 8.8 / ..,
+# diffusers 25.5 / 25.5 / ..; our sampler minus diffusers' on our weights -0.4 / +0.8; the old clipped-eps
+# convention scored 15.1 / 14.4, 7-9 above diffusers' sampler.
+TRAINING_SPREAD = 3.5
+SAMPLER_SPREAD = 2.0
 
 
 @pytest.mark.skipif(not sample_quality.DEFAULT_CIFAR.exists(), reason="needs ../shared/data/cifar10-train.tar.gz")
@@ -18,8 +25,9 @@ def test_our_samples_are_at_least_as_good_as_diffusers_at_equal_budget(tmp_path)
     pytest.importorskip("diffusers")
     preset = sample_quality.PRESETS["test"]
     results = sample_quality.run(preset, sample_quality.DEFAULT_CIFAR, tmp_path / "out", tmp_path / "cache",
-                                 seed=0, rows=[THEIRS, OURS], compare=False)
+                                 seed=0, rows=[THEIRS, OURS, OURS_IN_THEIRS], compare=False)
+    rows = results["rows"]
     assert results["classifier_accuracy"] > 0.4, "the feature network must tell CIFAR-10 classes apart"
-    assert results["real_floor"]["fd"] < 0.25 * results["rows"][THEIRS]["fd"], "the measure must separate real images"
-    ours, theirs = results["rows"][OURS]["fd"], results["rows"][THEIRS]["fd"]
-    assert ours <= theirs + RUN_TO_RUN_SPREAD, f"ours {ours} vs diffusers {theirs}: {results['rows']}"
+    assert results["real_floor"]["fd"] < 0.25 * rows[OURS]["fd"], "the measure must separate real from generated"
+    assert rows[OURS]["fd"] <= rows[THEIRS]["fd"] + TRAINING_SPREAD, rows
+    assert rows[OURS]["fd"] <= rows[OURS_IN_THEIRS]["fd"] + SAMPLER_SPREAD, rows
