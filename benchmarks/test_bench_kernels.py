@@ -145,8 +145,7 @@ def eager_ddim_step(model_output, timesteps, prev_timesteps, sample, alphas_cump
     pred_original_sample = pred_original_sample.clamp(-1.0, 1.0)
     variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
     std_dev_t = eta * variance ** 0.5
-    pred_epsilon = ((sample - _broadcast(alpha_prod_t ** 0.5, sample) * pred_original_sample)
-                    / _broadcast(beta_prod_t ** 0.5, sample))
+    pred_epsilon = model_output  # diffusers' default, use_clipped_model_output=False
     pred_sample_direction = _broadcast((1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5, sample) * pred_epsilon
     return _broadcast(alpha_prod_t_prev ** 0.5, sample) * pred_original_sample + pred_sample_direction  # eta = 0: no noise
 
@@ -220,11 +219,11 @@ def posterior_step_case(device, schedule) -> OpCase:
 
 
 def ddim_step_case(device, schedule) -> OpCase:
-    """Deterministic DDIM (eta = 0), x_0 clipped and eps re-derived from it."""
+    """Deterministic DDIM (eta = 0), x_0 clipped, the network's eps in the direction term (the default)."""
     shape, x_t, eps, t, keys, _ = _inputs(device, schedule, _batch(device))
     t_prev = (t - schedule.num_timesteps // DDIM_STEPS).clamp_min(-1)
     alphas_cumprod = schedule.alphas_cumprod
-    args = (x_t, eps, t, t_prev, keys, alphas_cumprod, 0.0, True)
+    args = (x_t, eps, t, t_prev, keys, alphas_cumprod, 0.0, True, False)
     return OpCase("ddim_step", shape, args, lambda fn: fn(*args),
                   lambda: eager_ddim_step(eps, t, t_prev, x_t, alphas_cumprod),
                   lambda: eager_ddim_step(eps, t, t_prev, x_t, alphas_cumprod),

@@ -309,9 +309,14 @@ def validate(config: Config, where: str) -> None:
         if not condition:
             raise ConfigError(f"{where}: {key} {message}")
 
-    model, diffusion, data, optim, train, sample = (
-        config.model, config.diffusion, config.data, config.optim, config.train, config.sample)
+    for check in (_check_model, _check_diffusion, _check_data, _check_optim, _check_train, _check_sample, _check_eval,
+                  _check_kernels):
+        check(config, require)
 
+
+def _check_model(config: Config, require) -> None:
+    """Widths, heads, dropout."""
+    model = config.model
     require(model.base_channels > 0, "model.base_channels", f"must be positive, got {model.base_channels}")
     require(len(model.channel_mult) > 0 and all(m > 0 for m in model.channel_mult),
             "model.channel_mult", f"must be a non-empty list of positive integers, got {model.channel_mult}")
@@ -323,6 +328,10 @@ def validate(config: Config, where: str) -> None:
         require(channels % model.num_heads == 0, "model.num_heads",
                 f"must divide the channels of every level ({channels} at level {level})")
 
+
+def _check_diffusion(config: Config, require) -> None:
+    """The schedule and its batch constraints."""
+    diffusion, train = config.diffusion, config.train
     require(diffusion.num_timesteps >= 2, "diffusion.num_timesteps", f"must be at least 2, got {diffusion.num_timesteps}")
     if diffusion.schedule in ("linear", "scaled_linear"):
         require(0.0 < diffusion.beta_start < 1.0, "diffusion.beta_start", f"must be in (0, 1), got {diffusion.beta_start}")
@@ -331,6 +340,10 @@ def validate(config: Config, where: str) -> None:
     if diffusion.timestep_sampling == "antithetic":
         require(train.batch_size % 2 == 0, "train.batch_size", f"must be even for antithetic timestep sampling, got {train.batch_size}")
 
+
+def _check_data(config: Config, require) -> None:
+    """Sizes against the UNet, the loader."""
+    model, data = config.model, config.data
     require(data.image_size > 0, "data.image_size", f"must be positive, got {data.image_size}")
     require(data.channels in (1, 3, 4), "data.channels", f"must be 1, 3 or 4, got {data.channels}")
     factor = 2 ** (len(model.channel_mult) - 1)
@@ -346,6 +359,10 @@ def validate(config: Config, where: str) -> None:
     require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     require(bool(data.path), "data.path", "must name a prepared data folder")
 
+
+def _check_optim(config: Config, require) -> None:
+    """Adam and its schedule."""
+    optim = config.optim
     require(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
     require(len(optim.betas) == 2 and all(0.0 <= b < 1.0 for b in optim.betas), "optim.betas",
             f"must be two numbers in [0, 1), got {optim.betas}")
@@ -354,6 +371,10 @@ def validate(config: Config, where: str) -> None:
     require(optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {optim.warmup_steps}")
     require(optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {optim.grad_clip}")
 
+
+def _check_train(config: Config, require) -> None:
+    """The step budget, seeds and intervals."""
+    train = config.train
     require(train.steps > 0, "train.steps", f"must be positive, got {train.steps}")
     require(train.batch_size > 0, "train.batch_size", f"must be positive, got {train.batch_size}")
     require(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps", f"must be positive, got {train.max_nonfinite_steps}")
@@ -367,6 +388,10 @@ def validate(config: Config, where: str) -> None:
         require(value > 0, f"train.{key}", f"must be positive, got {value}")
     require(train.sample_every >= 0, "train.sample_every", f"must be >= 0 (0 = only at the end), got {train.sample_every}")
 
+
+def _check_sample(config: Config, require) -> None:
+    """The sampler."""
+    diffusion, sample = config.diffusion, config.sample
     if sample.steps is not None:
         require(0 < sample.steps <= diffusion.num_timesteps, "sample.steps",
                 f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {sample.steps}")
@@ -379,6 +404,10 @@ def validate(config: Config, where: str) -> None:
     require(sample.batch_size > 0, "sample.batch_size", f"must be positive, got {sample.batch_size}")
     require(0 <= sample.seed < 2**31, "sample.seed", f"must be in [0, 2**31) (it keys the noise), got {sample.seed}")
 
+
+def _check_eval(config: Config, require) -> None:
+    """Evaluation during training."""
+    diffusion = config.diffusion
     evaluation = config.eval
     require(evaluation.every >= 0, "eval.every", f"must be >= 0 (0 = never), got {evaluation.every}")
     require(evaluation.num_images >= 2, "eval.num_images", f"must be at least 2 (FID needs a covariance), got {evaluation.num_images}")
@@ -389,6 +418,9 @@ def validate(config: Config, where: str) -> None:
         require(0 < evaluation.steps <= diffusion.num_timesteps, "eval.steps",
                 f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {evaluation.steps}")
 
+
+def _check_kernels(config: Config, require) -> None:
+    """Each op names an implementation."""
     for op in KERNEL_OPS:
         choice = getattr(config.kernels, op)
         require(bool(choice) and not any(c.isspace() for c in choice), f"kernels.{op}",

@@ -26,7 +26,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -338,6 +338,23 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
     def setting(key: str) -> Any:
         return _unet_setting(cfg, key)
 
+    _check_fixed_settings(setting, where)
+    size, channels = _image_fields(setting, where)
+    widths, layers, dropout = _level_fields(setting, where)
+    attends = _attending_levels(setting, where, len(widths))
+    factor = 2 ** (len(widths) - 1)
+    if size % factor:
+        raise _refuse(where, "sample_size", size, f"must be divisible by the downsampling factor {factor}")
+    resolutions = [size // 2**level for level in range(len(widths))]
+    base = widths[0]
+    model = {"base_channels": base, "channel_mult": [w // base for w in widths], "num_res_blocks": layers,
+             "attention_resolutions": [r for r, a in zip(resolutions, attends) if a],
+             "num_heads": _num_heads(setting, where, widths, attends), "dropout": float(dropout)}
+    return model, {"image_size": size, "channels": channels}
+
+
+def _check_fixed_settings(setting: Callable[[str], Any], where: str) -> None:
+    """The settings ours has one value for: activation, norms, the _REQUIRED table."""
     for key, (required, why) in _REQUIRED.items():
         if not _same(setting(key), required):
             raise _refuse(where, key, setting(key), why)
@@ -350,6 +367,9 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
         raise _refuse(where, "attn_norm_num_groups", setting("attn_norm_num_groups"),
                       f"ours uses {NORM_GROUPS} GroupNorm groups in attention as well")
 
+
+def _image_fields(setting: Callable[[str], Any], where: str) -> tuple[int, int]:
+    """(image size, channels) of the data the UNet takes."""
     size = setting("sample_size")
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
@@ -362,7 +382,11 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
                       f"ours predicts a tensor shaped like its input (in_channels={json.dumps(channels)})")
     if channels not in (1, 3, 4) or not _is_int(channels):
         raise _refuse(where, "in_channels", channels, "data.channels must be 1, 3 or 4")
+    return size, channels
 
+
+def _level_fields(setting: Callable[[str], Any], where: str) -> tuple[list[int], int, float]:
+    """(widths per level, residual blocks per level, dropout)."""
     widths = setting("block_out_channels")
     if not isinstance(widths, (list, tuple)) or not widths or not all(_is_int(w) and w > 0 for w in widths):
         raise _refuse(where, "block_out_channels", widths, "must be a non-empty list of positive integers")
@@ -379,6 +403,11 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
     dropout = setting("dropout")
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise _refuse(where, "dropout", dropout, "model.dropout must be in [0, 1)")
+    return list(widths), layers, dropout
+
+
+def _attending_levels(setting: Callable[[str], Any], where: str, levels: int) -> list[bool]:
+    """Which levels attend, from the block types (the way up must mirror the way down)."""
 
     def block_types(key: str) -> list[Any]:
         types = setting(key)
@@ -387,7 +416,6 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
         return [t.removeprefix("UNetRes") if isinstance(t, str) else t for t in types]  # as diffusers reads them
 
     down, up = block_types("down_block_types"), block_types("up_block_types")
-    levels = len(widths)
     for key, types in (("down_block_types", down), ("up_block_types", up)):
         if len(types) != levels:
             raise _refuse(where, key, setting(key), f"needs one block per entry of block_out_channels ({levels})")
@@ -402,12 +430,11 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
             raise _refuse(where, f"up_block_types[{j}]", kind,
                           f"ours attends at the same resolutions on the way up as down, so with down_block_types"
                           f"[{mirror}]={json.dumps(down[mirror])} it must be {json.dumps(expected)}")
+    return attends
 
-    factor = 2 ** (levels - 1)
-    if size % factor:
-        raise _refuse(where, "sample_size", size, f"must be divisible by the downsampling factor {factor}")
-    resolutions = [size // 2**level for level in range(levels)]
 
+def _num_heads(setting: Callable[[str], Any], where: str, widths: list[int], attends: list[bool]) -> int:
+    """One head count for every attention block, from attention_head_dim."""
     head_dim = setting("attention_head_dim")
     attention_widths = sorted({w for w, a in zip(widths, attends) if a} | {widths[-1]})  # + the middle block
     if head_dim is None:
@@ -430,11 +457,7 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
     if uneven:
         raise _refuse(where, "attention_head_dim", head_dim,
                       f"means {num_heads} heads, which must divide every level's width (not {uneven[0]})")
-
-    model = {"base_channels": base, "channel_mult": [w // base for w in widths], "num_res_blocks": layers,
-             "attention_resolutions": [r for r, a in zip(resolutions, attends) if a], "num_heads": num_heads,
-             "dropout": float(dropout)}
-    return model, {"image_size": size, "channels": channels}
+    return num_heads
 
 
 _LEGACY_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
