@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
                         help="only these rows of the table (their labels, quoted), e.g. for the protocol's size")
     parser.add_argument("--num-images", type=int, default=None, help="images per row (default: the preset's)")
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps of both models (a longer budget)")
     parser.add_argument("--no-step-by-step", action="store_true", help="skip the step-by-step comparison")
     args = parser.parse_args(argv)
     if not args.cifar.exists():
@@ -516,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if args.num_images:
         preset = dataclasses.replace(preset, num_images=args.num_images)
+    if args.train_steps:
+        preset = dataclasses.replace(preset, train_steps=args.train_steps)
     results = run(preset, args.cifar, out, args.cache, seed=args.seed, rows=args.rows, compare=not args.no_step_by_step)
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     (out / "quality.md").write_text(markdown(results))

@@ -201,7 +201,8 @@ def noise_loss_case(device, schedule) -> OpCase:
     def eager(noise=stored_noise):
         return _loss_and_grad(F.mse_loss(prediction.float(), noise.float()), prediction)
 
-    return OpCase("noise_loss", shape, args, lambda fn: _loss_and_grad(fn(*args), prediction), eager,
+    # per-sample losses, averaged as training_step does
+    return OpCase("noise_loss", shape, args, lambda fn: _loss_and_grad(fn(*args).mean(), prediction), eager,
                   lambda: eager(specified_noise),
                   # forward reads the prediction; backward reads it again and writes its gradient
                   bytes_moved=3 * prediction.numel() * prediction.element_size())

@@ -76,7 +76,7 @@ def loss_coefficients(schedule: NoiseSchedule, target: str) -> tuple[torch.Tenso
 def training_loss(model: Denoiser, kernels: Kernels, schedule: NoiseSchedule, images: torch.Tensor, flip: torch.Tensor,
                   t: torch.Tensor, keys: torch.Tensor, *, target: str = "eps",
                   coefficients: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The simplified objective L_simple (eq. 14) from the loader's uint8 batch, in fp32.
+    """The simplified objective L_simple (eq. 14) from the loader's uint8 batch, in fp32, per sample (B,).
 
     x_t is built straight from the uint8 images (scaled, flipped where `flip` is set) with noise drawn
     from the counters (keys, t), and the loss recomputes that noise, so it never exists as a tensor.

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.config import ConfigError
+
+NOISE_LEVEL_FIELD = re.compile(r"loss_t(\d+)_(\d+)")  # engine.trainer.noise_level_names
 
 
 class MetricsLog:
@@ -93,6 +96,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     losses = [r["loss"] for r in records]
     figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
     axis.plot(steps, losses, color="tab:blue", alpha=0.4, linewidth=1, label="loss")
+    plot_noise_levels(axis, records)
     window = max(1, len(losses) // 20)
     if window > 1:
         smoothed = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
@@ -110,3 +114,17 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     figure.savefig(png_path)
     plt.close(figure)
     return png_path
+
+
+def plot_noise_levels(axis, records: list[dict[str, Any]]) -> None:
+    """The loss per quarter of the timestep range (the loss_tA_B fields) as thin lines, least noise darkest."""
+    import matplotlib.pyplot as plt
+
+    names = sorted({name for record in records for name in record if NOISE_LEVEL_FIELD.fullmatch(name)},
+                   key=lambda name: int(NOISE_LEVEL_FIELD.fullmatch(name).group(1)))
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(names), 1)))
+    for colour, name in zip(colours, names):
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        if points:
+            low, high = NOISE_LEVEL_FIELD.fullmatch(name).groups()
+            axis.plot(*zip(*points), color=colour, linewidth=0.8, alpha=0.8, label=f"t in [{low}, {high}]")

@@ -38,7 +38,7 @@ from engine.rng import restore_rng_state, rng_state
 from engine.run_dir import RunDir
 from engine.sample import generate, generate_batches, sampling_step
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
-from engine.trainer import IntervalStats, TrainState, build_trainer, step_seed, train_step
+from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
 from engine.unet import build_unet, count_parameters
 from kernels.registry import KernelError, resolve_kernels_from_config
 
@@ -381,6 +381,7 @@ class TrainingRun:
                   "grad_norm": reduced["grad_norm"], "skipped_samples": state.skipped_samples,
                   "nonfinite_steps": reduced["nonfinite_steps"], "time": time.time(),
                   "maintenance_seconds": interval.maintenance_seconds,
+                  **dict(zip(noise_level_names(self.trainer.schedule.num_timesteps), reduced["loss_by_level"])),
                   **interval_metrics(steps=interval.steps, images=interval.steps * config.train.batch_size,
                                      seconds=interval.training_seconds(), data_wait_seconds=interval.data_wait,
                                      world_size=context.world_size, flops_per_image=self.flops_per_image,

@@ -177,6 +177,25 @@ class StepStats:
     loss: torch.Tensor  # mean over the global batch's micro-batches (this rank's share)
     grad_norm: torch.Tensor  # before clipping
     finite: torch.Tensor  # bool: the update was applied
+    loss_by_level: torch.Tensor  # (NOISE_LEVELS,) sums of per-sample losses by quarter of the timestep range
+    samples_by_level: torch.Tensor  # (NOISE_LEVELS,) how many samples each sum has
+
+
+NOISE_LEVELS = 4  # the loss is also reported per quarter of the timestep range (least noise first)
+
+
+def noise_level_names(num_timesteps: int) -> list[str]:
+    """The metrics' names of the levels, e.g. loss_t0_249 .. loss_t750_999 for T = 1000."""
+    edges = [level * num_timesteps // NOISE_LEVELS for level in range(NOISE_LEVELS + 1)]
+    return [f"loss_t{low}_{high - 1}" for low, high in zip(edges, edges[1:])]
+
+
+def add_by_noise_level(sums: torch.Tensor, counts: torch.Tensor, losses: torch.Tensor, t: torch.Tensor,
+                       num_timesteps: int) -> None:
+    """Per-sample `losses` added into their level's sum, on the device (fixed shapes: no host sync)."""
+    level = (t * NOISE_LEVELS // num_timesteps).clamp_(0, NOISE_LEVELS - 1)
+    sums.index_add_(0, level, losses.detach().float())
+    counts.index_add_(0, level, torch.ones_like(losses, dtype=torch.float32))
 
 
 def step_inputs(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +219,7 @@ def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> S
     t_global, flip_global = step_inputs(trainer, step)
     trainer.optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=trainer.device)
+    level_sums, level_counts = (torch.zeros(NOISE_LEVELS, device=trainer.device) for _ in range(2))
     for micro in range(accumulation):
         images = next_batch()["image"].to(trainer.device, non_blocking=True)
         # Global sample index: step, then micro-batch, then rank; it keys the noise of each sample.
@@ -208,13 +228,16 @@ def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> S
         keys = noise_keys(config.train.seed, trainer.sample_offsets + (step * batch_size + first))
         with gradient_sync(trainer.train_model, enabled=micro == accumulation - 1):  # all-reduce on the last only
             with trainer.autocast():
-                loss = diffusion.training_loss(trainer.train_model, trainer.kernels, trainer.schedule, images,
-                                               flip_global[index], t_global[index], keys,
-                                               target=config.diffusion.target, coefficients=trainer.loss_coefficients)
+                losses = diffusion.training_loss(trainer.train_model, trainer.kernels, trainer.schedule, images,
+                                                 flip_global[index], t_global[index], keys,
+                                                 target=config.diffusion.target, coefficients=trainer.loss_coefficients)
+            loss = losses.mean()
             trainer.scaler.scale(loss / accumulation).backward()
         step_loss += loss.detach() / accumulation
+        add_by_noise_level(level_sums, level_counts, losses, t_global[index], trainer.schedule.num_timesteps)
     grad_norm, finite = apply_update(trainer, step, step_loss)
-    return StepStats(loss=step_loss, grad_norm=grad_norm, finite=finite)
+    return StepStats(loss=step_loss, grad_norm=grad_norm, finite=finite, loss_by_level=level_sums,
+                     samples_by_level=level_counts)
 
 
 def apply_update(trainer: Trainer, step: int, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,10 +276,13 @@ class IntervalStats:
         self.grad_norm_sum = torch.zeros((), device=device)
         self.finite_steps = torch.zeros((), device=device, dtype=torch.long)
         self.nonfinite_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive, across intervals
+        self.level_sums = torch.zeros(NOISE_LEVELS, device=device)
+        self.level_counts = torch.zeros(NOISE_LEVELS, device=device)
         self.restart()
 
     def restart(self) -> None:
         self.loss_sum.zero_(), self.grad_norm_sum.zero_(), self.finite_steps.zero_()
+        self.level_sums.zero_(), self.level_counts.zero_()
         self.steps, self.data_wait, self.maintenance_seconds = 0, 0.0, 0.0
         self.started = time.perf_counter()
 
@@ -264,20 +290,24 @@ class IntervalStats:
         self.loss_sum += torch.where(stats.finite, stats.loss, 0.0)
         self.grad_norm_sum += torch.where(stats.finite, stats.grad_norm, 0.0)
         self.finite_steps += stats.finite
+        self.level_sums += torch.where(stats.finite, stats.loss_by_level, 0.0)
+        self.level_counts += torch.where(stats.finite, stats.samples_by_level, 0.0)
         self.nonfinite_streak.copy_(torch.where(stats.finite, 0, self.nonfinite_streak + 1))
         self.steps += 1
 
     def training_seconds(self) -> float:
         return time.perf_counter() - self.started - self.maintenance_seconds
 
-    def reduce(self, context: DistributedContext) -> dict[str, float]:
-        """Means over the interval's finite steps (NaN when there were none): the one host sync of the interval."""
-        stats = torch.stack([self.loss_sum, self.grad_norm_sum, self.finite_steps.float(),
-                             self.nonfinite_streak.float()])
+    def reduce(self, context: DistributedContext) -> dict[str, Any]:
+        """Means over the interval's finite steps (NaN when there were none): the one host sync of the interval.
+        "loss_by_level" holds the mean per-sample loss of each quarter of the timestep range."""
+        stats = torch.cat([torch.stack([self.loss_sum, self.grad_norm_sum, self.finite_steps.float(),
+                                        self.nonfinite_streak.float()]), self.level_sums, self.level_counts])
         if context.is_distributed:
             torch.distributed.all_reduce(stats)
             stats /= context.world_size
-        loss, grad_norm, finite, streak = stats.tolist()
+        (loss, grad_norm, finite, streak), levels = stats[:4].tolist(), stats[4:].view(2, NOISE_LEVELS).tolist()
         return {"loss": loss / finite if finite else float("nan"),
                 "grad_norm": grad_norm / finite if finite else float("nan"),
-                "nonfinite_steps": self.steps - round(finite), "nonfinite_streak": round(streak)}
+                "nonfinite_steps": self.steps - round(finite), "nonfinite_streak": round(streak),
+                "loss_by_level": [total / count if count else float("nan") for total, count in zip(*levels)]}

@@ -1,12 +1,15 @@
 """noise_loss: the training loss, fused with the noise it is measured against.
 
-    noise_loss(prediction, t, noise_keys, noise_coef, x0_coef, x0) -> mean((prediction - target)^2)
+    noise_loss(prediction, t, noise_keys, noise_coef, x0_coef, x0) -> per-sample mean((prediction - target)^2), (B,)
     target = noise_coef[t] * eps + x0_coef[t] * x0       (the x0 term is skipped when x0 is None)
+
+Per sample, so that the caller can weight, average and bucket by timestep (the loss by noise level)
+without a second pass over the batch.
 
 eps is the noise `q_sample` drew for the same (noise_keys, t), recomputed from those counters in the
 forward and again in the backward, so training never stores a noise tensor. With noise_coef = 1 and
 x0_coef = 0 this is the DDPM eps loss (eq. 14); noise_coef = sqrt(abar), x0_coef = -sqrt(1 - abar)
-gives the v loss, noise_coef = 0 and x0_coef = 1 the x0 loss. The loss is float32 (float64 in the
+gives the v loss, noise_coef = 0 and x0_coef = 1 the x0 loss. The losses are float32 (float64 in the
 oracle); the gradient flows to `prediction` only.
 """
 
@@ -35,9 +38,13 @@ def target(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, 
 
 def reference(prediction: torch.Tensor, t: torch.Tensor, noise_keys: torch.Tensor, noise_coef: torch.Tensor,
               x0_coef: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
-    """The specification: plain autograd through the mean squared error."""
+    """The specification: plain autograd through each sample's mean squared error."""
     goal = target(prediction, t, noise_keys, noise_coef, x0_coef, x0)
-    return torch.nn.functional.mse_loss(prediction.to(goal.dtype), goal)
+    return per_sample_mse(prediction.to(goal.dtype), goal)
+
+
+def per_sample_mse(prediction: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    return (prediction - goal).square().flatten(1).mean(dim=1)
 
 
 class NoisePredictionLoss(torch.autograd.Function):
@@ -48,13 +55,15 @@ class NoisePredictionLoss(torch.autograd.Function):
         ctx.save_for_backward(prediction, t, noise_keys, noise_coef, x0_coef, x0)
         ctx.has_x0 = x0 is not None
         goal = target(prediction, t, noise_keys, noise_coef, x0_coef, x0)
-        return torch.nn.functional.mse_loss(prediction.to(goal.dtype), goal)
+        return per_sample_mse(prediction.to(goal.dtype), goal)
 
     @staticmethod
     def backward(ctx, grad_loss):
         prediction, t, noise_keys, noise_coef, x0_coef, x0 = ctx.saved_tensors
         goal = target(prediction, t, noise_keys, noise_coef, x0_coef, x0 if ctx.has_x0 else None)
-        grad = (prediction.to(goal.dtype) - goal) * (grad_loss * (2.0 / prediction.numel()))
+        per_element = prediction[0].numel() if prediction.shape[0] else 1
+        scale = (grad_loss.to(goal.dtype) * (2.0 / per_element)).view(-1, *([1] * (goal.ndim - 1)))
+        grad = (prediction.to(goal.dtype) - goal) * scale
         return grad.to(prediction.dtype), None, None, None, None, None
 
 
@@ -78,14 +87,16 @@ def conformance_args(case) -> tuple:
 
 
 def conformance_outputs(fn, args) -> dict[str, torch.Tensor]:
-    """The loss and its gradient for an upstream gradient of 1.5 (checks the backward's scaling too)."""
+    """The losses and their gradient for an upstream gradient that differs per sample (checks the backward's
+    scaling and that each sample gets its own)."""
     prediction = args[0].detach().requires_grad_(True)
     loss = fn(prediction, *args[1:])
-    (grad,) = torch.autograd.grad(loss, prediction, grad_outputs=torch.full_like(loss, 1.5))
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    (grad,) = torch.autograd.grad(loss, prediction, grad_outputs=upstream)
     return {"loss": loss.detach(), "grad": grad}
 
 
-SPECS = {"noise_loss": OpSpec("noise_loss(prediction, t, noise_keys, noise_coef, x0_coef, x0) -> loss",
+SPECS = {"noise_loss": OpSpec("noise_loss(prediction, t, noise_keys, noise_coef, x0_coef, x0) -> per-sample loss (B,)",
                               reference, conformance_args, conformance_outputs)}
 
 
@@ -111,7 +122,7 @@ if HAVE_TRITON:
         noise_coef = tl.load(noise_coef_ptr + t)
         n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
         if BACKWARD:
-            scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
+            scale = tl.load(grad_loss_ptr + sample).to(tl.float32) * grad_scale
         else:
             total = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(4):
@@ -135,7 +146,7 @@ if HAVE_TRITON:
             _noise_loss_kernel[grid(batch, numel)](
                 prediction, prediction if x0 is None else x0, t, noise_keys, table(noise_coef), table(x0_coef),
                 prediction if grad_loss is None else grad_loss, out, numel, out.shape[-1] if not backward else 0,
-                2.0 / prediction.numel(), noise_coef.shape[0], HAS_X0=x0 is not None, BACKWARD=backward)
+                2.0 / numel, noise_coef.shape[0], HAS_X0=x0 is not None, BACKWARD=backward)
         return out
 
     def _partial_sums_written(partials: torch.Tensor, numel: int) -> torch.Tensor:
@@ -157,17 +168,17 @@ if HAVE_TRITON:
                           x0_coef: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         prediction, t, noise_keys, x0 = _checked(prediction, t, noise_keys, x0)
         if not prediction.numel():
-            return prediction.new_full((), float("nan"), dtype=torch.float32)  # the mean of nothing, as mse_loss
+            return prediction.new_full((prediction.shape[0],), float("nan"), dtype=torch.float32)  # as the reference
         numel = prediction[0].numel()
         smallest_block = min(config.kwargs["BLOCK"] for config in _noise_loss_kernel.configs)
         # Sized for the smallest block; no fill needed: only the columns the launch writes are summed.
         partials = prediction.new_empty((prediction.shape[0], triton.cdiv(-(-numel // 4), smallest_block)), dtype=torch.float32)
         _launch(prediction, t, noise_keys, noise_coef, x0_coef, x0, None, partials, backward=False)
-        return _partial_sums_written(partials, numel).sum() / prediction.numel()
+        return _partial_sums_written(partials, numel).sum(dim=1) / numel
 
     @noise_loss_triton.register_fake
     def _(prediction, t, noise_keys, noise_coef, x0_coef, x0=None):
-        return prediction.new_empty((), dtype=torch.float32)
+        return prediction.new_empty((prediction.shape[0],), dtype=torch.float32)
 
     @torch.library.custom_op("ddpm::noise_loss_backward", mutates_args=())
     def noise_loss_backward_triton(grad_loss: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor,

@@ -267,10 +267,10 @@ def test_noise_loss_measures_against_exactly_the_noise_q_sample_added(sample_nam
     def loss(pred):
         return loss_fn(pred.to(device), t.to(device), keys.to(device), ones.to(device), zeros.to(device), None).cpu()
 
-    expected = F.mse_loss(prediction.double(), eps).item()
-    assert loss(prediction).item() == pytest.approx(expected, rel=1e-5)
+    expected = (prediction.double() - eps).square().mean(dim=(1, 2, 3))  # per sample
+    torch.testing.assert_close(loss(prediction).double(), expected, rtol=1e-5, atol=0)
     # predicting the noise exactly gives (float32 rounding of) zero; any other noise would give about 1
-    assert loss(eps.float()).item() < 1e-9
+    assert loss(eps.float()).abs().max().item() < 1e-9
 
 
 TARGETS = ("eps", "v", "x0")
@@ -297,7 +297,8 @@ def test_noise_loss_gradient_matches_autograd_through_the_reference(name, target
         prediction, args = loss_inputs(target, device)
         prediction = prediction.to(dtype).requires_grad_(True)
         loss = fn(prediction, *args)
-        (grad,) = torch.autograd.grad(loss, prediction, grad_outputs=torch.tensor(1.5, device=device))
+        upstream = torch.tensor([1.5, -0.25], dtype=dtype, device=device)  # each sample's own upstream gradient
+        (grad,) = torch.autograd.grad(loss, prediction, grad_outputs=upstream)
         return loss.detach().cpu(), grad.cpu()
 
     loss, grad = loss_and_grad(implementation("noise_loss", name), device_of(name), torch.float32)
@@ -356,9 +357,9 @@ def opcheck_case(case: str) -> tuple:
             s.sqrt_one_minus_alphas_cumprod, torch.bfloat16)),
         "noise_loss-eps": lambda: (ops.noise_loss, (batch().requires_grad_(True), t, keys, ones, zeros, None)),
         "noise_loss-v": lambda: (ops.noise_loss, (batch().requires_grad_(True), t, keys, *v_coefs, batch())),
-        "noise_loss_backward-eps": lambda: (ops.noise_loss_backward, (torch.tensor(1.5, device=DEVICE), batch(), t, keys,
+        "noise_loss_backward-eps": lambda: (ops.noise_loss_backward, (torch.tensor([1.5, -1.0], device=DEVICE), batch(), t, keys,
                                                                       ones, zeros, None)),
-        "noise_loss_backward-v": lambda: (ops.noise_loss_backward, (torch.tensor(0.5, device=DEVICE), batch(), t, keys,
+        "noise_loss_backward-v": lambda: (ops.noise_loss_backward, (torch.tensor([0.5, 2.0], device=DEVICE), batch(), t, keys,
                                                                     *v_coefs, batch())),
         "posterior_step": lambda: (ops.posterior_step, (batch(), batch(), t, keys, *schedule_tables(s, "fixed_large"),
                                                         False)),
@@ -403,7 +404,7 @@ def test_compiled_training_step_matches_eager_without_graph_breaks():
     def train_step(images, flip, t, keys):
         x_t = ops.q_sample_uint8(images, flip, t, keys, s.sqrt_alphas_cumprod, s.sqrt_one_minus_alphas_cumprod,
                                  torch.float32)
-        return ops.noise_loss(model(x_t), t, keys, ones, zeros, None)
+        return ops.noise_loss(model(x_t), t, keys, ones, zeros, None).mean()
 
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(train_step, backend=counter, fullgraph=True)  # fullgraph: a graph break raises

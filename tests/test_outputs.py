@@ -57,6 +57,20 @@ def test_loss_curve_is_a_png(tmp_path):
         assert image.format == "PNG" and image.width > 300
 
 
+def test_the_loss_curve_draws_the_loss_by_noise_level(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda axis, *a, **k: drawn.extend(
+        line.get_label() for line in axis.get_lines()))
+    levels = {"loss_t0_249": 0.1, "loss_t250_499": 0.05, "loss_t500_749": float("nan"), "loss_t750_999": 0.01}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1), **levels}) + "\n" for s in range(10)))
+    plot_loss_curve(path, tmp_path / "loss.png")
+    # NaN-only levels (no samples there) are left out; the others in order of t
+    assert drawn == ["loss", "t in [0, 249]", "t in [250, 499]", "t in [750, 999]"]
+
+
 def test_to_uint8_maps_minus_one_to_zero_and_one_to_255():
     images = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2)
     assert to_uint8(images).reshape(-1).tolist() == [0, 128, 255, 255]

@@ -76,6 +76,8 @@ def test_train_writes_the_run_directory_and_the_same_command_resumes(tmp_path, s
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "images_per_sec", "data_wait_fraction", "skipped_samples",
                            "step_time_sec", "peak_memory_gb", "mfu"}
     assert 0 <= record["data_wait_fraction"] <= 1 and record["images_per_sec"] > 0
+    levels = [name for name in record if name.startswith("loss_t")]  # the loss by quarter of the timestep range
+    assert len(levels) == 4 and any(record[name] > 0 for name in levels)
     with Image.open(run_dir / "samples.png") as grid:
         assert grid.width >= 2 * 16
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"] == 6

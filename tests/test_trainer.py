@@ -1,5 +1,6 @@
 """engine.trainer: the one training step that the loop, the benchmarks and the tests share."""
 
+import math
 import time
 
 import torch
@@ -9,7 +10,7 @@ import engine.trainer
 from benchmarks import test_bench_train_step
 from engine.config import load_config
 from engine.distributed import DistributedContext
-from engine.trainer import IntervalStats, StepStats, TrainState, build_trainer, train_step
+from engine.trainer import IntervalStats, StepStats, TrainState, add_by_noise_level, build_trainer, noise_level_names, train_step
 from test_train_cli import ROOT, SMALL
 
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -61,9 +62,13 @@ def test_a_step_returns_device_statistics_and_skips_a_nonfinite_update():
 def test_interval_statistics_count_finite_steps_and_leave_maintenance_out():
     interval = IntervalStats(torch.device("cpu"))
     for loss, finite in [(1.0, True), (float("nan"), False), (3.0, True)]:
-        interval.add(StepStats(torch.tensor(loss), torch.tensor(2 * loss), torch.tensor(finite)))
+        by_level = torch.tensor([loss, 2 * loss, 0.0, 0.0])  # one sample in each of the first two levels
+        interval.add(StepStats(torch.tensor(loss), torch.tensor(2 * loss), torch.tensor(finite), by_level,
+                               torch.tensor([1.0, 1.0, 0.0, 0.0])))
     reduced = interval.reduce(CPU)
+    levels = reduced.pop("loss_by_level")
     assert reduced == {"loss": 2.0, "grad_norm": 4.0, "nonfinite_steps": 1, "nonfinite_streak": 0}
+    assert levels[:2] == [2.0, 4.0] and all(math.isnan(level) for level in levels[2:])  # no samples: NaN
     interval.maintenance_seconds = 5.0
     time.sleep(0.01)
     assert interval.training_seconds() < 0  # 5 s of maintenance are not training time
@@ -76,3 +81,20 @@ def test_train_state_round_trips():
     again = TrainState()
     again.load_state_dict(state.state_dict())
     assert again == state
+
+
+def test_the_loss_by_noise_level_sums_each_quarter_of_the_timestep_range():
+    assert noise_level_names(1000) == ["loss_t0_249", "loss_t250_499", "loss_t500_749", "loss_t750_999"]
+    sums, counts = torch.zeros(4), torch.zeros(4)
+    t = torch.tensor([0, 249, 250, 999, 998, 600])
+    add_by_noise_level(sums, counts, torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0, 7.0]), t, 1000)
+    assert sums.tolist() == [3.0, 3.0, 7.0, 10.0] and counts.tolist() == [2.0, 1.0, 1.0, 2.0]
+
+
+def test_a_step_reports_the_loss_by_noise_level_of_its_samples():
+    trainer = build_trainer(small_config("model.dropout=0.0"), CPU)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stats = train_step(trainer, 0, lambda: {"image": images, "skipped": 0})
+    assert stats.samples_by_level.sum() == trainer.micro_batch
+    # the per-sample losses, summed by level, average to the step's loss (one micro-batch)
+    assert torch.allclose(stats.loss_by_level.sum() / trainer.micro_batch, stats.loss)
