@@ -1,19 +1,20 @@
 """Checkpoints that a crash or kill cannot destroy.
 
-Each checkpoint is written to a temporary name, flushed and fsynced, then renamed into place; the
-`latest` pointer is replaced the same way only after that. Loading falls back to the previous
-checkpoint when the newest cannot be read, with a warning naming it.
+Each checkpoint is written to a temporary name, flushed and fsynced, then renamed into place
+(engine.atomic_files.atomic_write); the `latest` pointer is replaced the same way only after that.
+Loading falls back to the previous checkpoint when the newest cannot be read, with a warning naming it.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.atomic_files import atomic_write, remove_stale_temporaries
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -26,34 +27,6 @@ class CheckpointError(OSError):
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -79,9 +52,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}; {kept}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
-    for stale in folder.glob(".*.tmp-*"):  # half-written by a process that was killed mid-save
-        if not stale.name.endswith(f".tmp-{os.getpid()}"):
-            stale.unlink(missing_ok=True)
+    remove_stale_temporaries(folder)  # half-written by a process that was killed mid-save
     return path
 
 

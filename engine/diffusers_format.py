@@ -19,11 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import pickle
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -31,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from engine.atomic_files import atomic_folder
 from engine.config import Config, ConfigError
 from engine.unet import AttentionBlock, Downsample, Level, ResnetBlock, UNet, Upsample
 
@@ -648,8 +646,9 @@ def write_diffusers_folder(out_dir: str | Path, config: Config | dict[str, Any],
                            overwrite: bool = False) -> Path:
     """Write a DDPMPipeline folder (model_index.json, unet/, scheduler/) of our UNet's weights and config.
 
-    The folder is written beside `out_dir` under a temporary name and renamed into place, so a failure
-    leaves no half-written folder; an existing non-empty `out_dir` is replaced only with `overwrite`.
+    The folder is written beside `out_dir` under a temporary name and renamed into place
+    (engine.atomic_files.atomic_folder), so a failure leaves no half-written folder; an existing
+    non-empty `out_dir` is replaced only with `overwrite`.
     """
     from safetensors.torch import save_file
 
@@ -657,33 +656,16 @@ def write_diffusers_folder(out_dir: str | Path, config: Config | dict[str, Any],
     out = check_destination(out_dir, overwrite)
     unet_config, weights = unet_to_diffusers(state_dict, raw)
     scheduler_config = diffusers_scheduler_config(raw)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        (tmp / "unet").mkdir(parents=True)
-        (tmp / "scheduler").mkdir()
-        _write_json(tmp / "model_index.json", MODEL_INDEX)
-        _write_json(tmp / "unet" / "config.json", unet_config)
-        save_file(weights, str(tmp / "unet" / WEIGHTS_NAME), metadata={"format": "pt"})
-        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():  # --overwrite: set the old folder aside, put the new one in place, then delete the old
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with atomic_folder(out) as tmp:
+            (tmp / "unet").mkdir()
+            (tmp / "scheduler").mkdir()
+            _write_json(tmp / "model_index.json", MODEL_INDEX)
+            _write_json(tmp / "unet" / "config.json", unet_config)
+            save_file(weights, str(tmp / "unet" / WEIGHTS_NAME), metadata={"format": "pt"})
+            _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
     except OSError as error:
         raise DiffusersFormatError(f"cannot write {out}: {error.strerror or error}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

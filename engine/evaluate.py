@@ -10,8 +10,9 @@ SAMPLES is an `.npz` of uint8 images (key `arr_0`, (N, H, W, C), as `engine.samp
 it) or a folder of image files (any layout). REF is a statistics file written by
 `--save-reference`, a pytorch-fid / ADM-style `.npz` with `mu` and `sigma`, or any image source:
 an `.npz` of images, a data set prepared by `engine.data.prepare` (a folder with manifest.json),
-an image folder, a .tar/.tar.gz of one, or the CIFAR-10 python archive. Computing statistics from
-a source reads all of its images once; save them with `--save-reference` to do that only once.
+an image folder, a .tar/.tar.gz of one, or the CIFAR-10 python archive (engine.data.image_sets reads
+them all). Computing statistics from a source reads all of its images once; save them with
+`--save-reference` to do that only once.
 
 The metric maths is torchmetrics' (FrechetInceptionDistance, KernelInceptionDistance). The
 features come from the TensorFlow Inception-v3 graph of 2015-12-05 that FID is defined with, as
@@ -41,10 +42,9 @@ import json
 import os
 import sys
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -53,13 +53,11 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from engine.checkpoint import atomic_write
+from engine.atomic_files import atomic_write
 from engine.data import DataError
-from engine.data.prepare import MANIFEST_NAME, read_manifest
-from engine.data.sources import IMAGE_EXTENSIONS, TAR_SUFFIXES, decode_image, open_source
+from engine.data.image_sets import ImageInput, image_batches, open_images, read_npz
 from engine.distributed import (all_gather_objects, init_distributed, is_distributed, rank_and_world_size,
                                 shutdown_distributed)
-from engine.images import unit_range_to_uint8
 from engine.progress import progress_bar
 from engine.progress import write as progress_write
 
@@ -72,11 +70,6 @@ DEFAULT_MAX_FEATURES = 10_000
 DEFAULT_KID_SUBSET_SIZE = 1000  # the KID paper's and clean-fid's choice
 DEFAULT_KID_SUBSETS = 100
 _SHA256_PREFIX = 16  # hex digits kept to tell feature networks apart
-# A prepared set is read by the loader's workers, whose batches interleave: a fixed worker count and
-# batch size make the order of the images (hence the KID feature subset) the same on every machine
-# and for every --batch-size.
-_LOADER_WORKERS = 2
-_LOADER_BATCH = 256
 
 
 class EvaluationError(ValueError):
@@ -160,177 +153,7 @@ def _device_of(module: nn.Module, device: torch.device | str | None) -> torch.de
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-# ----------------------------------------------------------------------------- images
-
-
-def _is_nhwc_uint8(images: np.ndarray) -> bool:
-    return images.dtype == np.uint8 and (images.ndim == 3 or (images.ndim == 4 and images.shape[3] in (1, 3, 4)))
-
-
-def as_uint8_images(images: np.ndarray | Tensor) -> Tensor:
-    """One batch as uint8 (N, C, H, W), the layout the feature network takes. Accepted:
-
-    - numpy uint8 (N, H, W, C) or (N, H, W): the `.npz` layout (`engine.sample --npz`,
-      `engine.images.to_uint8`);
-    - torch uint8 (N, C, H, W): the loader's layout;
-    - torch float (N, C, H, W) in [-1, 1]: model outputs, rounded to uint8 as engine.images.to_uint8 does.
-    """
-    if isinstance(images, np.ndarray):
-        if not _is_nhwc_uint8(images):
-            raise EvaluationError(f"numpy images must be uint8 (N, H, W, C) with C = 1, 3 or 4, or (N, H, W), "
-                                  f"not {images.dtype} {images.shape}")
-        images = images[..., None] if images.ndim == 3 else images
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    if isinstance(images, Tensor):
-        if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
-            raise EvaluationError(f"torch images must be (N, C, H, W) with C = 1, 3 or 4, not {tuple(images.shape)}")
-        if images.dtype == torch.uint8:
-            return images
-        if images.is_floating_point():
-            return unit_range_to_uint8(images)
-        raise EvaluationError(f"torch images must be uint8 or float in [-1, 1], not {images.dtype}")
-    raise EvaluationError(f"images must be a numpy array or a torch tensor, not {type(images).__name__}")
-
-
-Batch = np.ndarray | Tensor
-ImageInput = Batch | Iterable[Batch] | Iterable[tuple[int, Batch]]
-
-
-def _image_batches(images: ImageInput, batch_size: int) -> Iterator[tuple[int | None, Tensor]]:
-    """(index of the first image or None, uint8 (B, C, H, W)) batches of at most `batch_size` from one
-    array or tensor, or an iterable of them or of (first index, batch) pairs."""
-    if batch_size < 1:
-        raise EvaluationError(f"batch size must be at least 1, not {batch_size}")
-    for item in [images] if isinstance(images, (np.ndarray, Tensor)) else images:
-        indexed = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (int, np.integer))
-        first, batch = (int(item[0]), item[1]) if indexed else (None, item)
-        batch = as_uint8_images(batch)
-        for start in range(0, len(batch), batch_size):
-            yield None if first is None else first + start, batch[start:start + batch_size]
-
-
-class ImageSet(NamedTuple):
-    """Images on disk: `total` of them; `read(batch_size, select)` yields uint8 (B, C, H, W) batches
-    of the images whose index (0..total-1) is in `select` (all when None), in index order."""
-
-    total: int
-    read: Callable[[int, range | None], Iterator[Tensor]]
-    where: str
-
-
-def _stacked(images: Iterable[np.ndarray], batch_size: int) -> Iterator[Tensor]:
-    """(H, W, C) arrays -> uint8 (B, C, H, W) batches; a change of image shape starts a new batch."""
-    pending: list[np.ndarray] = []
-    for image in images:
-        if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
-            yield as_uint8_images(np.stack(pending))
-            pending = []
-        pending.append(image)
-    if pending:
-        yield as_uint8_images(np.stack(pending))
-
-
-def _decoded(items: Iterable[tuple[bytes, str]]) -> Iterator[np.ndarray]:
-    for data, origin in items:
-        try:
-            yield decode_image(data)
-        except Exception as exn:  # Pillow raises many types for broken files
-            warnings.warn(f"skipping {origin}: it does not decode as an image ({exn})", stacklevel=2)
-
-
-def _npz_images(path: Path, num: int | None) -> ImageSet:
-    names, arrays = _read_npz(path, {"arr_0"})
-    if "arr_0" not in arrays:
-        what = "a statistics file (mu, sigma), not images" if "mu" in names else f"keys {', '.join(names) or 'none'}"
-        raise EvaluationError(f"{path} holds {what}; expected uint8 images (N, H, W, C) under arr_0")
-    images = arrays["arr_0"]
-    if not _is_nhwc_uint8(images):
-        raise EvaluationError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 (N, H, W, C) "
-                              "with C = 1, 3 or 4")
-    images = images[:num]
-
-    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
-        select = range(len(images)) if select is None else select
-        for start in range(select.start, select.stop, batch_size):
-            yield as_uint8_images(images[start:min(start + batch_size, select.stop)])
-
-    return ImageSet(len(images), read, str(path))
-
-
-def _prepared_images(path: Path, num: int | None) -> ImageSet:
-    from engine.data.loader import build_train_loader  # webdataset and the DataLoader: only when needed
-
-    manifest = read_manifest(path)
-    total = manifest["num_samples"] if num is None else min(num, manifest["num_samples"])
-
-    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
-        select = range(total) if select is None else select
-        # one unshuffled, unflipped pass over every sample, as the device cache loads a set
-        loader = build_train_loader(path, batch_size=_LOADER_BATCH, image_size=manifest["image_size"],
-                                    channels=manifest["channels"], shuffle_buffer=0, resample=False,
-                                    num_workers=min(_LOADER_WORKERS, len(manifest["shards"])))
-        index = skipped = 0
-        for batch in loader:
-            skipped += batch["skipped"]
-            images, start = batch["image"], index
-            index += len(images)
-            chosen = images[max(select.start - start, 0):max(select.stop - start, 0)]
-            yield from chosen.split(batch_size)
-            if index >= select.stop:
-                break
-        if skipped:
-            warnings.warn(f"{path}: {skipped} samples did not decode and were left out", stacklevel=2)
-
-    return ImageSet(total, read, str(path))
-
-
-def _is_image_file(path: Path, root: Path) -> bool:
-    return (path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(root).parts))
-
-
-def _folder_images(path: Path, num: int | None) -> ImageSet:
-    files = sorted(p for p in path.rglob("*") if _is_image_file(p, path))[:num]
-    if not files:
-        raise EvaluationError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-
-    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
-        chosen = files if select is None else files[select.start:select.stop]
-        yield from _stacked(_decoded((file.read_bytes(), str(file)) for file in chosen), batch_size)
-
-    return ImageSet(len(files), read, str(path))
-
-
-def _archive_images(source: str | Path, num: int | None) -> ImageSet:
-    opened = [open_source(source, num=num)]  # reads a whole archive: keep it for the first pass
-
-    def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
-        samples = (opened.pop() if opened else open_source(source, num=num)).samples
-        select = range(10**18) if select is None else select
-        chosen = ((s.data, s.origin) for index, s in enumerate(samples) if index in select)
-        yield from _stacked(_decoded(chosen), batch_size)
-
-    return ImageSet(opened[0].total, read, str(source))
-
-
-def open_images(source: str | Path, *, num: int | None = None) -> ImageSet:
-    """The images of `source`: an `.npz` (arr_0), a prepared data set folder (manifest.json), a folder
-    of image files (any layout, sorted by path), a .tar/.tar.gz of an image folder, the CIFAR-10
-    python archive, or `shapes`. `num` keeps the first `num` images."""
-    if num is not None and num < 1:
-        raise EvaluationError(f"the number of images must be at least 1, not {num}")
-    path = Path(source)
-    if str(source) == "shapes" or path.name.lower().endswith(TAR_SUFFIXES):
-        return _archive_images(source, num)
-    if not path.exists():
-        raise EvaluationError(f"{source} does not exist (expected an .npz of images, a prepared data set, "
-                              "an image folder or a .tar/.tar.gz of one)")
-    if path.suffix.lower() == ".npz" and path.is_file():
-        return _npz_images(path, num)
-    if path.is_dir():
-        return _prepared_images(path, num) if (path / MANIFEST_NAME).is_file() else _folder_images(path, num)
-    raise EvaluationError(f"unknown image source {source} (expected an .npz of images, a prepared data set, "
-                          "an image folder or a .tar/.tar.gz of one)")
+# ----------------------------------------------------------------------------- features
 
 
 @torch.no_grad()
@@ -388,9 +211,10 @@ def reference_statistics(source: str | Path | ImageInput, feature_net: FeatureNe
                          max_features: int = DEFAULT_MAX_FEATURES, seed: int = 0,
                          batch_size: int = DEFAULT_BATCH_SIZE, device: torch.device | str | None = None,
                          progress: bool = False) -> ReferenceStats:
-    """Statistics of every image of `source` (see `open_images`, or images as `evaluate` takes them),
-    read once in a fixed order, without shuffling or flips. `features` keeps a seeded uniform random
-    subset of at most `max_features` feature rows (all of them when there are fewer)."""
+    """Statistics of every image of `source` (see `engine.data.image_sets.open_images`, or images as
+    `evaluate` takes them), read once in a fixed order, without shuffling or flips. `features` keeps
+    a seeded uniform random subset of at most `max_features` feature rows (all of them when there
+    are fewer)."""
     device = _device_of(feature_net, device)
     feature_net.to(device)
     if isinstance(source, (str, Path)):
@@ -398,7 +222,7 @@ def reference_statistics(source: str | Path | ImageInput, feature_net: FeatureNe
         batches = ((None, batch) for batch in images.read(batch_size, None))
         total, where = images.total, images.where
     else:
-        batches, total, where = _image_batches(source, batch_size), None, "images in memory"
+        batches, total, where = image_batches(source, batch_size), None, "images in memory"
     dim = feature_net.num_features
     total_sum = torch.zeros(dim, dtype=torch.float64, device=device)
     outer_sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
@@ -448,16 +272,6 @@ _STATS_KEYS = {"format", "mu", "sigma", "num_images", "features", "feature_netwo
                "image_shape", "source"}
 
 
-def _read_npz(path: Path, keys: set[str]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """The names of an .npz's arrays, and those of them in `keys` (an ADM reference file also holds
-    all its images: they are not read when only the statistics are wanted)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:  # a downloaded file must not run code
-            return list(data.files), {key: data[key] for key in data.files if key in keys}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exn:
-        raise EvaluationError(f"cannot read {path} as an .npz file: {exn}") from exn
-
-
 def _text(arrays: dict[str, np.ndarray], key: str) -> str | None:
     return str(arrays[key]) or None if key in arrays else None
 
@@ -466,7 +280,7 @@ def read_reference(path: str | Path) -> ReferenceStats:
     """A statistics file: ours (--save-reference) or any `.npz` with `mu` and `sigma` (pytorch-fid,
     ADM's reference batches); `features`, when present, enable KID."""
     path = Path(path)
-    names, arrays = _read_npz(path, _STATS_KEYS)
+    names, arrays = read_npz(path, _STATS_KEYS)
     if "mu" not in arrays or "sigma" not in arrays:
         raise EvaluationError(f"{path} is not a statistics file (it holds {', '.join(names) or 'nothing'}; "
                               "expected mu and sigma)")
@@ -508,7 +322,7 @@ def check_reference(stats: ReferenceStats, feature_net: FeatureNetwork, where: s
 
 def _is_stats_file(reference: str | Path) -> bool:
     path = Path(reference)
-    return path.suffix.lower() == ".npz" and path.is_file() and "mu" in _read_npz(path, set())[0]
+    return path.suffix.lower() == ".npz" and path.is_file() and "mu" in read_npz(path, set())[0]
 
 
 def _load_reference_here(reference: str | Path, feature_net: FeatureNetwork, **options) -> ReferenceStats:
@@ -619,10 +433,11 @@ def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature
     """FID and KID of `images` against `reference`.
 
     `images`: one uint8 numpy (N, H, W, C) array, a torch (N, C, H, W) uint8 tensor or float tensor
-    in [-1, 1] (see `as_uint8_images`), or an iterable of such batches or of (index of the batch's
-    first image, batch) pairs, as `engine.sample.generate_batches` yields them (streamed: nothing
-    but the features is kept). With indices, KID's subsets do not depend on which rank had which
-    images; without, ranks should hold contiguous blocks in rank order (`rank_slice`).
+    in [-1, 1] (see `engine.data.image_sets.as_uint8_images`), or an iterable of such batches or of
+    (index of the batch's first image, batch) pairs, as `engine.sample.generate_batches` yields them
+    (streamed: nothing but the features is kept). With indices, KID's subsets do not depend on
+    which rank had which images; without, ranks should hold contiguous blocks in rank order
+    (`rank_slice`).
 
     `reference`: ReferenceStats, a statistics file or an image source (see `load_reference`).
     `total` only sizes the progress bar. KID draws `kid_subsets` random subsets of
@@ -643,18 +458,47 @@ def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature
     notes = list(stats.notes)
     dim = feature_net.num_features
     fid, kid = _metrics(stats, dim, kid_subsets, device)
-    local, shapes, runs = 0, set(), []  # runs: (first index or None, count) per batch
-    for first, features, shape in _features(_image_batches(images, batch_size), feature_net, device, total=total,
-                                            progress=progress, desc="evaluate"):
-        fid.update(features.double(), real=False)  # float64 features: FID comes back in float64
-        kid.update(features, real=False)
-        runs.append((first, len(features)))
-        local += len(features)
+    features = _features(image_batches(images, batch_size), feature_net, device, total=total, progress=progress,
+                         desc="evaluate")
+    count, shapes, runs = _add_generated(fid, kid, features, dim, device)
+    num_images, shapes = _gather_generated(kid, count, shapes, runs, device)
+    if num_images < 2:
+        raise EvaluationError(f"FID needs at least 2 generated images, got {num_images}")
+    if stats.image_shape and shapes and shapes != {tuple(stats.image_shape)}:
+        shown = ", ".join("x".join(map(str, s)) for s in sorted(shapes))
+        notes.append(f"the images are {shown} (C x H x W), the reference's {'x'.join(map(str, stats.image_shape))}")
+    if num_images < dim:
+        notes.append(f"FID from {num_images} images (fewer than the {dim} feature dimensions) is biased upwards; "
+                     "compare FIDs only at equal image counts (10k or 50k are usual)")
+    result = {"fid": float(fid.compute()), "kid": None, "kid_std": None, "num_images": num_images,
+              "num_reference": stats.num_images, "kid_subset_size": None, "notes": notes}
+    result.update(_kid(kid, stats, num_images, kid_subset_size, seed, notes))
+    return result
+
+
+def _add_generated(fid: FrechetInceptionDistance, kid: _OrderedKID,
+                   features: Iterable[tuple[int | None, Tensor, tuple[int, ...]]], dim: int,
+                   device: torch.device) -> tuple[int, set[tuple[int, ...]], list[tuple[int | None, int]]]:
+    """Feeds this rank's generated features to both metrics; returns their count, the images'
+    (C, H, W) shapes, and (first index or None, count) per batch."""
+    local, shapes, runs = 0, set(), []
+    for first, batch_features, shape in features:
+        fid.update(batch_features.double(), real=False)  # float64 features: FID comes back in float64
+        kid.update(batch_features, real=False)
+        runs.append((first, len(batch_features)))
+        local += len(batch_features)
         shapes.add(shape)
     if local == 0:  # a rank without images still takes part in the gathers
         empty = torch.zeros(0, dim, dtype=torch.float32, device=device)
         fid.update(empty.double(), real=False)
         kid.update(empty, real=False)
+    return local, shapes, runs
+
+
+def _gather_generated(kid: _OrderedKID, local: int, shapes: set[tuple[int, ...]], runs: list[tuple[int | None, int]],
+                      device: torch.device) -> tuple[int, set[tuple[int, ...]]]:
+    """The number of generated images and their shapes over all ranks; when every batch came with
+    its index, KID will take the gathered features in image-index order."""
     # One tensor per rank: torchmetrics gathers a list state element by element, so ranks holding
     # different numbers of batches would issue different numbers of collectives and hang.
     kid.fake_features = [torch.cat(kid.fake_features)]
@@ -665,36 +509,32 @@ def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature
     if all_runs and all(first is not None for first, _ in all_runs):  # indexed batches: KID in index order
         indices = np.concatenate([np.arange(first, first + count) for first, count in all_runs])
         kid.fake_order = torch.from_numpy(np.argsort(indices, kind="stable")).to(device)
-    if num_images < 2:
-        raise EvaluationError(f"FID needs at least 2 generated images, got {num_images}")
-    if stats.image_shape and all_shapes and all_shapes != {tuple(stats.image_shape)}:
-        shown = ", ".join("x".join(map(str, s)) for s in sorted(all_shapes))
-        notes.append(f"the images are {shown} (C x H x W), the reference's {'x'.join(map(str, stats.image_shape))}")
-    if num_images < dim:
-        notes.append(f"FID from {num_images} images (fewer than the {dim} feature dimensions) is biased upwards; "
-                     "compare FIDs only at equal image counts (10k or 50k are usual)")
-    result = {"fid": float(fid.compute()), "kid": None, "kid_std": None, "num_images": num_images,
-              "num_reference": stats.num_images, "kid_subset_size": None, "notes": notes}
+    return num_images, all_shapes
+
+
+def _kid(kid: _OrderedKID, stats: ReferenceStats, num_images: int, kid_subset_size: int, seed: int,
+         notes: list[str]) -> dict:
+    """{"kid", "kid_std", "kid_subset_size"}, or {} with a note saying why KID is unavailable."""
     num_reference_features = 0 if stats.features is None else len(stats.features)
     subset = min(kid_subset_size, num_images, num_reference_features)
     if stats.features is None:
         notes.append(f"KID is not available: {stats.source} holds only mu and sigma, no reference features; "
                      "compute the reference with --save-reference to have both")
-    elif subset < 2:
+        return {}
+    if subset < 2:
         notes.append(f"KID is not available: it needs subsets of at least 2 images ({num_images} generated, "
                      f"{num_reference_features} reference features)")
-    else:
-        if subset < kid_subset_size:
-            notes.append(f"KID subset size {kid_subset_size} clamped to {subset} ({num_images} generated images, "
-                         f"{num_reference_features} reference features)")
-        kid.subset_size = subset
-        # KID draws its subsets from the global CPU generator: seed it, then restore it (torch.manual_seed
-        # would also reseed the CUDA generators, which fork_rng(devices=[]) does not restore)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            kid_mean, kid_std = kid.compute()
-        result.update(kid=float(kid_mean), kid_std=float(kid_std), kid_subset_size=subset)
-    return result
+        return {}
+    if subset < kid_subset_size:
+        notes.append(f"KID subset size {kid_subset_size} clamped to {subset} ({num_images} generated images, "
+                     f"{num_reference_features} reference features)")
+    kid.subset_size = subset
+    # KID draws its subsets from the global CPU generator: seed it, then restore it (torch.manual_seed
+    # would also reseed the CUDA generators, which fork_rng(devices=[]) does not restore)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"kid": float(kid_mean), "kid_std": float(kid_std), "kid_subset_size": subset}
 
 
 def summary(result: dict) -> str:

@@ -140,6 +140,61 @@ class Level(nn.Module):
         self.resample = resample
 
 
+class _Blocks:
+    """Makes the blocks of one UNet, which share the timestep embedding width, the dropout and the
+    attention settings."""
+
+    def __init__(self, temb_channels: int, dropout: float, num_heads: int, attention_resolutions: Sequence[int],
+                 attention_backend: str):
+        self.temb_channels, self.dropout, self.num_heads = temb_channels, dropout, num_heads
+        self.attention_resolutions, self.attention_backend = attention_resolutions, attention_backend
+
+    def resnet(self, in_channels: int, out_channels: int) -> ResnetBlock:
+        return ResnetBlock(in_channels, out_channels, self.temb_channels, self.dropout)
+
+    def attention(self, channels: int) -> AttentionBlock:
+        return AttentionBlock(channels, self.num_heads, self.attention_backend)
+
+    def attention_or_identity(self, channels: int, resolution: int) -> nn.Module:
+        return self.attention(channels) if resolution in self.attention_resolutions else nn.Identity()
+
+
+def _down_path(make: _Blocks, base_channels: int, channel_mult: tuple[int, ...], resolutions: list[int],
+               num_res_blocks: int) -> tuple[nn.ModuleList, list[int], int]:
+    """The down path's levels, the width of every activation the up path will concatenate (the
+    input convolution's first), and the width it ends with."""
+    skip_channels, channels = [base_channels], base_channels
+    down = nn.ModuleList()
+    for level, (mult, resolution) in enumerate(zip(channel_mult, resolutions)):
+        blocks, attentions = [], []
+        for _ in range(num_res_blocks):
+            blocks.append(make.resnet(channels, base_channels * mult))
+            channels = base_channels * mult
+            attentions.append(make.attention_or_identity(channels, resolution))
+            skip_channels.append(channels)
+        is_last = level == len(channel_mult) - 1
+        down.append(Level(blocks, attentions, nn.Identity() if is_last else Downsample(channels)))
+        if not is_last:
+            skip_channels.append(channels)
+    return down, skip_channels, channels
+
+
+def _up_path(make: _Blocks, base_channels: int, channel_mult: tuple[int, ...], resolutions: list[int],
+             num_res_blocks: int, skip_channels: list[int], channels: int) -> tuple[nn.ModuleList, int]:
+    """The up path's levels, from the lowest resolution up, consuming `skip_channels` from the end;
+    and the width it ends with. Each level has one block more than down, to take the downsample's
+    skip as well."""
+    up = nn.ModuleList()
+    for level in reversed(range(len(channel_mult))):
+        blocks, attentions = [], []
+        for _ in range(num_res_blocks + 1):
+            blocks.append(make.resnet(channels + skip_channels.pop(), base_channels * channel_mult[level]))
+            channels = base_channels * channel_mult[level]
+            attentions.append(make.attention_or_identity(channels, resolutions[level]))
+        up.append(Level(blocks, attentions, Upsample(channels) if level > 0 else nn.Identity()))
+    return up, channels
+
+
 class UNet(nn.Module):
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int, base_channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
@@ -149,6 +204,32 @@ class UNet(nn.Module):
         backend can run there. Parameters are created on the CPU; move them with `.to(device)`."""
         super().__init__()
         self.channel_mult = tuple(channel_mult)
+        resolutions = self._resolutions(image_size, attention_resolutions)
+        # resolved once, so forward dispatches on a constant string
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.attention_backend = resolve_attention_backend(attention_backend, device)
+        self.base_channels = base_channels
+        temb_channels = 4 * base_channels
+        make = _Blocks(temb_channels, dropout, num_heads, attention_resolutions, self.attention_backend)
+
+        # created in this order: it is the order of the state_dict keys and of the random initialisation
+        self.time_embed = nn.Sequential(_init(nn.Linear(base_channels, temb_channels)), nn.SiLU(),
+                                        _init(nn.Linear(temb_channels, temb_channels)))
+        self.conv_in = _init(nn.Conv2d(in_channels, base_channels, 3, padding=1))
+        self.down, skip_channels, channels = _down_path(make, base_channels, self.channel_mult, resolutions,
+                                                        num_res_blocks)
+        self.mid_block1 = make.resnet(channels, channels)
+        self.mid_attention = make.attention(channels)
+        self.mid_block2 = make.resnet(channels, channels)
+        self.up, channels = _up_path(make, base_channels, self.channel_mult, resolutions, num_res_blocks,
+                                     skip_channels, channels)
+        self.norm_out = group_norm(channels)
+        self.conv_out = _init(nn.Conv2d(channels, out_channels, 3, padding=1), scale=0.0)
+
+    def _resolutions(self, image_size: int, attention_resolutions: Sequence[int]) -> list[int]:
+        """The feature map size of every level; ValueError when the image size or an attention
+        resolution does not fit the levels."""
         if image_size % self.downsample_factor:
             raise ValueError(f"image_size ({image_size}) must be divisible by the UNet's downsampling factor "
                              f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
@@ -156,56 +237,7 @@ class UNet(nn.Module):
         unused = sorted(set(attention_resolutions) - set(resolutions))
         if unused:
             raise ValueError(f"attention_resolutions {unused} are not resolutions of this UNet ({resolutions})")
-        # resolved once, so forward dispatches on a constant string
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.attention_backend = resolve_attention_backend(attention_backend, device)
-        self.base_channels = base_channels
-        temb_channels = 4 * base_channels
-
-        def resnet(cin: int, cout: int) -> ResnetBlock:
-            return ResnetBlock(cin, cout, temb_channels, dropout)
-
-        def attention_or_identity(channels: int, resolution: int) -> nn.Module:
-            if resolution in attention_resolutions:
-                return AttentionBlock(channels, num_heads, self.attention_backend)
-            return nn.Identity()
-
-        self.time_embed = nn.Sequential(_init(nn.Linear(base_channels, temb_channels)), nn.SiLU(),
-                                        _init(nn.Linear(temb_channels, temb_channels)))
-        self.conv_in = _init(nn.Conv2d(in_channels, base_channels, 3, padding=1))
-
-        # down path; remember the width of every activation the up path will concatenate
-        skip_channels, channels = [base_channels], base_channels
-        self.down = nn.ModuleList()
-        for level, (mult, resolution) in enumerate(zip(self.channel_mult, resolutions)):
-            blocks, attentions = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(resnet(channels, base_channels * mult))
-                channels = base_channels * mult
-                attentions.append(attention_or_identity(channels, resolution))
-                skip_channels.append(channels)
-            is_last = level == len(self.channel_mult) - 1
-            self.down.append(Level(blocks, attentions, nn.Identity() if is_last else Downsample(channels)))
-            if not is_last:
-                skip_channels.append(channels)
-
-        self.mid_block1 = resnet(channels, channels)
-        self.mid_attention = AttentionBlock(channels, num_heads, self.attention_backend)
-        self.mid_block2 = resnet(channels, channels)
-
-        # up path: one block more per level than down, to consume the downsample's skip as well
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(self.channel_mult))):
-            blocks, attentions = [], []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(resnet(channels + skip_channels.pop(), base_channels * self.channel_mult[level]))
-                channels = base_channels * self.channel_mult[level]
-                attentions.append(attention_or_identity(channels, resolutions[level]))
-            self.up.append(Level(blocks, attentions, Upsample(channels) if level > 0 else nn.Identity()))
-
-        self.norm_out = group_norm(channels)
-        self.conv_out = _init(nn.Conv2d(channels, out_channels, 3, padding=1), scale=0.0)
+        return resolutions
 
     @property
     def downsample_factor(self) -> int:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from engine.data import (SHAPE_CLASSES, DataError, build_train_loader, iter_shapes, make_shape_image,
-                         random_flip_mask, read_manifest)
+from engine.data import (SHAPE_CLASSES, DataError, build_train_loader, is_image_path, iter_shapes, make_shape_image,
+                         open_images, open_source, random_flip_mask, read_manifest)
 from engine.data.prepare import prepare
 from kernels.q_sample import images_to_unit_range
 
@@ -312,6 +313,34 @@ def test_prepare_image_folder_labels_follow_sorted_class_names(tmp_path, packed)
     # every shard holds a mix of classes, not one class after the other
     labels = [int(members["cls"]) for members in samples.values()]
     assert labels != sorted(labels)
+
+
+@pytest.mark.parametrize("packed", ["folder", "tar.gz"])
+def test_hidden_files_and_macos_resource_forks_are_images_neither_of_a_source_nor_of_an_evaluation_set(tmp_path,
+                                                                                                      packed):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name in ["cat/1.png", "dog/2.png"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(png_bytes(random_image(rng, size=8)))
+    # junk that does not decode; counted as images, the last three would also be a second root of class folders
+    for name in ["dog/notes.txt", "cat/.3.png", ".thumbnails/cat/4.png", "__MACOSX/cat/5.png", "__MACOSX/cat/._1.png"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"not an image")
+    assert is_image_path("cat/1.png") and is_image_path("cat/1.JPG")
+    assert not any(map(is_image_path, ["dog/notes.txt", "cat/.3.png", ".thumbnails/cat/4.png", "__MACOSX/cat/5.png"]))
+    source = root
+    if packed == "tar.gz":
+        source = tmp_path / "images.tar.gz"
+        with tarfile.open(source, "w:gz") as tar:
+            tar.add(root, arcname="images")
+    prepared = open_source(source)
+    assert prepared.classes == ["cat", "dog"] and sorted(sample.origin.rsplit("/", 2)[-2] for sample in
+                                                         prepared.samples) == ["cat", "dog"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading a junk file would warn that it does not decode
+        images = open_images(source)
+        assert images.total == 2 and [tuple(batch.shape) for batch in images.read(8, None)] == [(2, 3, 8, 8)]
 
 
 def test_prepare_rejects_images_of_mixed_sizes(tmp_path):

@@ -18,11 +18,12 @@ from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from engine.data import DataError
+from engine.data.image_sets import as_uint8_images, open_images
 from engine.data.prepare import prepare
 from engine.data.shapes import iter_shapes
-from engine.evaluate import (INCEPTION_ENV, INCEPTION_URL, EvaluationError, as_uint8_images, evaluate,
-                             load_feature_network, main, open_images, read_reference, reference_statistics,
-                             save_reference)
+from engine.evaluate import (INCEPTION_ENV, INCEPTION_URL, EvaluationError, evaluate, load_feature_network, main,
+                             read_reference, reference_statistics, save_reference)
 from feature_network import make_feature_network
 from test_train_cli import run
 
@@ -228,7 +229,7 @@ def test_streamed_model_outputs_match_uint8_arrays_and_leave_the_generator_alone
     assert torch.equal(torch.get_rng_state(), state)
     whole = evaluate(generated, reference, net, **KID)
     assert streamed["fid"] == pytest.approx(whole["fid"], rel=1e-9) and streamed["kid"] == pytest.approx(whole["kid"])
-    with pytest.raises(EvaluationError, match="uint8 .N, H, W, C."):
+    with pytest.raises(DataError, match="uint8 .N, H, W, C."):
         evaluate(generated.astype(np.float32), reference, net)
     # (first index, batch) pairs, as engine.sample.generate_batches yields them: any order gives the same KID
     pairs = [(start, floats[start:start + 40]) for start in range(0, 256, 40)]

@@ -1,5 +1,5 @@
 """Data sets as webdataset shards: procedural shapes, source readers, `prepare`, the streaming loader
-and the device-resident cache.
+and the device-resident cache; and any image source read as batches for evaluation (`image_sets`).
 
 A data set is prepared once (`python -m engine.data.prepare SOURCE OUT_DIR [--format png|array]`)
 into tar shards plus a `manifest.json`; training streams the shards with `build_train_loader`, or
@@ -29,7 +29,13 @@ _EXPORTS = {
     "SourceSample": "sources",
     "open_source": "sources",
     "decode_image": "sources",
+    "is_image_path": "sources",
     "read_manifest": "prepare",
+    "ImageSet": "image_sets",
+    "open_images": "image_sets",
+    "as_uint8_images": "image_sets",
+    "image_batches": "image_sets",
+    "read_npz": "image_sets",
     "build_train_loader": "loader",
     "random_flip_mask": "loader",
     "load_device_cache": "device_cache",
@@ -39,8 +45,9 @@ _EXPORTS = {
 
 # Written out (tests/test_data.py checks it against _EXPORTS) so that linters see the re-exports below.
 __all__ = ["DataError", "SHAPE_CLASSES", "make_shape_image", "iter_shapes", "Source", "SourceSample", "open_source",
-           "decode_image", "read_manifest", "build_train_loader", "random_flip_mask", "load_device_cache",
-           "DeviceCache", "DeviceBatches"]
+           "decode_image", "is_image_path", "read_manifest", "ImageSet", "open_images", "as_uint8_images",
+           "image_batches", "read_npz", "build_train_loader", "random_flip_mask", "load_device_cache", "DeviceCache",
+           "DeviceBatches"]
 
 
 def __getattr__(name: str):
@@ -56,7 +63,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__
     from engine.data.device_cache import DeviceBatches, DeviceCache, load_device_cache
+    from engine.data.image_sets import ImageSet, as_uint8_images, image_batches, open_images, read_npz
     from engine.data.loader import build_train_loader, random_flip_mask
     from engine.data.prepare import read_manifest
     from engine.data.shapes import SHAPE_CLASSES, iter_shapes, make_shape_image
-    from engine.data.sources import Source, SourceSample, decode_image, open_source
+    from engine.data.sources import Source, SourceSample, decode_image, is_image_path, open_source

@@ -41,7 +41,7 @@ import webdataset as wds
 
 import numpy as np
 
-from engine.checkpoint import atomic_write
+from engine.atomic_files import atomic_write
 from engine.data import DataError
 from engine.data.sources import Source, SourceSample, decode_image, encode_png, open_source
 from engine.progress import progress_bar

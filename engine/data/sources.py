@@ -139,13 +139,12 @@ def _shapes_source(num: int | None, image_size: int | None, channels: int | None
 # ----------------------------------------------------------------------------- image folders
 
 
-def _is_hidden(path: str) -> bool:
-    # dot files, and the resource forks macOS puts into archives
-    return any(part.startswith(".") or part == "__MACOSX" for part in path.split("/"))
-
-
-def _is_image(path: str) -> bool:
-    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS and not _is_hidden(path)
+def is_image_path(path: str) -> bool:
+    """Whether a file counts as an image of a folder or archive: `path` is '/'-separated, relative to
+    its root. Its suffix must be one of IMAGE_EXTENSIONS, and no part of it hidden: neither a dot
+    file or folder nor `__MACOSX` (the resource forks macOS puts into archives)."""
+    return (posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") or part == "__MACOSX" for part in path.split("/")))
 
 
 def _classes_of(images: list[str], source: Path) -> tuple[list[str], list[int]]:
@@ -168,7 +167,7 @@ def _classes_of(images: list[str], source: Path) -> tuple[list[str], list[int]]:
 def _image_folder_source(kind: str, source: Path, files: Iterable[str], read: Callable[[str], bytes],
                          num: int | None, seed: int) -> Source:
     """`files` are '/'-separated paths relative to the folder (or archive) root."""
-    images = sorted(f for f in files if _is_image(f))
+    images = sorted(f for f in files if is_image_path(f))
     if not images:
         raise DataError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                         "expected <root>/<class name>/<image>")
