@@ -1,6 +1,6 @@
 """One optimizer step of the UNet, timed as the engine's own `engine.trainer.train_step` (forward, the fused
 loss, backward, clip, Adam, EMA) on the trainer `build_trainer` makes from the preset: eager vs torch.compile
-(whole model or per block), the PyTorch or the Triton kernels for q_sample_uint8 and the fused loss,
+(whole model, per block, or the model and the whole update: `compile_scope: step`), the PyTorch or the Triton kernels for q_sample_uint8 and the fused loss,
 fp32 vs bf16, each attention backend, NCHW vs channels_last; and, as the baseline,
 the same architecture as Hugging Face diffusers' UNet2DModel trained the way its
 `train_unconditional` example does (skipped when diffusers is not installed; it is no dependency).
@@ -57,7 +57,7 @@ def record_throughput(benchmark, device: torch.device, batch_size: int, flops_pe
 
 
 @pytest.mark.parametrize("kernel_impl", ["pytorch", "triton"])
-@pytest.mark.parametrize("variant", ["eager", "compiled-model", "compiled-blocks"])
+@pytest.mark.parametrize("variant", ["eager", "compiled-model", "compiled-blocks", "compiled-step"])
 def test_train_step(benchmark, device, bench_config, batch_size, flops_per_image, variant, kernel_impl):
     if variant != "eager" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
         pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (minutes)")

@@ -81,7 +81,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step; per-rank micro-batch = batch / (world x this)
     compile: bool = False  # torch.compile the UNet
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    compile_scope: Literal["model", "blocks"] = "model"  # one graph, or one per residual/attention block (faster to compile)
+    # one graph, one per residual/attention block (faster to compile), or the model and the whole update
+    # (clip, Adam, EMA, the non-finite mask) as one more graph: no per-parameter kernels launched from Python
+    compile_scope: Literal["model", "blocks", "step"] = "model"
     channels_last: bool = False  # NHWC activations and weights (measure: GroupNorm may not keep it)
     max_nonfinite_steps: int = 20  # consecutive steps with a NaN/inf loss or gradient (skipped) before the run stops
     sync_check: bool = False  # CUDA: raise on any host-device sync inside a step (fp16's grad scaler has one)
@@ -387,6 +389,8 @@ def _check_train(config: Config, require) -> None:
         value = getattr(train, key)
         require(value > 0, f"train.{key}", f"must be positive, got {value}")
     require(train.sample_every >= 0, "train.sample_every", f"must be >= 0 (0 = only at the end), got {train.sample_every}")
+    require(not (train.compile and train.compile_scope == "step" and train.precision == "fp16"), "train.compile_scope",
+            "step does not take train.precision=fp16 (its grad scaler decides on the host); use bf16 or fp32")
 
 
 def _check_sample(config: Config, require) -> None:

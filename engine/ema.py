@@ -29,19 +29,32 @@ def update_ema(ema: EMA, step: int, warmup: bool = False) -> None:
 
     ema-pytorch's own `update()` reads its `step` and `initted` counters and its warmup decay with
     `.item()`, four host syncs per step; the trainer knows the step as a Python int, so the same
-    schedule is computed here (step 0 copies the weights, then 1 - (1 + step / inv_gamma)^-power,
-    clamped to [min_value, beta]) and the counters are only written, never read.
+    schedule is computed here (`ema_decay`) and the counters are only written, never read.
     """
-    if not warmup:
-        ema.update_moving_average(ema.ema_model, ema.model, current_decay=ema.beta)
-        return
-    ema.step.add_(1)
-    if step == 0:
+    advance_ema_counters(ema, step, warmup)
+    if warmup and step == 0:
         ema.copy_params_from_model_to_ema()
-        ema.initted.fill_(True)
         return
+    ema.update_moving_average(ema.ema_model, ema.model, current_decay=ema_decay(ema, step, warmup))
+
+
+def ema_decay(ema: EMA, step: int, warmup: bool) -> float:
+    """The decay of the update after step `step`: the fixed one, or ema-pytorch's warmup schedule (step 0
+    copies the weights, i.e. decay 0, then 1 - (1 + step / inv_gamma)^-power clamped to [min_value, beta])."""
+    if not warmup:
+        return ema.beta
+    if step == 0:
+        return 0.0
     decay = 1 - (1 + step / ema.inv_gamma) ** -ema.power
-    ema.update_moving_average(ema.ema_model, ema.model, current_decay=min(max(decay, ema.min_value), ema.beta))
+    return min(max(decay, ema.min_value), ema.beta)
+
+
+def advance_ema_counters(ema: EMA, step: int, warmup: bool) -> None:
+    """ema-pytorch's counters, kept as its `update()` keeps them (written on the device, never read)."""
+    if warmup:
+        ema.step.add_(1)
+        if step == 0:
+            ema.initted.fill_(True)
 
 
 def ema_state(ema: EMA) -> dict[str, torch.Tensor]:

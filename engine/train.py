@@ -377,7 +377,7 @@ class TrainingRun:
         config, context, state, interval = self.config, self.context, self.state, self.interval
         reduced = interval.reduce(context)
         state.nonfinite_steps += reduced["nonfinite_steps"]
-        record = {"step": state.step, "loss": reduced["loss"], "lr": self.trainer.lr_schedule.get_last_lr()[0],
+        record = {"step": state.step, "loss": reduced["loss"], "lr": float(self.trainer.lr_schedule.get_last_lr()[0]),
                   "grad_norm": reduced["grad_norm"], "skipped_samples": state.skipped_samples,
                   "nonfinite_steps": reduced["nonfinite_steps"], "time": time.time(),
                   "maintenance_seconds": interval.maintenance_seconds,

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -22,7 +24,7 @@ from engine import diffusion
 from engine.config import Config, ConfigError
 from engine.data import random_flip_mask
 from engine.distributed import DistributedContext, compute_dtype
-from engine.ema import build_ema, ema_state, load_ema_state, update_ema
+from engine.ema import advance_ema_counters, build_ema, ema_decay, ema_state, load_ema_state, update_ema
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.schedule import NoiseSchedule, schedule_from_config
@@ -68,6 +70,8 @@ class Trainer:
     generator: torch.Generator  # timesteps and flips, reseeded from (seed, step) every step
     loss_coefficients: tuple[torch.Tensor, torch.Tensor]  # the target as noise_coef[t] eps + x0_coef[t] x0
     sample_offsets: torch.Tensor  # 0 .. micro_batch-1 on the device, for the noise keys
+    compiled_update: Callable | None = None  # train.compile_scope=step: (loss, EMA decay) -> (grad norm, finite)
+    ema_decay: torch.Tensor | None = None  # the compiled update's EMA decay, filled each step (no recompiles)
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +94,8 @@ class Trainer:
         load_full_optimizer_state(self.model, self.optimizer, state.get("optimizer"), self.context)
         for group in self.optimizer.param_groups:  # the saved groups carry the writer's implementation choice
             group.update(self.adam_implementation)
+            if self.compiled_update is not None and not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = torch.tensor(group["lr"], device=self.device)  # a float would recompile every step
         self.lr_schedule.load_state_dict(lr_schedule)
         if scaler:
             self.scaler.load_state_dict(scaler)
@@ -136,13 +142,18 @@ def build_model(config: Config, context: DistributedContext, dtype: torch.dtype,
     return model, train_model, ema
 
 
-def build_optimizer(config: Config, model: nn.Module, sharded: bool):
+def build_optimizer(config: Config, model: nn.Module, sharded: bool, compiled_update: bool = False):
     """(optimizer, LR schedule, implementation): Adam(W) fused, so that a non-finite step is skipped on the
-    device; foreach for sharded (DTensor) parameters."""
+    device; foreach for sharded (DTensor) parameters; for the compiled update, foreach with the step counters
+    and the learning rate as device tensors (`capturable`), which Inductor fuses and CUDA graphs replay."""
     optim = config.optim
-    implementation = {"fused": None, "foreach": True} if sharded else {"fused": True, "foreach": None}
+    if compiled_update:
+        implementation = {"fused": None, "foreach": True, "capturable": True}
+    else:
+        implementation = {"fused": None, "foreach": True} if sharded else {"fused": True, "foreach": None}
+    lr = torch.tensor(optim.lr, device=next(model.parameters()).device) if compiled_update else optim.lr
     optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+    optimizer = optimizer_class(model.parameters(), lr=lr, betas=tuple(optim.betas), eps=optim.eps,
                                 weight_decay=optim.weight_decay, **implementation)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
     return optimizer, lr_schedule, implementation
@@ -156,15 +167,21 @@ def build_trainer(config: Config, context: DistributedContext,
     micro_batch = micro_batch_size(config.train.batch_size, context.world_size, config.train.grad_accum_steps)
     model, train_model, ema = build_model(config, context, dtype, initial_weights)
     sharded = context.is_distributed and config.train.parallel == "fsdp"
-    optimizer, lr_schedule, implementation = build_optimizer(config, model, sharded)
+    step_scope = config.train.compile and config.train.compile_scope == "step"
+    if step_scope and sharded:
+        raise ConfigError("train.compile_scope=step compiles the update of whole (unsharded) parameters; "
+                          "with train.parallel=fsdp use train.compile_scope=model or blocks")
+    optimizer, lr_schedule, implementation = build_optimizer(config, model, sharded, compiled_update=step_scope)
     schedule = schedule_from_config(config.diffusion).to(device)
+    compiled = compile_update(optimizer, ema, config.optim.grad_clip, config.train.compile_mode) if step_scope else None
     return Trainer(config=config, context=context, model=model, train_model=train_model, ema=ema, optimizer=optimizer,
                    lr_schedule=lr_schedule, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                    adam_implementation=implementation,
                    kernels=resolve_kernels_from_config(config, device, check=check_kernels),
                    schedule=schedule, dtype=dtype, micro_batch=micro_batch, generator=torch.Generator(device=device),
                    loss_coefficients=diffusion.loss_coefficients(schedule, config.diffusion.target),
-                   sample_offsets=torch.arange(micro_batch, device=device))
+                   sample_offsets=torch.arange(micro_batch, device=device), compiled_update=compiled,
+                   ema_decay=torch.zeros((), device=device) if step_scope else None)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -242,6 +259,8 @@ def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> S
 
 def apply_update(trainer: Trainer, step: int, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip, Adam, LR schedule, EMA. A NaN/inf loss or gradient skips the update (and so the EMA's move)."""
+    if trainer.compiled_update is not None:
+        return apply_compiled_update(trainer, step, step_loss)
     grad_clip = trainer.config.optim.grad_clip
     optimizer, scaler = trainer.optimizer, trainer.scaler
     scaler.unscale_(optimizer)
@@ -259,6 +278,72 @@ def apply_update(trainer: Trainer, step: int, step_loss: torch.Tensor) -> tuple[
     trainer.lr_schedule.step()
     update_ema(trainer.ema, step, trainer.config.train.ema_warmup)
     return grad_norm.detach(), finite
+
+
+def apply_compiled_update(trainer: Trainer, step: int, step_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_update` as one compiled graph (train.compile_scope=step); the LR schedule and the EMA's
+    counters stay outside it, as host-side writes."""
+    warmup = trainer.config.train.ema_warmup
+    trainer.ema_decay.fill_(ema_decay(trainer.ema, step, warmup))  # a fill from a host number: no sync
+    advance_ema_counters(trainer.ema, step, warmup)
+    grad_norm, finite = trainer.compiled_update(step_loss, trainer.ema_decay)
+    with warnings.catch_warnings():  # the compiled region calls Adam's step below the hook the scheduler watches
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        trainer.lr_schedule.step()
+    return grad_norm, finite
+
+
+def compile_update(optimizer: torch.optim.Optimizer, ema: Any, grad_clip: float, mode: str,
+                   backend: str | Callable = "inductor") -> Callable:
+    """Clipping, the non-finite mask, Adam and the EMA lerp as one graph (fullgraph=True; CUDA graphs with
+    train.compile_mode=reduce-overhead).
+
+    Adam is the library's own step, unwrapped from the wrappers that break the graph on purpose (they set
+    the grad mode for eager use). A non-finite step puts the weights and Adam's state back with `where`,
+    which Inductor fuses into the update's own pass: the skip is decided on the device.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not optimizer.state:
+        initialise_state(optimizer)
+    adam_step = inspect.unwrap(type(optimizer).step)
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+
+    def update(step_loss: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+        with torch.no_grad():
+            before = [(param.clone(), {key: value.clone() for key, value in optimizer.state[param].items()})
+                      for param in params]
+            adam_step(optimizer)
+            for param, (old, old_state) in zip(params, before):
+                param.copy_(torch.where(finite, param, old))
+                for key, value in optimizer.state[param].items():
+                    value.copy_(torch.where(finite, value, old_state[key]))
+            ema.update_moving_average(ema.ema_model, ema.model, current_decay=decay)
+        return grad_norm.detach(), finite
+
+    return torch.compile(update, fullgraph=True, dynamic=False, backend=backend,
+                         mode=None if mode == "default" or backend != "inductor" else mode)
+
+
+def initialise_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's state as a fresh optimizer has it after its lazy init (zero moments, step 0), made before the
+    update is traced: the graph then only reads and writes it (one graph, and the skip mask covers it all).
+
+    The layout comes from the library: a throwaway optimizer of the same class takes one step on zero-valued
+    copies of the parameters; its state, zeroed, is loaded (load_state_dict puts it on the devices).
+    """
+    groups = optimizer.state_dict()["param_groups"]
+    shadow_params = [torch.zeros_like(p, requires_grad=True) for group in optimizer.param_groups for p in group["params"]]
+    for param in shadow_params:
+        param.grad = torch.zeros_like(param)
+    shadow = type(optimizer)(shadow_params, lr=0.0, foreach=False)
+    shadow.step()
+    state = shadow.state_dict()["state"]
+    for tensors in state.values():
+        for value in tensors.values():
+            value.zero_()
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ----------------------------------------------------------------------------- interval statistics

@@ -1,8 +1,10 @@
 """engine.trainer: the one training step that the loop, the benchmarks and the tests share."""
 
+import io
 import math
 import time
 
+import pytest
 import torch
 
 import engine.train
@@ -98,3 +100,150 @@ def test_a_step_reports_the_loss_by_noise_level_of_its_samples():
     assert stats.samples_by_level.sum() == trainer.micro_batch
     # the per-sample losses, summed by level, average to the step's loss (one micro-batch)
     assert torch.allclose(stats.loss_by_level.sum() / trainer.micro_batch, stats.loss)
+
+
+# ----------------------------------------------------------------------------- the compiled update (compile_scope=step)
+
+
+def eager_update(model, optimizer, ema, loss, decay):
+    """What the compiled update must equal: clip, skip a non-finite step, Adam, the EMA lerp."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    if bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
+        optimizer.step()
+    ema.update_moving_average(ema.ema_model, ema.model, current_decay=decay)
+
+
+def test_the_compiled_update_is_one_inductor_graph_that_matches_the_eager_update():
+    """clip + the non-finite mask + Adam + the EMA lerp, compiled whole (fullgraph=True raises on a graph
+    break) by Inductor, on a module small enough to compile in seconds; a NaN step leaves everything as it was."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from engine.ema import build_ema
+
+    models, optimizers, emas = [], [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Linear(8, 6))
+        lr = torch.tensor(1e-2) if compiled else 1e-2
+        options = {"foreach": True, "capturable": True} if compiled else {"foreach": True}
+        models.append(model), optimizers.append(torch.optim.Adam(model.parameters(), lr=lr, **options))
+        emas.append(build_ema(model, 0.9))
+    counter = CompileCounterWithBackend("inductor")
+    update = engine.trainer.compile_update(optimizers[1], emas[1], 1.0, "default", backend=counter)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        for model, optimizer, ema in zip(models, optimizers, emas):
+            optimizer.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            if step in (0, 4):  # a NaN gradient: at the first step (Adam's state is being made) and later
+                model[0].weight.grad[0, 0] = float("nan")
+            if ema is emas[1]:
+                before = [p.clone() for p in model.parameters()]
+                grad_norm, finite = update(loss.detach(), torch.tensor(0.9))
+                assert bool(finite) == (step not in (0, 4))
+                if step in (0, 4):
+                    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            else:
+                eager_update(model, optimizer, ema, loss.detach(), 0.9)
+        for a, b in zip([*models[0].parameters(), *emas[0].ema_model.parameters()],
+                        [*models[1].parameters(), *emas[1].ema_model.parameters()]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1, "one graph (Adam's state exists before tracing), no recompiles"
+    assert float(optimizers[1].state[models[1][0].weight]["step"]) == 6  # two skipped of eight
+
+
+COMPILE_UPDATE = engine.trainer.compile_update
+
+
+def step_scope_trainer(monkeypatch, *overrides):
+    """compile_scope=step with the model eager and the update traced by aot_eager: the trainer's wiring
+    (tensor LR, EMA decay, counters, resume) in seconds. Inductor's code for the update is checked above;
+    compiling all of the UNet's parameters with Inductor takes minutes on this CPU."""
+    monkeypatch.setattr(engine.trainer, "compile_model", lambda *args: None)
+    monkeypatch.setattr(engine.trainer, "compile_update", lambda *args: COMPILE_UPDATE(*args, backend="aot_eager"))
+    return build_trainer(small_config("model.dropout=0.0", "train.compile=true", "train.compile_scope=step",
+                                      *overrides), CPU)
+
+
+def fixed_batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(20)]
+
+
+def run_steps(trainer, batches, steps):
+    return [float(train_step(trainer, step, lambda: {"image": batches[step], "skipped": 0}).loss) for step in steps]
+
+
+def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exactly(monkeypatch):
+    batches, smaller = fixed_batches(), ("model.channel_mult=[1]", "model.attention_resolutions=[]")
+    eager = run_steps(build_trainer(small_config("model.dropout=0.0", *smaller), CPU), batches, range(20))
+    trainer = step_scope_trainer(monkeypatch, *smaller)
+    assert trainer.compiled_update is not None and isinstance(trainer.optimizer.param_groups[0]["lr"], torch.Tensor)
+    compiled = run_steps(trainer, batches, range(10))
+    saved = io.BytesIO()
+    torch.save(trainer.state_dict(), saved)  # a checkpoint at step 10, as training writes it
+    compiled += run_steps(trainer, batches, range(10, 20))
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+    # a resume at step 10 continues bit for bit
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed = step_scope_trainer(monkeypatch, *smaller)
+    resumed.load_state_dict(state, state["lr_schedule"], state["scaler"])
+    assert run_steps(resumed, batches, range(10, 20)) == compiled[10:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.ema.ema_model.parameters(), trainer.ema.ema_model.parameters()))
+
+
+def test_the_step_scope_refuses_what_it_cannot_compile():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.compile_scope.*fp16"):
+        small_config("train.compile=true", "train.compile_scope=step", "train.precision=fp16")
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+def host_syncs_in_a_step(trainer, next_batch, step: int) -> int:
+    """`aten::_local_scalar_dense` calls (what .item(), bool() and int() of a tensor run) inside one step,
+    other than the CPU fused Adam's reads of its own step counters: a CUDA one keeps those on the device,
+    so they would not wait on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        train_step(trainer, step, next_batch)
+
+    def under_fused_adam(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and parent.name != "aten::_fused_adam_":
+            parent = parent.cpu_parent
+        return parent is not None
+
+    return sum(1 for event in profiler.events() if event.name == "aten::_local_scalar_dense" and not under_fused_adam(event))
+
+
+def test_a_step_makes_no_host_sync_eager_compiled_streaming_or_from_the_device_cache(monkeypatch, shapes16):
+    from engine.data import build_train_loader, load_device_cache
+
+    def streamed(trainer):
+        batches = iter(build_train_loader(shapes16, batch_size=trainer.micro_batch, image_size=16, channels=3,
+                                          num_workers=0, shuffle_buffer=16, seed=0))
+        return lambda: next(batches)
+
+    def cached(trainer):
+        batches = load_device_cache(shapes16, image_size=16, channels=3, device="cpu", num_workers=0).batches(
+            trainer.micro_batch, seed=0)
+        return lambda: next(batches)
+
+    warmup = ("train.ema_warmup=true",)  # ema-pytorch's own update() would read its counters: four syncs
+    trainers = {"eager": lambda: build_trainer(small_config(*warmup), CPU),
+                "compiled step": lambda: step_scope_trainer(monkeypatch, *warmup, "model.channel_mult=[1]",
+                                                            "model.attention_resolutions=[]")}
+    counts = {}
+    for name, make in trainers.items():
+        trainer = make()
+        for source, batches in (("streamed", streamed), ("device cache", cached)):
+            next_batch = batches(trainer)
+            train_step(trainer, 0, next_batch)  # the first step builds state (and compiles)
+            counts[name, source] = host_syncs_in_a_step(trainer, next_batch, 1)
+    assert counts == dict.fromkeys(counts, 0)
