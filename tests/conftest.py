@@ -9,8 +9,20 @@ import shutil
 if not (os.environ.get("CUDA_VISIBLE_DEVICES", "x") and shutil.which("nvidia-smi")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs two workers on two cores) one thread per worker and per CLI it starts:
+# OpenMP threads oversubscribing the cores spin against each other and run many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 import pytest  # noqa: E402 (after TRITON_INTERPRET, which must come first)
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # in case torch was imported before OMP_NUM_THREADS was set
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +33,9 @@ def shapes16(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shapes16"
     prepare("shapes", out, shard_size=16, num=64, image_size=16, channels=3, seed=0, progress=False)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end tests first (a stable sort keeps the rest in collection order): `make test` runs two
+    pytest-xdist workers, and a long test handed out last would make the suite's tail."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -432,7 +432,7 @@ UNET_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("key, value, expect", UNET_REFUSALS, ids=[f"{k}={v}" for k, v, _ in UNET_REFUSALS])
+@pytest.mark.parametrize("key, value, expect", UNET_REFUSALS, ids=[f"{k}={'(deleted)' if v is DELETE else v}" for k, v, _ in UNET_REFUSALS])
 def test_diffusers_settings_ours_cannot_express_are_refused_naming_the_key(pipeline_folder, tmp_path, key, value,
                                                                            expect):
     folder = tmp_path / "pipe"

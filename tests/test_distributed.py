@@ -21,7 +21,9 @@ from engine.data.prepare import prepare
 from test_train_cli import ROOT, SMALL, losses, train, train_until_killed
 
 # torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
+# --standalone: a free port of its own, so that torchrun tests running at the same time (make test runs two
+# pytest workers) do not collide
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
 STEPS = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=4", "train.batch_size=8"]
 
 

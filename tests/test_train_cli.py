@@ -95,7 +95,7 @@ def test_torchrun_with_one_process_trains_the_same_as_python_m(tmp_path, shapes1
     plain = train(tmp_path / "plain", shapes16, "train.steps=4")
     assert plain.returncode == 0, plain.stderr
     launched = train(tmp_path / "torchrun", shapes16, "train.steps=4",
-                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m"])
+                     launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"])
     assert launched.returncode == 0, launched.stderr
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "torchrun"), rel=1e-5)
 
