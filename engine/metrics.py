@@ -120,11 +120,12 @@ def plot_noise_levels(axis, records: list[dict[str, Any]]) -> None:
     """The loss per quarter of the timestep range (the loss_tA_B fields) as thin lines, least noise darkest."""
     import matplotlib.pyplot as plt
 
-    names = sorted({name for record in records for name in record if NOISE_LEVEL_FIELD.fullmatch(name)},
-                   key=lambda name: int(NOISE_LEVEL_FIELD.fullmatch(name).group(1)))
+    levels = {name: match.groups() for record in records for name in record
+              if (match := NOISE_LEVEL_FIELD.fullmatch(name))}  # name -> (first t, last t)
+    names = sorted(levels, key=lambda name: int(levels[name][0]))
     colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(names), 1)))
     for colour, name in zip(colours, names):
         points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
         if points:
-            low, high = NOISE_LEVEL_FIELD.fullmatch(name).groups()
+            low, high = levels[name]
             axis.plot(*zip(*points), color=colour, linewidth=0.8, alpha=0.8, label=f"t in [{low}, {high}]")

@@ -61,8 +61,8 @@ class NoisePredictionLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         prediction, t, noise_keys, noise_coef, x0_coef, x0 = ctx.saved_tensors
         goal = target(prediction, t, noise_keys, noise_coef, x0_coef, x0 if ctx.has_x0 else None)
-        per_element = prediction[0].numel() if prediction.shape[0] else 1
-        scale = (grad_loss.to(goal.dtype) * (2.0 / per_element)).view(-1, *([1] * (goal.ndim - 1)))
+        per_sample = max(prediction.shape[1:].numel(), 1)
+        scale = (grad_loss.to(goal.dtype) * (2.0 / per_sample)).view(-1, *([1] * (goal.ndim - 1)))
         grad = (prediction.to(goal.dtype) - goal) * scale
         return grad.to(prediction.dtype), None, None, None, None, None
 
