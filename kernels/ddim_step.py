@@ -63,12 +63,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
+    from kernels.triton_support import autotune_elementwise, even, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise
     @triton.jit
     def _ddim_step_kernel(x_ptr, eps_ptr, t_ptr, t_prev_ptr, keys_ptr, alphas_cumprod_ptr, out_ptr, numel, num_timesteps, eta,
-                          CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                          CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr, NOISE: tl.constexpr, EVEN: tl.constexpr,
+                          BLOCK: tl.constexpr):
         sample = tl.program_id(0).to(tl.int64)
         counters = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         t = load_timestep(t_ptr, sample, num_timesteps)
@@ -82,7 +83,7 @@ if HAVE_TRITON:
         if NOISE:
             n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
         for j in tl.static_range(4):
-            index, mask = quarter_elements(counters, j, numel)
+            index, mask = quarter_elements(counters, j, numel, EVEN)
             offsets = sample * numel + index
             x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
             eps = tl.load(eps_ptr + offsets, mask=mask).to(tl.float32)
@@ -110,7 +111,8 @@ if HAVE_TRITON:
             numel = x_t[0].numel()
             _ddim_step_kernel[grid(batch, numel)](x_t, eps, t, t_prev, noise_keys, table(alphas_cumprod), out, numel,
                                                   alphas_cumprod.shape[0], float(eta), CLIP=clip_denoised,
-                                                  CLIPPED_EPS=clip_denoised and use_clipped_model_output, NOISE=eta > 0)
+                                                  CLIPPED_EPS=clip_denoised and use_clipped_model_output, NOISE=eta > 0,
+                                                  EVEN=even(numel))
         return out
 
     @ddim_step_triton.register_fake

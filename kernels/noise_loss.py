@@ -107,13 +107,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
+    from kernels.triton_support import autotune_elementwise, even, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise(key=("BACKWARD",))  # forward and backward tune separately
     @triton.jit
     def _noise_loss_kernel(prediction_ptr, x0_ptr, t_ptr, keys_ptr, noise_coef_ptr, x0_coef_ptr, grad_loss_ptr, out_ptr,
                            numel, partials_per_sample, grad_scale, num_timesteps, HAS_X0: tl.constexpr, BACKWARD: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           EVEN: tl.constexpr, BLOCK: tl.constexpr):
         """Forward: one partial sum of squared errors per program. Backward: d loss / d prediction."""
         sample = tl.program_id(0).to(tl.int64)
         block = tl.program_id(1)
@@ -126,7 +126,7 @@ if HAVE_TRITON:
         else:
             total = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(4):
-            index, mask = quarter_elements(counters, j, numel)
+            index, mask = quarter_elements(counters, j, numel, EVEN)
             offsets = sample * numel + index
             goal = noise_coef * quarter(n0, n1, n2, n3, j)
             if HAS_X0:
@@ -146,7 +146,7 @@ if HAVE_TRITON:
             _noise_loss_kernel[grid(batch, numel)](
                 prediction, prediction if x0 is None else x0, t, noise_keys, table(noise_coef), table(x0_coef),
                 prediction if grad_loss is None else grad_loss, out, numel, out.shape[-1] if not backward else 0,
-                2.0 / numel, noise_coef.shape[0], HAS_X0=x0 is not None, BACKWARD=backward)
+                2.0 / numel, noise_coef.shape[0], HAS_X0=x0 is not None, BACKWARD=backward, EVEN=even(numel))
         return out
 
     def _partial_sums_written(partials: torch.Tensor, numel: int) -> torch.Tensor:

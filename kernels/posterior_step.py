@@ -72,13 +72,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
+    from kernels.triton_support import autotune_elementwise, even, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise
     @triton.jit
     def _posterior_step_kernel(x_ptr, eps_ptr, t_ptr, keys_ptr, sqrt_recip_alphas_ptr, eps_coef_ptr,
                                sqrt_recip_abar_ptr, sqrt_recipm1_abar_ptr, coef1_ptr, coef2_ptr, sigma_ptr, out_ptr,
-                               numel, num_timesteps, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                               numel, num_timesteps, CLIP: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr):
         sample = tl.program_id(0).to(tl.int64)
         counters = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         t = load_timestep(t_ptr, sample, num_timesteps)
@@ -90,7 +90,7 @@ if HAVE_TRITON:
         else:  # mean = a (x - b eps)
             a, b = tl.load(sqrt_recip_alphas_ptr + t), tl.load(eps_coef_ptr + t)
         for j in tl.static_range(4):
-            index, mask = quarter_elements(counters, j, numel)
+            index, mask = quarter_elements(counters, j, numel, EVEN)
             offsets = sample * numel + index
             x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
             eps = tl.load(eps_ptr + offsets, mask=mask).to(tl.float32)
@@ -118,7 +118,7 @@ if HAVE_TRITON:
             tables = [table(value) for value in (sqrt_recip_alphas, eps_coef, sqrt_recip_alphas_cumprod,
                                                  sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2, sigma)]
             _posterior_step_kernel[grid(batch, numel)](x_t, eps, t, noise_keys, *tables, out, numel, sigma.shape[0],
-                                                       CLIP=clip_denoised)
+                                                       CLIP=clip_denoised, EVEN=even(numel))
         return out
 
     @posterior_step_triton.register_fake

@@ -77,12 +77,12 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.triton_support import autotune_elementwise, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
+    from kernels.triton_support import autotune_elementwise, even, gaussian_quarters, grid, load_timestep, quarter, quarter_elements
 
     @autotune_elementwise
     @triton.jit
     def _q_sample_kernel(x0_ptr, flip_ptr, t_ptr, keys_ptr, sqrt_abar_ptr, sqrt_one_minus_abar_ptr, out_ptr,
-                         numel, width, num_timesteps, FROM_UINT8: tl.constexpr, BLOCK: tl.constexpr):
+                         numel, width, num_timesteps, FROM_UINT8: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr):
         sample = tl.program_id(0).to(tl.int64)
         counters = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         t = load_timestep(t_ptr, sample, num_timesteps)
@@ -92,7 +92,7 @@ if HAVE_TRITON:
         if FROM_UINT8:
             flip = tl.load(flip_ptr + sample) != 0
         for j in tl.static_range(4):
-            index, mask = quarter_elements(counters, j, numel)
+            index, mask = quarter_elements(counters, j, numel, EVEN)
             if FROM_UINT8:  # read the mirrored column where this sample is flipped
                 column = index % width
                 source = tl.where(flip, index + (width - 1) - 2 * column, index)
@@ -107,7 +107,8 @@ if HAVE_TRITON:
         numel = out[0].numel() if batch else 0
         if out.numel():
             _q_sample_kernel[grid(batch, numel)](source, flip, t, noise_keys, table(sqrt_abar), table(sqrt_one_minus_abar),
-                                                 out, numel, out.shape[-1], sqrt_abar.shape[0], FROM_UINT8=from_uint8)
+                                                 out, numel, out.shape[-1], sqrt_abar.shape[0], FROM_UINT8=from_uint8,
+                                                 EVEN=even(numel))
         return out
 
     @torch.library.custom_op("ddpm::q_sample", mutates_args=())

@@ -68,14 +68,16 @@ def table(tensor: torch.Tensor) -> torch.Tensor:
 
 
 if HAVE_TRITON:
-    # Memory-bound elementwise kernels: the block (counters per program; each covers 4 elements)
-    # and warps are chosen per per-sample size. The interpreter cannot time configs: it takes the first.
-    _ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
-                            for block, warps in ((256, 4), (128, 4), (512, 4), (1024, 8))]
+    # Elementwise kernels: the block (counters per program; each covers 4 elements) and warps are chosen
+    # per per-sample size. The interpreter cannot time configs: it takes the first. No (512, 4): the same
+    # work per thread as (1024, 8), and ptxas spilled in posterior_step at fp32 on sm_90 with it
+    # (python -m kernels.ahead_of_time shows every config's registers and spills).
+    ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
+                           for block, warps in ((256, 4), (128, 4), (1024, 8))]
 
     def autotune_elementwise(fn=None, *, key: tuple[str, ...] = ()):
         """triton.autotune over the elementwise configs, keyed on the per-sample size, the dtypes and `key`."""
-        configs = _ELEMENTWISE_CONFIGS[:1] if interpreting() else _ELEMENTWISE_CONFIGS
+        configs = ELEMENTWISE_CONFIGS[:1] if interpreting() else ELEMENTWISE_CONFIGS
         decorate = triton.autotune(configs=configs, key=["numel", *key])
         return decorate(fn) if fn is not None else decorate
 
@@ -94,11 +96,19 @@ if HAVE_TRITON:
         return tl.minimum(tl.maximum(tl.load(t_ptr + sample), lowest), num_timesteps - 1)
 
     @triton.jit
-    def quarter_elements(counters, j: tl.constexpr, numel):
-        """The element indices (within the sample) that quarter j of these counters covers, and their mask."""
-        quarter_size = (numel + 3) // 4
-        index = j * quarter_size + counters
-        return index, (counters < quarter_size) & (index < numel)
+    def quarter_elements(counters, j: tl.constexpr, numel, EVEN: tl.constexpr):
+        """The element indices (within the sample) that quarter j of these counters covers, and their mask.
+
+        EVEN (numel a multiple of 16, as every image shape the engine trains on) tells the compiler that
+        each quarter starts 4-element aligned, so loads and stores vectorise; the general form hides that.
+        """
+        if EVEN:
+            quarter_size = tl.multiple_of(numel // 4, 4)
+            return j * quarter_size + counters, counters < quarter_size
+        else:
+            quarter_size = (numel + 3) // 4
+            index = j * quarter_size + counters
+            return index, (counters < quarter_size) & (index < numel)
 
     @triton.jit
     def quarter(n0, n1, n2, n3, j: tl.constexpr):
@@ -112,6 +122,10 @@ if HAVE_TRITON:
         else:
             noise = n3
         return noise
+
+    def even(numel: int) -> bool:
+        """Whether quarter_elements may take its aligned form for samples of `numel` elements."""
+        return numel % 16 == 0
 
     def grid(batch: int, numel: int):
         """One program per (sample, block of counters); counters cover a quarter of a sample each."""

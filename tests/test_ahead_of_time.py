@@ -1,0 +1,97 @@
+"""Every Triton kernel variant compiled for Hopper (sm_90) and Ampere (sm_80) on this GPU-less machine (issue 14).
+
+kernels.ahead_of_time compiles through Triton's NVIDIA backend (ptxas ships in the wheel) and reads the cubin
+with the wheel's cuobjdump. It runs in a subprocess: this test session runs Triton in its interpreter, whose
+kernels cannot be compiled.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every variant at the engine's image shapes (a multiple of 16 elements: the aligned path) for both targets;
+# the unaligned path at each branch and dtype once (the first autotune config) for sm_90. The instruction mix
+# (SASS) is left to `python -m kernels.ahead_of_time`, which prints the full table: it doubles the time.
+_COMPILE = """
+import json, sys
+from kernels import ahead_of_time as aot
+reason = aot.unavailable()
+if reason:
+    print(json.dumps({"skip": reason})); sys.exit(0)
+first = aot.triton_support.ELEMENTWISE_CONFIGS[0]
+rows = []
+for arch in (90, 80):
+    for v in aot.variants():
+        if v.shape.name == "cifar" or (arch == 90 and v.config is first):
+            rows.append(aot.compile_variant(v, arch, sass=False))
+h100 = aot.GPUS[0]
+cifar = aot.SHAPES[0]
+seconds = {dtype: aot.seconds_per_element("q_sample", {"FROM_UINT8": False}, dtype, cifar, h100) for dtype in ("fp32", "bf16")}
+print(json.dumps({"rows": rows, "q_sample_seconds_per_element_h100": seconds}))
+"""
+
+
+def _compile_all() -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    if "skip" in answer:
+        pytest.skip(answer["skip"])
+    return answer
+
+
+@pytest.mark.slow
+def test_every_variant_compiles_for_sm90_and_sm80_without_spills_and_vectorised():
+    """One test (the compile takes minutes; pytest-xdist would run a shared fixture once per worker)."""
+    from kernels import ahead_of_time as aot
+
+    answer = _compile_all()
+    compiled = answer["rows"]
+    # 4 kernels: q_sample 2 branches, ddim_step 6, noise_loss 4, posterior_step 2; 3 dtypes; every config
+    expected = sum(len(f.branches) for f in aot.families()) * len(aot.DATA_DTYPES)
+    assert len([r for r in compiled if r["shape"] == "cifar"]) == expected * len(aot.triton_support.ELEMENTWISE_CONFIGS) * 2
+    assert len([r for r in compiled if r["shape"] == "odd"]) == expected
+    spilled = [r for r in compiled if r["spill_bytes"] or r["stack_bytes"]]
+    assert not spilled, spilled[:3]
+    assert all(0 < r["registers"] <= 128 for r in compiled), max(r["registers"] for r in compiled)
+    # At the engine's shapes every config that gives a thread 8 bytes or more of a quarter issues vector
+    # loads or stores (.v2, .v4); the unaligned path cannot (a quarter may start anywhere).
+    for row in compiled:
+        per_thread = row["block"] // (32 * row["num_warps"]) * aot.ELEMENT_BYTES[row["dtype"]]
+        if row["shape"] == "cifar" and per_thread >= 8:
+            assert row["vector_ptx"], row
+    assert not any(r["vector_ptx"] for r in compiled if r["shape"] == "odd")
+    # q_sample's roofline on an H100 (the benchmark's target): float32 moves 8 bytes an element and is bound by
+    # memory; bfloat16 moves 4, but drawing the noise costs more issue time than 4 bytes take to move.
+    seconds = answer["q_sample_seconds_per_element_h100"]
+    h100 = aot.GPUS[0]
+    assert 8 / seconds["fp32"] == pytest.approx(h100.bandwidth)
+    assert 0.2 * h100.bandwidth < 4 / seconds["bf16"] < h100.bandwidth
+
+
+def test_hot_path_leaves_out_what_a_forward_conditional_branch_skips():
+    from kernels.ahead_of_time import hot_path, read_sass
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 BRA 0x40 ;
+        /*0020*/                   IMAD R2, R2, R3, RZ ;
+        /*0030*/              @P1 BRA 0x20 ;
+        /*0040*/                   MUFU.LG2 R4, R4 ;
+        /*0050*/                   STG.E.128 desc[UR4][R6.64], R8 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70 ;
+        /*0080*/                   NOP ;
+    """
+    rows = read_sass(sass)
+    assert [opcode for _, _, opcode, _ in rows] == ["MOV", "BRA", "IMAD", "BRA", "MUFU.LG2", "STG.E.128", "EXIT"]
+    assert rows[1][1] and not rows[0][1]  # predicated
+    assert hot_path(rows) == 5  # the loop at 0x20-0x30 is skipped by the branch at 0x10
