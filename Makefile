@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # On a GPU machine, pick the build for your CUDA version, e.g. make demo TORCH="torch==2.13.0 --index-url ..."
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-carry gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,25 @@ test: install
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+# What a bare GPU machine (Python 3.12, torch, Triton; no package index) lacks, into .gpu-carry/ (git-ignored):
+# carry that folder, then run the command benchmarks/gpu_check.py's help shows. See the README's "On a GPU".
+CARRY := .gpu-carry
+GPU_WHEELS := ema-pytorch==0.8.3 webdataset==1.0.2 braceexpand==0.1.7 diffusers==0.42.1 importlib-metadata==10.2.0 \
+	lazy-importer==0.1.0 huggingface-hub==1.33.0 safetensors==0.8.0
+gpu-carry:
+	mkdir -p $(CARRY)/wheels
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(CARRY)/wheels $(GPU_WHEELS)
+	cp ../shared/data/cifar10-train.tar.gz $(CARRY)/
+	du -sh $(CARRY)
+
+# On the GPU machine, from the repository root, with .gpu-carry carried (OUT: where the results go)
+OUT ?= gpu-check
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(CARRY)/wheels/*.whl
+	PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check $(OUT)
 
 clean:
 	rm -rf $(VENV) runs data/shapes .pytest_cache .benchmarks

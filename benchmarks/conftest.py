@@ -5,6 +5,7 @@ small batches, so that `make test` can run each once (`--benchmark-disable`) as 
 Compare ratios within one group of one run, never absolute CPU times.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def bench_config(device):
 
 @pytest.fixture(scope="session")
 def batch_size(device) -> int:
-    return 128 if device.type == "cuda" else 8
+    """128 on CUDA, 8 on the CPU; BENCH_BATCH_SIZE overrides both (benchmarks.gpu_check runs 128 and 256)."""
+    return int(os.environ.get("BENCH_BATCH_SIZE") or (128 if device.type == "cuda" else 8))
 
 
 @pytest.fixture(scope="session")

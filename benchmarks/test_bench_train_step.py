@@ -5,7 +5,8 @@ fp32 vs bf16, each attention backend, NCHW vs channels_last; and, as the baselin
 the same architecture as Hugging Face diffusers' UNet2DModel trained the way its
 `train_unconditional` example does (skipped when diffusers is not installed; it is no dependency).
 
-extra_info: `parameters`, `gflops_per_image` (forward + backward, engine.throughput), and when timed
+extra_info: `parameters`, `gflops_per_image` (forward + backward, engine.throughput), `warmup_seconds` (the two
+untimed first steps: for the compiled variants, what compiling cost), and when timed
 (not under --benchmark-disable) `images_per_sec` from the median step; on CUDA also `mfu` (against
 the device's dense bf16 peak, when known) and `peak_memory_gb` over the timed steps.
 
@@ -17,6 +18,7 @@ kernels are timed on CUDA only.
 import dataclasses
 import importlib.util
 import os
+import time
 
 import pytest
 import torch
@@ -105,14 +107,18 @@ def time_train_step(benchmark, config, flops_per_image: float, group: str) -> No
     def step():
         return train_step(trainer, next(steps), lambda: batch).loss
 
+    started = time.perf_counter()
     for _ in range(2):  # warm up (and compile) outside the timing
         step()
+    synchronized(lambda: None, device)()
+    warmup_seconds = time.perf_counter() - started
     reset_peak_memory(device)
     benchmark.group = group
     benchmark.extra_info.update(kernels=trainer.kernels.describe(), images=config.train.batch_size,
                                 parameters=count_parameters(trainer.model), precision=str(trainer.dtype).removeprefix("torch."),
                                 attention=config.model.attention_backend, compiled=config.train.compile,
-                                compile_scope=config.train.compile_scope, channels_last=config.train.channels_last)
+                                compile_scope=config.train.compile_scope, channels_last=config.train.channels_last,
+                                warmup_seconds=round(warmup_seconds, 1))  # two steps: with compile, its cost
     if group == "train_step":
         benchmark.extra_info["compare"] = "diffusers train step"  # the ratio in the terminal summary
     loss = benchmark(synchronized(step, device))
