@@ -4,9 +4,13 @@
     python -m kernels.ahead_of_time --arch 90 --json F    # one target, and the rows as JSON
 
 Triton compiles ahead of time without a device: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90,
-32))` gives PTX and a cubin (the Triton wheel ships ptxas), and the wheel's cuobjdump reads the cubin's
-registers, local memory (spills), shared memory and SASS. A variant is one op's kernel for one dtype it accepts,
-one constexpr branch, one autotune config and one shape, with the argument specialisation Triton's JIT applies
+32))` gives PTX and a cubin (the Triton wheel ships ptxas). ptxas -v's report, which Triton prints when asked,
+gives registers, the stack frame and spills; the wheel's cuobjdump gives the cubin's SASS. The stack frame is
+not a spill: with Triton 3.6's ptxas it holds sin/cos's wide-argument reduction table, on a path that never
+runs (see below); Triton 3.9's keeps that table in registers.
+
+A variant is one op's kernel for one dtype it accepts, one constexpr branch, one autotune config and one
+shape, with the argument specialisation Triton's JIT applies
 at that shape: every pointer 16-byte aligned (CUDA allocations are), every integer that is a multiple of 16
 marked divisible by 16, and `EVEN` as the launch computes it. The shapes are CIFAR-10's 3 x 32 x 32 (every
 preset's images: a multiple of 16 elements) and an odd 3 x 7 x 7 (the general, unaligned path).
@@ -27,7 +31,9 @@ cannot be compiled (tests/test_ahead_of_time.py runs this module in a subprocess
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -216,9 +222,29 @@ def _cuobjdump(cubin: bytes, *options: str) -> str:
                               check=True).stdout
 
 
-def _resources(listing: str) -> dict[str, int]:
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", listing))
-    return {key.lower(): int(value) for key, value in fields.items()}
+_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+                    r"[\s\S]*?Used (\d+) registers")
+
+
+def _compile_with_ptxas_log(source, arch: int, options: dict):
+    """triton.compile, also returning what ptxas -v said of it (Triton prints that log when asked: both knobs exist
+    in Triton 3.6 and 3.9). The cache is bypassed, since a cached kernel runs no ptxas."""
+    from triton.backends.compiler import GPUTarget
+
+    nvidia, compilation = triton.knobs.nvidia, triton.knobs.compilation
+    saved = nvidia.dump_ptxas_log, compilation.always_compile
+    nvidia.dump_ptxas_log, compilation.always_compile = True, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    finally:
+        nvidia.dump_ptxas_log, compilation.always_compile = saved
+    report = _PTXAS.search(log.getvalue())
+    if report is None:
+        raise RuntimeError(f"no ptxas report for {source.name} on sm_{arch}:\n{log.getvalue()[-2000:]}")
+    stack, spill_stores, spill_loads, registers = map(int, report.groups())
+    return kernel, {"registers": registers, "spill_bytes": spill_stores + spill_loads, "stack_bytes": stack}
 
 
 def _widest(rows, prefix: str) -> int:
@@ -229,21 +255,16 @@ def _widest(rows, prefix: str) -> int:
 
 
 def compile_variant(variant: Variant, arch: int, sass: bool = True) -> dict:
-    """Compile for sm_`arch`; read registers, spills and shared memory from the cubin, and with `sass` its
-    instruction mix (the slower part: the tests read resources only, the table both)."""
-    from triton.backends.compiler import GPUTarget
-
-    kernel = triton.compile(variant.source(), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": variant.config.num_warps, "num_stages": variant.config.num_stages})
-    listing = _cuobjdump(kernel.asm["cubin"], "-res-usage", *(["-sass"] if sass else []))
-    resources = _resources(listing)
+    """Compile for sm_`arch`: registers, spills and stack from ptxas, shared memory, vector accesses in the PTX, and
+    with `sass` the instruction mix of the cubin (the slower part: the tests read the rest only)."""
+    kernel, resources = _compile_with_ptxas_log(variant.source(), arch, {"num_warps": variant.config.num_warps,
+                                                                        "num_stages": variant.config.num_stages})
     row = {"kernel": variant.family.name, "branch": variant.branch, "dtype": variant.dtype, "shape": variant.shape.name,
-           "block": variant.config.kwargs["BLOCK"], "num_warps": variant.config.num_warps, "arch": arch,
-           "registers": resources["reg"], "spill_bytes": resources["local"], "stack_bytes": resources["stack"],
-           "shared_bytes": resources["shared"], "bytes_per_element": variant.family.traffic(variant.branch, variant.dtype),
+           "block": variant.config.kwargs["BLOCK"], "num_warps": variant.config.num_warps, "arch": arch, **resources,
+           "shared_bytes": kernel.metadata.shared, "bytes_per_element": variant.family.traffic(variant.branch, variant.dtype),
            "vector_ptx": bool(re.search(r"(ld|st)\.global(\.nc)?\.v[24]", kernel.asm["ptx"]))}
     if sass:
-        rows, per_element = read_sass(listing), variant.elements_per_thread()
+        rows, per_element = read_sass(_cuobjdump(kernel.asm["cubin"], "-sass")), variant.elements_per_thread()
         row.update(widest_load_bits=_widest(rows, "LDG"), widest_store_bits=_widest(rows, "STG"),
                    instructions=len(rows), hot_instructions_per_element=round(hot_path(rows) / per_element, 2),
                    mufu_per_element=round(sum(1 for r in rows if r[2].startswith("MUFU")) / per_element, 2))

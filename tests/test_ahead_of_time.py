@@ -59,7 +59,7 @@ def test_every_variant_compiles_for_sm90_and_sm80_without_spills_and_vectorised(
     expected = sum(len(f.branches) for f in aot.families()) * len(aot.DATA_DTYPES)
     assert len([r for r in compiled if r["shape"] == "cifar"]) == expected * len(aot.triton_support.ELEMENTWISE_CONFIGS) * 2
     assert len([r for r in compiled if r["shape"] == "odd"]) == expected
-    spilled = [r for r in compiled if r["spill_bytes"] or r["stack_bytes"]]
+    spilled = [r for r in compiled if r["spill_bytes"]]  # ptxas's spill stores and loads (a stack frame alone is not)
     assert not spilled, spilled[:3]
     assert all(0 < r["registers"] <= 128 for r in compiled), max(r["registers"] for r in compiled)
     # At the engine's shapes every config that gives a thread 8 bytes or more of a quarter issues vector
