@@ -70,7 +70,9 @@ def run_part(part: Part, out: Path) -> dict:
     log_path = out / "logs" / f"{part.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started, status = time.monotonic(), "passed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # under pytest-xdist (make
+    # test), PYTEST_XDIST_WORKER would make the benchmarks' pytest think it is a worker and disable their timing
+    env = {**inherited, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), **part.env}
     with log_path.open("w") as log:
         for argv, share in part.commands:
