@@ -10,8 +10,8 @@ untimed first steps: for the compiled variants, what compiling cost), and when t
 (not under --benchmark-disable) `images_per_sec` from the median step; on CUDA also `mfu` (against
 the device's dense bf16 peak, when known) and `peak_memory_gb` over the timed steps.
 
-On the CPU the compiled variant only runs with BENCH_COMPILE=1: Inductor's CPU code for this model
-compiles for minutes and runs slower than eager on 2 cores, so it is a GPU measurement; the Triton
+On the CPU the compiled variants only run with BENCH_COMPILE=1: Inductor's C++ build of this model takes
+minutes on 2 cores before the first step (see `warmup_seconds`), for a steady state near eager's; the Triton
 kernels are timed on CUDA only.
 """
 
