@@ -26,7 +26,7 @@ variant's measured in the same group of the same session (100% means the op runs
 copying its bytes; absent when the copy did not run, e.g. under -k). The Triton rows on CUDA also record
 `roofline_gb_per_s` and `percent_of_roofline`: the kernel's own roofline (kernels.ahead_of_time), the
 slowest of moving its bytes at the copy's measured bandwidth and issuing its instructions (SASS) and its
-MUFU operations on this GPU. Drawing the noise in the kernel costs about 40 instructions per element
+MUFU operations on this GPU. Drawing the noise in the kernel costs about 60 instructions per element
 (Philox and Box-Muller), so in 16-bit dtypes a kernel is bound by issue, not by memory, and the copy is
 not a bound it can reach.
 
