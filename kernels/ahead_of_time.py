@@ -257,8 +257,10 @@ def _widest(rows, prefix: str) -> int:
 def compile_variant(variant: Variant, arch: int, sass: bool = True) -> dict:
     """Compile for sm_`arch`: registers, spills and stack from ptxas, shared memory, vector accesses in the PTX, and
     with `sass` the instruction mix of the cubin (the slower part: the tests read the rest only)."""
-    kernel, resources = _compile_with_ptxas_log(variant.source(), arch, {"num_warps": variant.config.num_warps,
-                                                                        "num_stages": variant.config.num_stages})
+    config = variant.config
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+               **({"maxnreg": config.maxnreg} if getattr(config, "maxnreg", None) else {})}
+    kernel, resources = _compile_with_ptxas_log(variant.source(), arch, options)
     row = {"kernel": variant.family.name, "branch": variant.branch, "dtype": variant.dtype, "shape": variant.shape.name,
            "block": variant.config.kwargs["BLOCK"], "num_warps": variant.config.num_warps, "arch": arch, **resources,
            "shared_bytes": kernel.metadata.shared, "bytes_per_element": variant.family.traffic(variant.branch, variant.dtype),

@@ -69,10 +69,12 @@ def table(tensor: torch.Tensor) -> torch.Tensor:
 
 if HAVE_TRITON:
     # Elementwise kernels: the block (counters per program; each covers 4 elements) and warps are chosen
-    # per per-sample size. The interpreter cannot time configs: it takes the first. No (512, 4): the same
-    # work per thread as (1024, 8), and ptxas spilled in posterior_step at fp32 on sm_90 with it
-    # (python -m kernels.ahead_of_time shows every config's registers and spills).
-    ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
+    # per per-sample size. The interpreter cannot time configs: it takes the first. Each config names a
+    # register budget (maxnreg): without one, ptxas held some kernels to 40-48 registers and spilled
+    # (Triton 3.6's at (1024, 8); 3.9's at (256, 4) on sm_80's unaligned path); with it they take the 55-95
+    # they need. No (512, 4): the same work per thread as (1024, 8), and it spilled in posterior_step on
+    # sm_90. python -m kernels.ahead_of_time shows every config's registers and spills.
+    ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps, maxnreg=96)
                            for block, warps in ((256, 4), (128, 4), (1024, 8))]
 
     def autotune_elementwise(fn=None, *, key: tuple[str, ...] = ()):
