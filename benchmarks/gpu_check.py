@@ -175,7 +175,7 @@ def parts(out: Path, smoke: bool, cifar: Path, minutes: float) -> list[Part]:
 # ----------------------------------------------------------------------------- part 4: one step, profiled
 
 
-def profile_step(out: Path, smoke: bool) -> dict:
+def profile_step(smoke: bool) -> dict:
     """One compiled bf16 step of the cifar preset (on the CPU, --smoke: the tiny preset, eager) under the
     profiler: the ten costliest kernels and their share of the step's device time, the convolutions' TFLOP/s."""
     import torch
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile_only:
-        (args.out / "profile.json").write_text(json.dumps(profile_step(args.out, args.smoke), indent=1))
+        (args.out / "profile.json").write_text(json.dumps(profile_step(args.smoke), indent=1))
         return 0
     started, statuses = time.monotonic(), {}
     for part in parts(args.out.resolve(), args.smoke, args.cifar.resolve(), args.minutes or (6 if args.smoke else 7.5)):

@@ -138,7 +138,7 @@ class Variant:
         numel = self.shape.numel
         smallest_block = min(config.kwargs["BLOCK"] for config in triton_support.ELEMENTWISE_CONFIGS)
         return {"numel": numel, "width": self.shape.width, "num_timesteps": NUM_TIMESTEPS, "eta": 0.5,
-                "grad_scale": 2.0 / numel, "partials_per_sample": -(-(-(-numel // 4)) // smallest_block)}
+                "grad_scale": 2.0 / numel, "partials_per_sample": triton.cdiv(triton.cdiv(numel, 4), smallest_block)}
 
     def source(self):
         """The ASTSource the JIT would build for this launch: signature, constexprs and divisibility."""
