@@ -99,8 +99,9 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    steps: Optional[int] = None  # ddim steps; ddpm always runs all num_timesteps
+    # ddpm, ddim, or a fast multistep solver (engine/solvers.py): dpm++2m, dpm++3m, dpm++2m-sde, unipc
+    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddpm"
+    steps: Optional[int] = None  # ddim and solver steps (network evaluations); ddpm always runs all num_timesteps
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = ddpm-like noise
     variance: Literal["fixed_large", "fixed_small"] = "fixed_large"  # ddpm: beta_t or posterior
     clip_denoised: bool = True  # clip the predicted x0 to [-1, 1] (or threshold it: `thresholding`)
@@ -109,7 +110,10 @@ class SampleConfig:
     use_clipped_model_output: bool = False
     thresholding: Literal["static", "dynamic"] = "static"  # dynamic: Imagen's per-sample quantile rescaling of x0
     dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| that dynamic thresholding maps to 1
-    timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"  # ddim timesteps, as diffusers names them
+    timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"  # ddim/solver timesteps, as diffusers names them
+    karras_sigmas: bool = False  # solvers: noise levels spaced as Karras et al. 2022 (rho 7) instead of by timestep
+    lower_order_final: bool = True  # solvers: first order at the last step, and lower orders near it under 15 steps
+    unipc_order: int = 2  # unipc's order, 2 or 3 (UniPC recommends 2 with guidance, 3 unconditionally)
     num_images: int = 64  # images in the grid written during training
     batch_size: int = 64
     use_ema: bool = True
@@ -125,8 +129,9 @@ class EvalConfig:
     every: int = 0  # steps between evaluations; 0 = never during training
     num_images: int = 10_000  # generated images per evaluation, shared by the ranks (papers report 50,000)
     batch_size: int = 256  # images per sampling batch and rank
-    sampler: Literal["ddpm", "ddim"] = "ddim"  # eta, variance and clipping come from the sample section
-    steps: Optional[int] = 100  # ddim steps
+    # eta, variance, clipping and the solvers' options come from the sample section
+    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddim"
+    steps: Optional[int] = 100  # ddim or solver steps
     reference: str = ""  # precomputed statistics (.npz) or a data set; "" = data.path, its statistics cached in the run
     inception: str = ""  # the FID Inception file; "" = $DDPM_INCEPTION or ~/.cache/ddpm-engine/inception-2015-12-05.pt
     kid_subset_size: int = 1000
@@ -143,6 +148,8 @@ class KernelsConfig:
     noise_loss: str = "auto"  # the training loss, recomputing the noise instead of storing it
     posterior_step: str = "auto"  # one DDPM ancestral step (sampling)
     ddim_step: str = "auto"  # one DDIM step (sampling)
+    dpm_solver_step: str = "auto"  # one DPM-Solver++ step (dpm++2m, dpm++3m, dpm++2m-sde sampling)
+    unipc_step: str = "auto"  # one UniPC corrector-predictor step (unipc sampling)
     plugins: list[str] = field(default_factory=list)  # modules to import first: their @register_kernel names
     check: bool = True  # put every non-reference choice through the quick conformance check at start-up
 
@@ -399,8 +406,9 @@ def _check_sample(config: Config, require) -> None:
     if sample.steps is not None:
         require(0 < sample.steps <= diffusion.num_timesteps, "sample.steps",
                 f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {sample.steps}")
-        require(sample.sampler == "ddim" or sample.steps == diffusion.num_timesteps, "sample.steps",
-                f"applies to the ddim sampler; ddpm always runs all {diffusion.num_timesteps} steps")
+        require(sample.sampler != "ddpm" or sample.steps == diffusion.num_timesteps, "sample.steps",
+                f"applies to ddim and the solvers; ddpm always runs all {diffusion.num_timesteps} steps")
+    require(sample.unipc_order in (2, 3), "sample.unipc_order", f"must be 2 or 3, got {sample.unipc_order}")
     require(sample.eta >= 0, "sample.eta", f"must be >= 0, got {sample.eta}")
     require(0.5 <= sample.dynamic_thresholding_ratio <= 1.0, "sample.dynamic_thresholding_ratio",
             f"must be in [0.5, 1] (a quantile of |x0|), got {sample.dynamic_thresholding_ratio}")
@@ -418,7 +426,7 @@ def _check_eval(config: Config, require) -> None:
     require(evaluation.batch_size > 0, "eval.batch_size", f"must be positive, got {evaluation.batch_size}")
     require(evaluation.kid_subset_size > 1, "eval.kid_subset_size", f"must be at least 2, got {evaluation.kid_subset_size}")
     require(0 <= evaluation.seed < 2**31, "eval.seed", f"must be in [0, 2**31) (it keys the noise), got {evaluation.seed}")
-    if evaluation.every and evaluation.sampler == "ddim" and evaluation.steps is not None:
+    if evaluation.every and evaluation.sampler != "ddpm" and evaluation.steps is not None:
         require(0 < evaluation.steps <= diffusion.num_timesteps, "eval.steps",
                 f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {evaluation.steps}")
 

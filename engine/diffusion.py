@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine import solvers
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule
 from kernels import ddim_step as ddim_step_op
@@ -150,11 +151,7 @@ def dynamic_threshold(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tenso
     or, with `use_clipped_model_output`, the eps re-derived from x_0 (then x_t' = x_t; the DDPM
     posterior mean always takes this form, as it needs the true x_t).
     """
-    x0 = predict_x0_from_eps(schedule, x_t, t, eps)
-    magnitude = x0.abs().flatten(1).to(torch.promote_types(x0.dtype, torch.float32))  # quantile needs float32+
-    s = torch.quantile(magnitude, ratio, dim=1).clamp_min(1.0).to(x0.dtype)
-    s = s.view(-1, *([1] * (x0.ndim - 1)))
-    x0 = torch.minimum(torch.maximum(x0, -s), s) / s
+    x0 = solvers.threshold_x0(predict_x0_from_eps(schedule, x_t, t, eps), ratio)
     if use_clipped_model_output:
         return x_t, predict_eps_from_x0(schedule, x_t, t, x0)
     renoised = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * eps
@@ -162,6 +159,7 @@ def dynamic_threshold(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tenso
 
 
 SPACINGS = ("linspace", "leading", "trailing")  # diffusers' `timestep_spacing` names
+SAMPLERS = ("ddpm", "ddim", *solvers.SOLVERS)
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
@@ -190,8 +188,8 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.
 def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *, sampler: str = "ddpm", eta: float = 0.0,
                    variance: str = "fixed_large", clip_denoised: bool = True, use_clipped_model_output: bool = False,
                    thresholding: str = "static", dynamic_thresholding_ratio: float = 0.995, target: str = "eps",
-                   dtype: torch.dtype = torch.float32,
-                   on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Step:
+                   unipc_order: int = 2, dtype: torch.dtype = torch.float32,
+                   on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Step | solvers.SolverStep:
     """One reverse step, the network and the update kernel, as a function of tensors only.
 
     Everything that varies between steps and batches (x_t, t, t_prev, the noise keys) is an argument,
@@ -201,11 +199,17 @@ def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *
     dynamically thresholded; DDIM's direction term then takes the network's eps, or with
     `use_clipped_model_output` the eps of the clipped x_0 (see kernels/ddim_step.py).
     `on_step(t, x_t, eps)`, if given, sees every step's input and predicted noise (plots use it).
+    The fast solvers' step (`solvers.solver_step`: its own signature, with the solver's history; on_step
+    sees x_0 instead of eps) ignores eta, variance and use_clipped_model_output.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     if thresholding not in ("static", "dynamic"):
         raise ValueError(f"unknown thresholding {thresholding!r}; choose static or dynamic")
+    if sampler in solvers.SOLVERS:
+        return solvers.solver_step(model, kernels, sampler, clip_denoised=clip_denoised, thresholding=thresholding,
+                                   dynamic_thresholding_ratio=dynamic_thresholding_ratio, unipc_order=unipc_order,
+                                   dtype=dtype, on_step=on_step)
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     tables = posterior_step_op.schedule_tables(schedule, variance) if sampler == "ddpm" else None
     dynamic = clip_denoised and thresholding == "dynamic"
 
@@ -232,7 +236,7 @@ def sampling_timesteps(num_timesteps: int, sampler: str, steps: int | None = Non
     elif sampler == "ddim":
         descending = ddim_timesteps(num_timesteps, steps or num_timesteps, spacing)[::-1]
     else:
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim (the solvers have a SolverPlan)")
     return list(zip(descending, descending[1:] + [-1]))
 
 
@@ -240,11 +244,14 @@ def sampling_timesteps(num_timesteps: int, sampler: str, steps: int | None = Non
 def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tuple[int, ...], *, seed: int = 0,
            first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, timestep_spacing: str = "linspace",
            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
-           step: Step | None = None, **step_options) -> torch.Tensor:
-    """Draw images from pure noise with DDPM ancestral sampling or DDIM, through the resolved kernels.
+           step: Step | None = None, karras_sigmas: bool = False, lower_order_final: bool = True,
+           **step_options) -> torch.Tensor:
+    """Draw images from pure noise with DDPM ancestral sampling, DDIM or a fast solver (`solvers.SOLVERS`),
+    through the resolved kernels.
 
     `step` is a prebuilt (e.g. compiled) `denoising_step` for these settings; by default one is built
-    from `step_options` (eta, variance, clipping, target, on_step: `denoising_step`'s keywords).
+    from `step_options` (eta, variance, clipping, target, unipc_order, on_step: `denoising_step`'s keywords).
+    The solvers' noise levels come from `steps`, `timestep_spacing`, `karras_sigmas` and `lower_order_final`.
 
     Image i of the batch is image number `first_index + i` of the seed: its noise (x_T and every
     step's z) is keyed by (seed, that number), so a set of images does not depend on how it is
@@ -256,6 +263,11 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
     x = randn(keys, x_end, numel).view(shape).to(dtype)
     if step is None:
         step = denoising_step(model, schedule, kernels, sampler=sampler, dtype=dtype, **step_options)
+    if sampler in solvers.SOLVERS:
+        plan = solvers.solver_plan(schedule, sampler, steps, spacing=timestep_spacing, karras=karras_sigmas,
+                                   target=step_options.get("target", "eps"),
+                                   unipc_order=step_options.get("unipc_order", 2), lower_order_final=lower_order_final)
+        return solvers.solve(step, plan, x, keys, dtype=dtype, progress=progress)
     pairs = sampling_timesteps(schedule.num_timesteps, sampler, steps, timestep_spacing)
     times = torch.tensor(pairs, device=device, dtype=torch.long)  # one copy to the device, not two per step
     for index in progress_bar(range(len(pairs)), desc=sampler, disable=not progress, leave=False):

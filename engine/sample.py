@@ -40,7 +40,15 @@ def step_options(config: Config) -> dict:
     options = config.sample
     return dict(eta=options.eta, variance=options.variance, clip_denoised=options.clip_denoised,
                 use_clipped_model_output=options.use_clipped_model_output, thresholding=options.thresholding,
-                dynamic_thresholding_ratio=options.dynamic_thresholding_ratio, target=config.diffusion.target)
+                dynamic_thresholding_ratio=options.dynamic_thresholding_ratio, target=config.diffusion.target,
+                unipc_order=options.unipc_order)
+
+
+def plan_options(config: Config) -> dict:
+    """What `diffusion.sample` needs besides a prebuilt step: the solvers' noise levels and weights."""
+    options = config.sample
+    return dict(karras_sigmas=options.karras_sigmas, lower_order_final=options.lower_order_final,
+                target=config.diffusion.target, unipc_order=options.unipc_order)
 
 
 def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels,
@@ -71,9 +79,10 @@ def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedul
     if device.type != "cuda":
         return compiled
 
-    def replay(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def replay(*args):
         torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last output may be reused
-        return compiled(x, t, t_prev, keys).clone()  # own the result: the next replay overwrites the graph's buffer
+        # own the results (the sample, and a solver's history): the next replay overwrites the graph's buffers
+        return torch.utils._pytree.tree_map(torch.clone, compiled(*args))
 
     return replay
 
@@ -113,7 +122,7 @@ def generate_batches(model: torch.nn.Module, config: Config, schedule: NoiseSche
             images = diffusion.sample(None, schedule, kernels, (batch_size, *shape), seed=seed, first_index=start,
                                       sampler=options.sampler, steps=options.steps,
                                       timestep_spacing=options.timestep_spacing, device=device,
-                                      progress=progress, step=step)
+                                      progress=progress, step=step, **plan_options(config))
             kept = images[:max(0, min(batch_size, num_images - start))]
             if len(kept):
                 yield start, kept.float().clamp(-1, 1).cpu()
@@ -144,8 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --num-images, not --num: torchrun's own parser takes --num for its --numa-binding
     parser.add_argument("--num-images", "--num", dest="num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch and rank (default: sample.batch_size)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the run's sample.sampler")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (ddpm always runs all timesteps)")
+    parser.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
+                        help="default: the run's sample.sampler; dpm++2m, dpm++3m, dpm++2m-sde and unipc are fast "
+                             "solvers (good at 10-25 steps)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="DDIM or solver steps (default: sample.steps, 20 for a solver); ddpm runs all timesteps")
+    parser.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                        help="solvers: Karras et al.'s noise levels (default: sample.karras_sigmas)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--variance", choices=["fixed_large", "fixed_small"], default=None, help="DDPM variance")
     parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
@@ -173,10 +187,10 @@ def sampling_config(config: Config, args: argparse.Namespace) -> Config:
                "variance": args.variance or sample.variance, "clip_denoised": sample.clip_denoised and not args.no_clip,
                "batch_size": args.batch_size or sample.batch_size, "num_images": args.num,
                "use_ema": sample.use_ema and not args.raw}
-    changes["steps"] = args.steps if args.steps is not None else (sample.steps if changes["sampler"] == "ddim" else None)
-    for name in ("seed", "precision", "compile"):
+    changes["steps"] = args.steps if args.steps is not None else (sample.steps if changes["sampler"] != "ddpm" else None)
+    for name, key in (("seed", "seed"), ("precision", "precision"), ("compile", "compile"), ("karras", "karras_sigmas")):
         if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
+            changes[key] = getattr(args, name)
     raw = config.to_dict()
     raw["sample"].update(changes)
     for override in args.overrides:

@@ -118,7 +118,7 @@ def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, sche
     if source.suffix != ".npz" and context.is_main:
         save_reference(reference, cached)
     sampling = dataclasses.replace(config.sample, sampler=options.sampler,
-                                   steps=options.steps if options.sampler == "ddim" else None)
+                                   steps=options.steps if options.sampler != "ddpm" else None)
     eval_config = dataclasses.replace(config, sample=sampling)
     step_fn = sampling_step(model, eval_config, schedule, kernels, context.device)
 

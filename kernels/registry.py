@@ -18,9 +18,10 @@ from typing import Callable, Mapping
 
 import torch
 
-OPS = ("q_sample", "q_sample_uint8", "noise_loss", "posterior_step", "ddim_step")
+OPS = ("q_sample", "q_sample_uint8", "noise_loss", "posterior_step", "ddim_step", "dpm_solver_step", "unipc_step")
 _OP_MODULES = {"q_sample": "kernels.q_sample", "q_sample_uint8": "kernels.q_sample", "noise_loss": "kernels.noise_loss",
-               "posterior_step": "kernels.posterior_step", "ddim_step": "kernels.ddim_step"}
+               "posterior_step": "kernels.posterior_step", "ddim_step": "kernels.ddim_step",
+               "dpm_solver_step": "kernels.dpm_solver_step", "unipc_step": "kernels.unipc_step"}
 
 
 class KernelError(ValueError):
@@ -127,6 +128,8 @@ class Kernels:
     noise_loss: Callable
     posterior_step: Callable
     ddim_step: Callable
+    dpm_solver_step: Callable
+    unipc_step: Callable
     names: dict[str, str]
 
     def describe(self) -> str:

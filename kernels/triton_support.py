@@ -48,11 +48,17 @@ def check_batch(op: str, name: str, tensor: torch.Tensor, batch: int, dtypes=FLO
 
 def check_pair(op: str, names: tuple[str, str], first: torch.Tensor, second: torch.Tensor):
     """Two (B, ...) operands that must have one shape (x_t and eps; prediction and x0), checked as check_batch."""
-    batch = first.shape[0]
-    first, second = check_batch(op, names[0], first, batch), check_batch(op, names[1], second, batch)
-    if first.shape != second.shape:
-        raise ValueError(f"{op}: {names[1]} {tuple(second.shape)} and {names[0]} {tuple(first.shape)} differ in shape")
-    return first, second
+    return check_same_shape(op, names, first, second)
+
+
+def check_same_shape(op: str, names: tuple[str, ...], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, ...) operands that must all have the first one's shape, each checked as check_batch."""
+    batch = tensors[0].shape[0]
+    checked = tuple(check_batch(op, name, tensor, batch) for name, tensor in zip(names, tensors))
+    for name, tensor in zip(names[1:], checked[1:]):
+        if tensor.shape != checked[0].shape:
+            raise ValueError(f"{op}: {name} {tuple(tensor.shape)} and {names[0]} {tuple(checked[0].shape)} differ in shape")
+    return checked
 
 
 def check_per_sample(op: str, name: str, tensor: torch.Tensor, batch: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ def test_overrides_reach_any_field_with_yaml_types(tmp_path):
     ("diffusion:\n  schedule: cosin\n", [], "did you mean 'cosine'"),
     ("data:\n  image_size: 30\n", [], "data.image_size (30) must be divisible by the UNet's downsampling factor 8"),
     ("model:\n  attention_resolutions: [12]\n", [], "model.attention_resolutions contains 12"),
-    ("sample:\n  sampler: ddpm\n  steps: 50\n", [], "sample.steps applies to the ddim sampler"),
+    ("sample:\n  sampler: ddpm\n  steps: 50\n", [], "sample.steps applies to ddim and the solvers"),
     ("model: [1, 2]\n", [], "'model' must be a mapping"),
     ("model:\n  base_channels: [32\n", [], "malformed YAML"),
     ("", ["kernels.q_sampel=triton"], "unknown key 'kernels.q_sampel'; did you mean 'kernels.q_sample'?"),
