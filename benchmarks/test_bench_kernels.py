@@ -1,12 +1,14 @@
-"""The five diffusion ops, each fused kernel against the ways it replaces and against a plain copy.
+"""The seven diffusion ops, each fused kernel against the ways it replaces and against a plain copy.
 
 One benchmark group per op (`q_sample`, `q_sample_uint8`, `noise_loss`, `posterior_step`,
-`ddim_step`), with four variants measured in the same run, in this order:
+`ddim_step`, `dpm_solver_step`, `unipc_step`), with four variants measured in the same run, in this order:
 
 - `copy`: a device-to-device copy of as many bytes as the op must move at least (the bandwidth
   yardstick: no elementwise kernel can beat it);
 - `eager`: the eager PyTorch way, as Hugging Face diffusers' DDPMScheduler.add_noise / .step and
-  DDIMScheduler.step write it: the noise drawn by a separate torch.randn_like, coefficients
+  DDIMScheduler.step write it (and DPMSolverMultistepScheduler / UniPCMultistepScheduler.step for the
+  solvers, their scalar coefficients computed on the host, outside the timing: diffusers computes them as
+  0-dim tensors, which only adds launches): the noise drawn by a separate torch.randn_like, coefficients
   gathered from alphas_cumprod[t] and raised to ** 0.5, reshaped to broadcast, then one kernel per
   arithmetic operation (the noise tensor is written, and for the loss stored and read back);
 - `compiled`: the op's PyTorch implementation (the one registered as `pytorch`) under
@@ -53,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import synchronized
+from engine.solvers import alpha_sigma, solver_plan
 from kernels.noise import noise_keys, randn_like
 from kernels.posterior_step import schedule_tables
 from kernels.registry import load_implementation, op_spec
@@ -63,6 +66,7 @@ CALLS_PER_ROUND = 20  # calls per CUDA-graph replay
 IMAGE_SHAPE = (3, 32, 32)
 DTYPE = torch.float32
 DDIM_STEPS = 50  # t_prev = t - T / 50, a common DDIM sampling schedule
+SOLVER_STEPS = 20  # the solvers' recommended range is 10-25
 # float32 against the float32 reference: in-kernel log/cos, Inductor's reordering, and the eager
 # formulas' different (diffusers') algebra for x_0 all differ from it in the last few bits.
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
@@ -156,6 +160,38 @@ def eager_ddim_step(model_output, timesteps, prev_timesteps, sample, alphas_cump
     return _broadcast(alpha_prod_t_prev ** 0.5, sample) * pred_original_sample + pred_sample_direction  # eta = 0: no noise
 
 
+def eager_dpm_solver_2m(model_output, sample, m1, sigma_t, sigma_s0, sigma_s1):
+    """DPMSolverMultistepScheduler.step at a second-order step: convert_model_output, then the midpoint update."""
+    (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1) = map(alpha_sigma, (sigma_t, sigma_s0, sigma_s1))
+    x0_pred = (sample - sigma_s0 * model_output) / alpha_s0
+    lambda_t, lambda_s0, lambda_s1 = (math.log(a) - math.log(s) for a, s in
+                                      ((alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1)))
+    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+    D0, D1 = x0_pred, (1.0 / (h_0 / h)) * (x0_pred - m1)
+    x_t = (sigma_t / sigma_s0) * sample - (alpha_t * (math.exp(-h) - 1.0)) * D0 - 0.5 * (alpha_t * (math.exp(-h) - 1.0)) * D1
+    return x_t, x0_pred
+
+
+def eager_unipc_2(model_output, sample, last_sample, m1, m2, sigmas, i):
+    """UniPCMultistepScheduler.step at step i of order 2: convert_model_output, UniC from last_sample, UniP."""
+    from engine.solvers import log_snr, unipc_rhos
+
+    (alpha_i, sigma_i) = alpha_sigma(sigmas[i])
+    x0 = (sample - sigma_i * model_output) / alpha_i
+    lam = [log_snr(sigmas[k]) for k in (i - 2, i - 1, i, i + 1)]
+    h = lam[2] - lam[1]  # corrector: from sigmas[i-1] to sigmas[i], order 2 (m1 and m2 as history)
+    rk = (lam[0] - lam[1]) / h
+    rhos_c = unipc_rhos(h, [rk], 2, corrector=True)
+    D1 = (m2 - m1) / rk
+    x_t_ = sigma_i / alpha_sigma(sigmas[i - 1])[1] * last_sample - alpha_i * math.expm1(-h) * m1
+    corrected = x_t_ - alpha_i * math.expm1(-h) * (rhos_c[0] * D1 + rhos_c[-1] * (x0 - m1))
+    alpha_next, sigma_next = alpha_sigma(sigmas[i + 1])
+    h = lam[3] - lam[2]  # predictor: to sigmas[i+1], order 2, rho = 1/2
+    D1 = (m1 - x0) / ((lam[1] - lam[2]) / h)
+    x_next = sigma_next / sigma_i * corrected - alpha_next * math.expm1(-h) * x0 - alpha_next * math.expm1(-h) * 0.5 * D1
+    return corrected, x_next, x0
+
+
 def _loss_and_grad(loss: torch.Tensor, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and d loss / d prediction (autograd.grad, so no .grad accumulates across rounds)."""
     (grad,) = torch.autograd.grad(loss, prediction)
@@ -237,6 +273,37 @@ def ddim_step_case(device, schedule) -> OpCase:
                   bytes_moved=3 * x_t.numel() * x_t.element_size())  # read x_t and eps, write x_prev
 
 
+def _solver_plan(solver: str, schedule):
+    """A 20-step plan and a middle step of it (second order, UniPC's corrector on), as sampling runs them."""
+    return solver_plan(schedule, solver, SOLVER_STEPS, unipc_order=2), SOLVER_STEPS // 2
+
+
+def dpm_solver_step_case(device, schedule) -> OpCase:
+    """DPM-Solver++(2M), eps target, unclipped (diffusers' default), at a second-order step of 20."""
+    shape, x_t, eps, t, keys, g = _inputs(device, schedule, _batch(device))
+    m1 = torch.randn(shape, generator=g).to(device, DTYPE)
+    plan, i = _solver_plan("dpm++2m", schedule)
+    t = torch.full_like(t, int(plan.timesteps[i]))
+    args = (x_t, eps, m1, m1, t, keys, plan.weights[i].to(device, DTYPE), 1, False, False)
+    sigmas = [float(sigma) for sigma in plan.sigmas[[i + 1, i, i - 1]]]
+    return OpCase("dpm_solver_step", shape, args, lambda fn: fn(*args), lambda: eager_dpm_solver_2m(eps, x_t, m1, *sigmas),
+                  lambda: eager_dpm_solver_2m(eps, x_t, m1, *sigmas),
+                  bytes_moved=5 * x_t.numel() * x_t.element_size())  # read x_t, eps, m1; write x_next, x0
+
+
+def unipc_step_case(device, schedule) -> OpCase:
+    """UniPC-2 (bh2), eps target, unclipped, at a middle step of 20: corrector and predictor."""
+    shape, x_t, eps, t, keys, g = _inputs(device, schedule, _batch(device))
+    x_last, m1, m2 = (torch.randn(shape, generator=g).to(device, DTYPE) for _ in range(3))
+    plan, i = _solver_plan("unipc", schedule)
+    args = (x_t, eps, x_last, m1, m2, m2, plan.weights[i].to(device, DTYPE), 2, False)
+    sigmas = [float(sigma) for sigma in plan.sigmas]
+    return OpCase("unipc_step", shape, args, lambda fn: fn(*args),
+                  lambda: eager_unipc_2(eps, x_t, x_last, m1, m2, sigmas, i),
+                  lambda: eager_unipc_2(eps, x_t, x_last, m1, m2, sigmas, i),
+                  bytes_moved=8 * x_t.numel() * x_t.element_size())  # read x_t, eps, x_last, m1, m2; write three
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 
@@ -271,6 +338,8 @@ ROOFLINE_KERNELS = {
     "noise_loss": [("noise_loss", {"HAS_X0": False, "BACKWARD": False}), ("noise_loss", {"HAS_X0": False, "BACKWARD": True})],
     "posterior_step": [("posterior_step", {"CLIP": True})],
     "ddim_step": [("ddim_step", {"CLIP": True, "CLIPPED_EPS": False, "NOISE": False})],
+    "dpm_solver_step": [("dpm_solver_step", {"HISTORY": 1, "NOISE": False, "CLIP": False})],
+    "unipc_step": [("unipc_step", {"HISTORY": 2, "CLIP": False})],
 }
 
 
@@ -355,7 +424,8 @@ def _run(benchmark, device, case: OpCase, variant: str, copy_bandwidth: dict[str
 
 
 CASES = {"q_sample": q_sample_case, "q_sample_uint8": q_sample_uint8_case, "noise_loss": noise_loss_case,
-         "posterior_step": posterior_step_case, "ddim_step": ddim_step_case}
+         "posterior_step": posterior_step_case, "ddim_step": ddim_step_case, "dpm_solver_step": dpm_solver_step_case,
+         "unipc_step": unipc_step_case}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,13 +1,17 @@
-"""Sampling throughput in images/s: whole runs (1000-step DDPM, 100-step DDIM) of engine.sample's fast
-path against Hugging Face diffusers' DDPMPipeline / DDIMPipeline with the same architecture and
-schedule in the same run (the ratio is printed at the end), and one denoising step (UNet forward +
-update) with the PyTorch or (on CUDA) the Triton update kernels.
+"""Sampling throughput in images/s: whole runs (1000-step DDPM, 100-step DDIM, and the fast solvers
+dpm++2m, dpm++3m, dpm++2m-sde and unipc at 10 and 20 steps) of engine.sample's fast path against Hugging
+Face diffusers with the same architecture, schedule and sampler in the same run (DDPMPipeline,
+DDIMPipeline, and DPMSolverMultistepScheduler / UniPCMultistepScheduler in diffusers' documented
+denoising loop; the ratio is printed at the end), and one denoising step (UNet forward + update) with
+the PyTorch or (on CUDA) the Triton update kernels. Each group is one sampler at one number of steps:
+`sampling_run_<sampler>_<steps>`; images/s across groups is what a step count costs.
 
 Ours: the registry's update kernels, bf16 autocast on CUDA, the step eager or compiled (on CUDA into a
 CUDA graph, engine.sample's default there; on the CPU only with BENCH_COMPILE=1, as compiling takes
 about a minute). diffusers: its pipelines as documented, with
 the UNet in bf16 on CUDA (fp32 on the CPU), progress bars off. On the CPU the runs are shortened (20
-timesteps, 5 DDIM steps) so `make test` can smoke-test them; compare ratios, never CPU times.
+timesteps, 5 DDIM steps, a quarter of the solver steps) so `make test` can smoke-test them; compare
+ratios, never CPU times.
 """
 
 import dataclasses
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import diffusers_unet, synchronized
+from engine import solvers
 from engine.diffusers_format import diffusers_scheduler_config, unet_to_diffusers
 from engine.sample import generate, sampling_step
 from engine.schedule import schedule_from_config
@@ -26,13 +31,22 @@ from kernels.posterior_step import schedule_tables
 from kernels.registry import resolve_kernels, resolve_kernels_from_config
 
 
-def run_config(bench_config, device, sampler):
-    """The preset with a whole run's sampler settings: T = 1000 and 100 DDIM steps on CUDA, fewer on the CPU."""
-    timesteps, ddim_steps = (1000, 100) if device.type == "cuda" else (20, 5)
+RUNS = [("ddpm", None), ("ddim", 100), *((solver, steps) for solver in solvers.SOLVERS for steps in (10, 20))]
+
+
+def run_config(bench_config, device, sampler, steps=None):
+    """The preset with a whole run's sampler settings: T = 1000 and the given steps on CUDA, fewer on the CPU
+    (T = 20, 5 DDIM steps, a quarter of a solver's)."""
+    cuda = device.type == "cuda"
+    if steps is not None and not cuda:
+        steps = 5 if sampler == "ddim" else max(2, steps // 4)
     return dataclasses.replace(
-        bench_config, diffusion=dataclasses.replace(bench_config.diffusion, num_timesteps=timesteps),
-        sample=dataclasses.replace(bench_config.sample, sampler=sampler, steps=ddim_steps if sampler == "ddim" else None,
-                                   eta=0.0, clip_denoised=True))
+        bench_config, diffusion=dataclasses.replace(bench_config.diffusion, num_timesteps=1000 if cuda else 20),
+        sample=dataclasses.replace(bench_config.sample, sampler=sampler, steps=steps, eta=0.0, clip_denoised=True))
+
+
+def run_group(sampler, steps) -> str:
+    return f"sampling_run_{sampler}" + (f"_{steps}" if steps else "")
 
 
 def record_images_per_sec(benchmark, images: int) -> None:
@@ -42,11 +56,11 @@ def record_images_per_sec(benchmark, images: int) -> None:
 
 
 @pytest.mark.parametrize("variant", ["eager", "compiled"])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sampling_run(benchmark, device, bench_config, batch_size, sampler, variant):
+@pytest.mark.parametrize("sampler,steps", RUNS)
+def test_sampling_run(benchmark, device, bench_config, batch_size, sampler, steps, variant):
     if variant == "compiled" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
         pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (about a minute per sampler)")
-    config = run_config(bench_config, device, sampler)
+    config = run_config(bench_config, device, sampler, steps)
     config.sample.compile = variant == "compiled"  # on CUDA, the compiled step is a CUDA-graph replay
     torch.manual_seed(0)
     model = build_unet(config, device).eval()
@@ -59,7 +73,7 @@ def test_sampling_run(benchmark, device, bench_config, batch_size, sampler, vari
                         device=device, step=step)
 
     run()  # compile and capture outside the timing
-    benchmark.group = f"sampling_run_{sampler}"
+    benchmark.group = run_group(sampler, steps)
     benchmark.extra_info.update(kernels=kernels.describe(), steps=config.sample.steps or config.diffusion.num_timesteps,
                                 compare=f"diffusers {sampler}")
     images = benchmark.pedantic(synchronized(run, device), rounds=3, iterations=1)
@@ -67,33 +81,62 @@ def test_sampling_run(benchmark, device, bench_config, batch_size, sampler, vari
     record_images_per_sec(benchmark, batch_size)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sampling_run_diffusers(benchmark, device, bench_config, batch_size, sampler):
+def diffusers_solver(diffusers, config, scheduler):
+    """diffusers' scheduler for one of our solvers, on the same schedule and target."""
+    options = config.sample
+    common = dict(timestep_spacing=options.timestep_spacing, use_karras_sigmas=options.karras_sigmas,
+                  lower_order_final=options.lower_order_final)
+    if options.sampler == "unipc":
+        return diffusers.UniPCMultistepScheduler.from_config(scheduler.config, solver_order=options.unipc_order, **common)
+    return diffusers.DPMSolverMultistepScheduler.from_config(
+        scheduler.config, solver_order=solvers.solver_order(options.sampler), **common,
+        algorithm_type="sde-dpmsolver++" if options.sampler == "dpm++2m-sde" else "dpmsolver++")
+
+
+def solver_loop(unet, scheduler, batch_size, steps, shape, device, generator):
+    """diffusers' documented denoising loop (its pipelines' core) for a multistep scheduler."""
+    scheduler.set_timesteps(steps, device=device)
+    image = torch.randn((batch_size, *shape), generator=generator).to(device, unet.dtype)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            image = scheduler.step(unet(image, t).sample, t, image).prev_sample
+    return image
+
+
+@pytest.mark.parametrize("sampler,steps", RUNS)
+def test_sampling_run_diffusers(benchmark, device, bench_config, batch_size, sampler, steps):
     diffusers = pytest.importorskip("diffusers")
-    config = run_config(bench_config, device, sampler)
+    config = run_config(bench_config, device, sampler, steps)
     unet = diffusers_unet(config)
     torch.manual_seed(0)
     _, weights = unet_to_diffusers(build_unet(config, "cpu").state_dict(), config)  # the same weights as ours
     unet.load_state_dict(weights)
     unet = unet.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     scheduler = diffusers.DDPMScheduler.from_config(diffusers_scheduler_config(config))
-    if sampler == "ddpm":
-        pipeline, options = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler), {}
-        steps = config.diffusion.num_timesteps
-    else:
-        scheduler = diffusers.DDIMScheduler.from_config(scheduler.config)
-        pipeline, options = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler), {"eta": 0.0}
-        steps = config.sample.steps
-    pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(0)
+    if sampler in solvers.SOLVERS:
+        scheduler = diffusers_solver(diffusers, config, scheduler)
+        shape = (config.data.channels, config.data.image_size, config.data.image_size)
+        name = type(scheduler).__name__
 
-    def run():
-        return pipeline(batch_size=batch_size, generator=generator, num_inference_steps=steps, output_type="np",
-                        **options).images
+        def run():
+            return solver_loop(unet, scheduler, batch_size, config.sample.steps, shape, device, generator)
+    else:
+        if sampler == "ddpm":
+            pipeline, options = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler), {}
+        else:
+            scheduler = diffusers.DDIMScheduler.from_config(scheduler.config)
+            pipeline, options = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler), {"eta": 0.0}
+        pipeline.set_progress_bar_config(disable=True)
+        name = type(pipeline).__name__
+
+        def run():
+            return pipeline(batch_size=batch_size, generator=generator, output_type="np", **options,
+                            num_inference_steps=config.sample.steps or config.diffusion.num_timesteps).images
 
     run()
-    benchmark.group = f"sampling_run_{sampler}"
-    benchmark.extra_info.update(kernels=f"diffusers {type(pipeline).__name__}", steps=steps,
+    benchmark.group = run_group(sampler, steps)
+    benchmark.extra_info.update(kernels=f"diffusers {name}", steps=config.sample.steps or config.diffusion.num_timesteps,
                                 baseline=f"diffusers {sampler}")
     images = benchmark.pedantic(synchronized(run, device), rounds=3, iterations=1)
     assert images.shape[0] == batch_size

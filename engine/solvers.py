@@ -300,9 +300,11 @@ def solver_step(model: Callable, kernels: Kernels, solver: str, *, clip_denoised
 
 
 def initial_history(solver: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The history before the first step (its weights are 0): x_last and three x_0 for UniPC, two x_0 else."""
-    zeros = torch.zeros_like(x)
-    return (zeros,) * (4 if solver == "unipc" else 2)
+    """The history before the first step (its weights are 0): x_last and three x_0 for UniPC, two x_0 else.
+
+    Distinct tensors: a compiled step guards on which of its inputs alias, so one shared zero tensor would
+    recompile it at each of the first steps."""
+    return tuple(torch.zeros_like(x) for _ in range(4 if solver == "unipc" else 2))
 
 
 def solve(step: SolverStep, plan: SolverPlan, x: torch.Tensor, keys: torch.Tensor, *, dtype: torch.dtype,

@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from kernels import ddim_step, noise_loss, posterior_step, q_sample
+from kernels import ddim_step, dpm_solver_step, noise_loss, posterior_step, q_sample, unipc_step
 from kernels import triton_support
 from kernels.triton_support import triton
 
@@ -105,8 +105,20 @@ def _three_operands(branch, dtype):  # x_t and eps in, x_prev out
     return {"x_ptr": dtype, "eps_ptr": dtype, "out_ptr": dtype}
 
 
+def _data_operands(kernel):
+    """Every pointer of `kernel` but the per-sample indices and the weights takes the data dtype (the solvers)."""
+    names = [name for name in kernel.fn.arg_names if name.endswith("_ptr")]
+    return lambda branch, dtype: {name: dtype for name in names if name not in INDEX_POINTERS | {"coefficients_ptr"}}
+
+
+# The solvers' branches the engine launches: 2M (one earlier x0), 3M (two), 2M SDE (one, and noise); UniPC-2, -3.
+_DPM_BRANCHES = tuple({"HISTORY": history, "NOISE": noise, "CLIP": clip}
+                      for history, noise in ((1, False), (2, False), (1, True)) for clip in (False, True))
+_UNIPC_BRANCHES = tuple({"HISTORY": history, "CLIP": clip} for history in (2, 3) for clip in (False, True))
+
+
 def families() -> tuple[Family, ...]:
-    """The engine's four Triton kernels (call only where Triton is installed)."""
+    """The engine's six Triton kernels (call only where Triton is installed)."""
     return (Family("q_sample", q_sample._q_sample_kernel, ({"FROM_UINT8": False}, {"FROM_UINT8": True}),
                    _q_sample_pointers, lambda b, d: ELEMENT_BYTES["u8" if b["FROM_UINT8"] else d] + ELEMENT_BYTES[d]),
             Family("ddim_step", ddim_step._ddim_step_kernel, _DDIM_BRANCHES, _three_operands,
@@ -114,7 +126,20 @@ def families() -> tuple[Family, ...]:
             Family("noise_loss", noise_loss._noise_loss_kernel, _LOSS_BRANCHES, _noise_loss_pointers,
                    lambda b, d: (1 + b["HAS_X0"] + b["BACKWARD"]) * ELEMENT_BYTES[d]),
             Family("posterior_step", posterior_step._posterior_step_kernel, ({"CLIP": False}, {"CLIP": True}),
-                   _three_operands, lambda b, d: 3 * ELEMENT_BYTES[d]))
+                   _three_operands, lambda b, d: 3 * ELEMENT_BYTES[d]),
+            # reads x_t, the output and the earlier x0s; writes x_next and x0
+            Family("dpm_solver_step", dpm_solver_step._dpm_solver_step_kernel, _DPM_BRANCHES,
+                   _data_operands(dpm_solver_step._dpm_solver_step_kernel),
+                   lambda b, d: (4 + b["HISTORY"]) * ELEMENT_BYTES[d]),
+            # reads x_t, the output, x_last and the earlier x0s; writes x_corrected, x_next and x0
+            Family("unipc_step", unipc_step._unipc_step_kernel, _UNIPC_BRANCHES,
+                   _data_operands(unipc_step._unipc_step_kernel), lambda b, d: (6 + b["HISTORY"]) * ELEMENT_BYTES[d]))
+
+
+def branch_flags(branch: dict) -> str:
+    """The constexprs a branch sets: the names of the true flags, NAME=value for the integer ones (HISTORY)."""
+    return ",".join(name if value is True else f"{name}={value}" for name, value in branch.items()
+                    if value is not False) or "-"
 
 
 INDEX_POINTERS = {"t_ptr", "t_prev_ptr", "keys_ptr"}  # per-sample int64; every other pointer is a float32 table
@@ -130,7 +155,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        flags = ",".join(name for name, on in self.branch.items() if on) or "-"
+        flags = branch_flags(self.branch)
         return (f"{self.family.name}[{flags}] {self.dtype} {self.shape.name} "
                 f"BLOCK={self.config.kwargs['BLOCK']} warps={self.config.num_warps}")
 
@@ -313,7 +338,7 @@ def markdown(rows: list[dict]) -> str:
     the best config's roofline (the autotuner picks among them on the device)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        flags = ",".join(name for name, on in row["branch"].items() if on) or "-"
+        flags = branch_flags(row["branch"])
         groups.setdefault((row["kernel"], flags, row["dtype"], row["shape"], row["arch"]), []).append(row)
     lines = ["| kernel [branch] | dtype | shape | sm | registers | spills | widest load / store (bits) | "
              "instructions / element (hot) | MUFU / element | bytes / element | roofline (GPU: GB/s, bound) |",

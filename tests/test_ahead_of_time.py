@@ -55,7 +55,8 @@ def test_every_variant_compiles_for_sm90_and_sm80_without_spills_and_vectorised(
 
     answer = _compile_all()
     compiled = answer["rows"]
-    # 4 kernels: q_sample 2 branches, ddim_step 6, noise_loss 4, posterior_step 2; 3 dtypes; every config
+    # 6 kernels: q_sample 2 branches, ddim_step 6, noise_loss 4, posterior_step 2, dpm_solver_step 6, unipc_step 4;
+    # 3 dtypes; every config
     expected = sum(len(f.branches) for f in aot.families()) * len(aot.DATA_DTYPES)
     assert len([r for r in compiled if r["shape"] == "cifar"]) == expected * len(aot.triton_support.ELEMENTWISE_CONFIGS) * 2
     assert len([r for r in compiled if r["shape"] == "odd"]) == expected * 2

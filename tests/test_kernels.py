@@ -323,7 +323,8 @@ def test_pytorch_noise_loss_passes_float64_gradcheck(target):
 
 OPCHECK_CASES = ("q_sample", "q_sample-non-contiguous", "q_sample_uint8-bfloat16", "noise_loss-eps", "noise_loss-v",
                  "noise_loss_backward-eps", "noise_loss_backward-v", "posterior_step", "posterior_step-clipped",
-                 "ddim_step", "ddim_step-eta0-clipped")
+                 "ddim_step", "ddim_step-eta0-clipped", "dpm_solver_step-sde", "dpm_solver_step-clipped",
+                 "unipc_step", "unipc_step-clipped")
 
 
 def ddpm_ops():
@@ -341,6 +342,9 @@ def opcheck_case(case: str) -> tuple:
 
     def batch(shape=(2, 3, 4, 4)):
         return torch.randn(shape, generator=g).to(DEVICE)
+
+    def weights(count):  # a solver step's weights (the ops take any)
+        return torch.randn(count, generator=g).to(DEVICE)
 
     t, t_prev = torch.tensor([5, 999], device=DEVICE), torch.tensor([-1, 950], device=DEVICE)
     keys = noise.noise_keys(SEED, torch.tensor([0, 1])).to(DEVICE)
@@ -366,6 +370,12 @@ def opcheck_case(case: str) -> tuple:
                                                                 *schedule_tables(s, "fixed_small"), True)),
         "ddim_step": lambda: (ops.ddim_step, (batch(), batch(), t, t_prev, keys, s.alphas_cumprod, 0.5, False, False)),
         "ddim_step-eta0-clipped": lambda: (ops.ddim_step, (batch(), batch(), t, t_prev, keys, s.alphas_cumprod, 0.0, True, False)),
+        "dpm_solver_step-sde": lambda: (ops.dpm_solver_step, (batch(), batch(), batch(), batch(), t, keys,
+                                                              weights(7), 1, True, False)),
+        "dpm_solver_step-clipped": lambda: (ops.dpm_solver_step, (batch(), batch(), batch(), batch(), t, keys,
+                                                                  weights(7), 2, False, True)),
+        "unipc_step": lambda: (ops.unipc_step, (*(batch() for _ in range(6)), weights(12), 3, False)),
+        "unipc_step-clipped": lambda: (ops.unipc_step, (*(batch() for _ in range(6)), weights(12), 2, True)),
     }
     return cases[case]()
 
@@ -453,6 +463,30 @@ def test_compiled_sampler_steps_match_eager_without_graph_breaks():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
     assert ddpm_ops_in(counter.graphs) == {"posterior_step", "ddim_step"}
+
+
+@pytest.mark.parametrize("solver", ["dpm++2m-sde", "unipc"])
+def test_compiled_solver_steps_match_eager_without_graph_breaks(solver):
+    from engine import solvers
+
+    torch._dynamo.reset()
+    kernels = resolve_kernels({op: "triton" for op in OPS}, DEVICE, check=False)
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(4, 4).to(DEVICE)
+    plan = solvers.solver_plan(tables("linear"), solver, 5, unipc_order=3)
+    step = torch.no_grad()(solvers.solver_step(lambda x, t: linear(x), kernels, solver, clip_denoised=True, unipc_order=3))
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=False)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    keys = noise.noise_keys(SEED, torch.arange(2)).to(DEVICE)
+    eager, graph = (x, solvers.initial_history(solver, x)), (x, solvers.initial_history(solver, x))
+    weights = plan.weights.to(DEVICE, torch.float32)
+    for i, t in enumerate(plan.timesteps):  # every step, warm-up and final orders included, replays one graph
+        t = torch.full((2,), int(t), device=DEVICE)
+        eager, graph = step(*eager[:1], t, keys, weights[i], eager[1]), compiled(*graph[:1], t, keys, weights[i], graph[1])
+        torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+    assert ddpm_ops_in(counter.graphs) == {"unipc_step" if solver == "unipc" else "dpm_solver_step"}
 
 
 # ----------------------------------------------------------------------------- 7. the registry
