@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import diffusion
+from engine import diffusion, solvers
 from engine.config import ConfigError
 from engine.data import DataError, build_train_loader, read_manifest
 from engine.images import make_grid, save_image, to_uint8
@@ -81,22 +81,31 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
     schedule = schedule_from_config(config.diffusion).to(torch_device)
     kernels = resolve_kernels_from_config(config, torch_device)
     options = config.sample
-    steps = (diffusion.ddim_timesteps(schedule.num_timesteps, options.steps or schedule.num_timesteps,
-                                      options.timestep_spacing)
-             if options.sampler == "ddim" else list(range(schedule.num_timesteps)))
+    solver = options.sampler in solvers.SOLVERS
+    if solver:
+        timesteps, _ = solvers.noise_levels(schedule, options.steps or solvers.DEFAULT_STEPS, options.timestep_spacing,
+                                            options.karras_sigmas)
+        steps = sorted(int(t) for t in timesteps)
+    elif options.sampler == "ddim":
+        steps = diffusion.ddim_timesteps(schedule.num_timesteps, options.steps or schedule.num_timesteps,
+                                         options.timestep_spacing)
+    else:
+        steps = list(range(schedule.num_timesteps))
     wanted = {steps[round(i)] for i in np.linspace(len(steps) - 1, 0, num_frames)}
     frames: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def record(step: int, x_t: torch.Tensor, eps: torch.Tensor) -> None:
+    def record(step: int, x_t: torch.Tensor, prediction: torch.Tensor) -> None:
+        """The solvers' steps see x_0, DDPM's and DDIM's eps."""
         if step in wanted:
             t = torch.full((x_t.shape[0],), step, device=x_t.device)
-            x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, eps).clamp(-1, 1)
-            frames[step] = (x_t.clamp(-1, 1).cpu(), x0.cpu())
+            x0 = prediction if solver else diffusion.predict_x0_from_eps(schedule, x_t, t, prediction)
+            frames[step] = (x_t.clamp(-1, 1).cpu(), x0.clamp(-1, 1).cpu())
 
     shape = (num_images, config.data.channels, config.data.image_size, config.data.image_size)
     model.eval()
     diffusion.sample(model, schedule, kernels, shape, seed=seed, sampler=options.sampler, steps=options.steps,
                      timestep_spacing=options.timestep_spacing, device=torch_device, on_step=record,
+                     karras_sigmas=options.karras_sigmas, lower_order_final=options.lower_order_final,
                      **step_options(config))
     order = sorted(frames, reverse=True)  # from noise to data
     rows = []

@@ -1,6 +1,7 @@
 """`python -m engine.plot`: the pictures people look at instead of reading numbers."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from engine import plot
@@ -28,9 +29,10 @@ def test_noising_strip_goes_from_the_image_to_noise(shapes16):
         assert np.abs(tiles[row][2] - tiles[row][0]).mean() > 40
 
 
-def test_trajectory_and_loss_plots_of_a_run(tmp_path, shapes16):
+@pytest.mark.parametrize("sampler", ["ddim", "unipc"])  # the solvers' steps report x_0, DDIM's eps
+def test_trajectory_and_loss_plots_of_a_run(tmp_path, shapes16, sampler):
     run_dir = tmp_path / "run"
-    assert train(run_dir, shapes16, "train.steps=2").returncode == 0
+    assert train(run_dir, shapes16, "train.steps=2", f"sample.sampler={sampler}", "sample.steps=5").returncode == 0
     assert sorted(losses(run_dir)) == [2]
     grid = plot.trajectory_grid(run_dir, num_images=2, num_frames=3)
     assert grid.shape == (4 * 18 + 2, 3 * 18 + 2, 3)  # rows x_t, x_0 for each of 2 images; 3 frames

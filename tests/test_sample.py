@@ -92,6 +92,23 @@ def test_any_sample_setting_can_be_overridden_among_the_options(tmp_path, traine
     assert typo.returncode == 2 and "did you mean 'sample.thresholding'" in typo.stderr
 
 
+def test_the_fast_solvers_sample_from_the_cli_in_their_steps(tmp_path, trained_run):
+    def sample(name, *options):
+        result = run("engine.sample", trained_run, "--num-images", 3, "--batch-size", 2, "--seed", 1, *options,
+                     "--npz", tmp_path / f"{name}.npz", "--out", tmp_path / f"{name}.png")
+        assert result.returncode == 0, result.stderr
+        return result.stdout, np.load(tmp_path / f"{name}.npz")["arr_0"]
+
+    stdout, unipc = sample("unipc", "--sampler", "unipc", "--steps", 4, "sample.unipc_order=3")
+    assert "unipc" in stdout and unipc.shape == (3, 16, 16, 3)
+    _, sde = sample("sde", "--sampler", "dpm++2m-sde", "--steps", 4, "--karras")
+    _, sde_again = sample("sde-again", "--sampler", "dpm++2m-sde", "--steps", 4, "--karras")
+    assert np.array_equal(sde, sde_again), "the SDE's noise is keyed by the seed and image, not drawn from state"
+    assert not np.array_equal(sde, unipc)
+    bad = run("engine.sample", trained_run, "--sampler", "unipc", "sample.unipc_order=4")
+    assert bad.returncode == 2 and "sample.unipc_order" in bad.stderr
+
+
 def test_a_run_exported_for_diffusers_samples_and_trains_on_as_the_run_does(tmp_path, trained_run, shapes16):
     exported = tmp_path / "exported"
     assert run("engine.export", trained_run, "--format", "diffusers", exported).returncode == 0
