@@ -12,6 +12,11 @@ Writing needs only `safetensors` (not diffusers). Reading accepts a pipeline fol
 with `diffusion_pytorch_model.safetensors`, a sharded safetensors index, or a `.bin`), as
 `UNet2DModel.save_pretrained` writes it; old checkpoints' attention names (query/key/value/proj_attn)
 are accepted as well.
+
+The scheduler is a `DDPMScheduler` (the training schedule, with the ddpm/ddim settings), or, for a run whose
+`sample.sampler` is a fast solver (engine/solvers.py), the `DPMSolverMultistepScheduler` or
+`UniPCMultistepScheduler` that steps as ours does, so that the pipeline reproduces our samples; reading such
+a scheduler back gives the solver's sample settings.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch.nn as nn
 
 from engine.atomic_files import atomic_folder
 from engine.config import Config, ConfigError
+from engine.solvers import SOLVERS, solver_order
 from engine.unet import AttentionBlock, Downsample, Level, ResnetBlock, UNet, Upsample
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release this layout was checked against
@@ -69,6 +75,30 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 MODEL_INDEX = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
 
+# The fast solvers' diffusers schedulers, and their constructor defaults for every setting read here (a key
+# missing from a scheduler_config.json means this value).
+DPM_SOLVER = "DPMSolverMultistepScheduler"
+UNIPC = "UniPCMultistepScheduler"
+SOLVER_SCHEDULERS = {"dpm++2m": DPM_SOLVER, "dpm++3m": DPM_SOLVER, "dpm++2m-sde": DPM_SOLVER, "unipc": UNIPC}
+_MULTISTEP_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "lower_order_final": True,
+    "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
+    "final_sigmas_type": "zero", "timestep_spacing": "linspace", "steps_offset": 0, "rescale_betas_zero_snr": False,
+    "use_dynamic_shifting": False,
+}
+SOLVER_SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
+    DPM_SOLVER: {**_MULTISTEP_DEFAULTS, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+                 "euler_at_final": False, "use_lu_lambdas": False, "lambda_min_clipped": -math.inf,
+                 "variance_type": None},
+    UNIPC: {**_MULTISTEP_DEFAULTS, "predict_x0": True, "solver_type": "bh2", "disable_corrector": [],
+            "solver_p": None, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
+}
+# diffusers' thresholding clamps s = the quantile of |x0| to [1, sample_max_value]: a cap this large is none
+# for float32 samples (ours, Imagen's dynamic thresholding), while 1.0 makes s = 1, i.e. clipping to [-1, 1].
+UNCAPPED = float(torch.finfo(torch.float32).max)
+
 
 class DiffusersFormatError(ConfigError):
     """A folder or model one side cannot express: one line naming the setting (exit status 2)."""
@@ -80,7 +110,8 @@ class DiffusersModel:
 
     `model` and `data` are fields of engine.config's ModelConfig / DataConfig; `diffusion` of
     DiffusionConfig (None without a scheduler config); `sample` the SampleConfig fields the scheduler
-    fixes (variance, clip_denoised); `state_dict` is in engine.unet.UNet's key layout.
+    fixes (variance, clip_denoised, timestep_spacing; for a solver's scheduler the sampler and its settings,
+    see `solver_sample_fields`); `state_dict` is in engine.unet.UNet's key layout.
     """
 
     model: dict[str, Any]
@@ -241,26 +272,100 @@ def diffusers_unet_config(config: Config | dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def diffusers_scheduler_config(config: Config | dict[str, Any]) -> dict[str, Any]:
-    """The DDPMScheduler scheduler_config.json of a run's diffusion and sample settings."""
-    raw = _as_dict(config)
-    diffusion, sample = raw["diffusion"], raw["sample"]
+def _schedule_fields(diffusion: dict[str, Any], scheduler: str) -> dict[str, Any]:
+    """The training schedule and target as every diffusers scheduler spells them."""
     schedule = diffusion["schedule"]
     if schedule not in SCHEDULE_TO_BETA_SCHEDULE:
-        raise DiffusersFormatError(f"diffusion.schedule={schedule!r} has no DDPMScheduler beta_schedule "
+        raise DiffusersFormatError(f"diffusion.schedule={schedule!r} has no {scheduler} beta_schedule "
                                    f"(it has {', '.join(sorted(set(SCHEDULE_TO_BETA_SCHEDULE.values())))})")
     if diffusion["target"] not in TARGET_TO_PREDICTION:
-        raise DiffusersFormatError(f"diffusion.target={diffusion['target']!r} has no DDPMScheduler prediction_type "
+        raise DiffusersFormatError(f"diffusion.target={diffusion['target']!r} has no {scheduler} prediction_type "
                                    f"(it has {', '.join(TARGET_TO_PREDICTION.values())})")
     return {
-        "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": diffusion["num_timesteps"], "beta_schedule": SCHEDULE_TO_BETA_SCHEDULE[schedule],
         "beta_start": diffusion["beta_start"], "beta_end": diffusion["beta_end"],  # read for the linear ones only
-        "trained_betas": None, "variance_type": sample["variance"], "clip_sample": sample["clip_denoised"],
-        "clip_sample_range": 1.0, "prediction_type": TARGET_TO_PREDICTION[diffusion["target"]],
-        "thresholding": False, "timestep_spacing": sample.get("timestep_spacing", "linspace"), "steps_offset": 0,
+        "trained_betas": None, "prediction_type": TARGET_TO_PREDICTION[diffusion["target"]],
         "rescale_betas_zero_snr": False,
     }
+
+
+def diffusers_scheduler_config(config: Config | dict[str, Any]) -> dict[str, Any]:
+    """The DDPMScheduler scheduler_config.json of a run's diffusion and sample settings (whatever its sampler:
+    the training schedule; `run_scheduler_config` is what an export writes)."""
+    raw = _as_dict(config)
+    diffusion, sample = raw["diffusion"], raw["sample"]
+    return {
+        "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        **_schedule_fields(diffusion, "DDPMScheduler"),
+        "variance_type": sample["variance"], "clip_sample": sample["clip_denoised"], "clip_sample_range": 1.0,
+        "thresholding": False, "timestep_spacing": sample.get("timestep_spacing", "linspace"), "steps_offset": 0,
+    }
+
+
+def solver_scheduler_config(config: Config | dict[str, Any]) -> dict[str, Any]:
+    """The DPMSolverMultistepScheduler or UniPCMultistepScheduler scheduler_config.json that steps as the run's
+    `sample.sampler` (a fast solver) does: the same noise levels (timestep spacing or Karras sigmas, a last step
+    to sigma = 0), orders, target and x0 clipping, so diffusers' loop reproduces `diffusion.sample`.
+
+    x0 clipping maps onto diffusers' thresholding, which clamps x0 to [-s, s] / s with s the
+    `dynamic_thresholding_ratio` quantile of |x0| clamped to [1, sample_max_value]:
+    - `clip_denoised: false`: thresholding off;
+    - `thresholding: static` (clip to [-1, 1]): sample_max_value 1.0, so s = 1 and x0 is clipped to [-1, 1]
+      (these schedulers have no `clip_sample`; this is its exact counterpart);
+    - `thresholding: dynamic` (ours: s = max(1, quantile), no upper bound): sample_max_value = the largest
+      float32 (`UNCAPPED`), a cap no float32 quantile exceeds.
+
+    UniPC with `lower_order_final: false` is written as lower_order_final true at unipc_order 2 (the same
+    steps) and refused at order 3 (see below). DiffusersFormatError names what cannot be expressed.
+    """
+    raw = _as_dict(config)
+    diffusion, sample = raw["diffusion"], raw["sample"]
+    sampler = sample["sampler"]
+    if sampler not in SOLVER_SCHEDULERS:
+        raise ValueError(f"sample.sampler={sampler!r} is not a fast solver ({', '.join(SOLVERS)})")
+    scheduler = SOLVER_SCHEDULERS[sampler]
+    clip = bool(sample.get("clip_denoised", True))
+    dynamic = clip and sample.get("thresholding", "static") == "dynamic"
+    common = {
+        "_class_name": scheduler, "_diffusers_version": DIFFUSERS_VERSION, **_schedule_fields(diffusion, scheduler),
+        "lower_order_final": bool(sample.get("lower_order_final", True)),
+        "use_karras_sigmas": bool(sample.get("karras_sigmas", False)), "use_exponential_sigmas": False,
+        "use_beta_sigmas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
+        "timestep_spacing": sample.get("timestep_spacing", "linspace"), "steps_offset": 0,
+        "final_sigmas_type": "zero",  # ours ends at sigma = 0 with a first-order step (returns the x0 prediction)
+        # x0 clipping as diffusers' thresholding (see the docstring): static clipping is sample_max_value 1.0
+        # (s clamped to [1, 1]); dynamic thresholding has no cap in ours, hence the largest float32
+        "thresholding": clip, "dynamic_thresholding_ratio": float(sample.get("dynamic_thresholding_ratio", 0.995)),
+        "sample_max_value": UNCAPPED if dynamic else 1.0,
+    }
+    if scheduler == UNIPC:
+        order = int(sample.get("unipc_order", 2))
+        if not common["lower_order_final"]:
+            # diffusers' UniPC then keeps its order at the last step, to sigma = 0, where its r_k are 0 (NaN at
+            # order 2, a singular solve at 3); ours steps first order there. At order 2 that is all
+            # lower_order_final changes, so True takes the same steps; at order 3 it also lowers the one before.
+            if order != 2:
+                raise DiffusersFormatError(
+                    f"sample.lower_order_final=false with sample.unipc_order={order} has no diffusers "
+                    f"UniPCMultistepScheduler counterpart (it fails at the last step, to sigma = 0); set "
+                    f"sample.lower_order_final=true or sample.unipc_order=2")
+            common["lower_order_final"] = True
+        return {**common, "solver_order": order, "solver_type": "bh2",
+                "predict_x0": True, "disable_corrector": [], "solver_p": None, "sigma_min": None, "sigma_max": None,
+                "shift_terminal": None}
+    # lambda_min_clipped stays out: its value here, -inf (no clipping), is diffusers' default and no JSON number
+    return {**common, "solver_order": solver_order(sampler),
+            "algorithm_type": "sde-dpmsolver++" if sampler == "dpm++2m-sde" else "dpmsolver++",
+            "solver_type": "midpoint", "euler_at_final": False, "use_lu_lambdas": False, "variance_type": None}
+
+
+def run_scheduler_config(config: Config | dict[str, Any]) -> dict[str, Any]:
+    """The scheduler_config.json an export writes: `solver_scheduler_config` when `sample.sampler` is a fast
+    solver, else the DDPMScheduler's (`diffusers_scheduler_config`)."""
+    raw = _as_dict(config)
+    if raw["sample"].get("sampler") in SOLVER_SCHEDULERS:
+        return solver_scheduler_config(raw)
+    return diffusers_scheduler_config(raw)
 
 
 def unet_to_diffusers(state_dict: dict[str, torch.Tensor],
@@ -491,12 +596,18 @@ def diffusers_to_unet(unet_config: dict[str, Any], state_dict: dict[str, torch.T
 
 def diffusion_fields_from_scheduler_config(scheduler_config: dict[str, Any], where: str = "scheduler_config.json",
                                            ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A scheduler config -> (DiffusionConfig fields, SampleConfig fields); refuses what ours cannot express."""
+    """A scheduler config -> (DiffusionConfig fields, SampleConfig fields); refuses what ours cannot express.
+
+    A DPMSolverMultistepScheduler or UniPCMultistepScheduler gives the fast solver that steps as it does
+    (`solver_sample_fields`); any other class is read as a DDPMScheduler (its clip_sample, variance_type and
+    DDIM timestep spacing, where it has them)."""
     cfg = scheduler_config
-    is_ddpm = cfg.get("_class_name", "DDPMScheduler") == "DDPMScheduler"
+    class_name = cfg.get("_class_name", "DDPMScheduler")
+    is_ddpm = class_name == "DDPMScheduler"
+    defaults = SOLVER_SCHEDULER_DEFAULTS.get(class_name, SCHEDULER_DEFAULTS)
 
     def setting(key: str) -> Any:
-        return cfg[key] if key in cfg else SCHEDULER_DEFAULTS[key]
+        return cfg[key] if key in cfg else defaults[key]
 
     def refuse(key: str, why: str) -> DiffusersFormatError:
         return DiffusersFormatError(f"{where}: {key}={json.dumps(setting(key))} cannot be expressed by the engine's "
@@ -511,13 +622,15 @@ def diffusion_fields_from_scheduler_config(scheduler_config: dict[str, Any], whe
         raise refuse("rescale_betas_zero_snr", "ours does not rescale the schedule to zero terminal SNR")
     if setting("prediction_type") not in PREDICTION_TO_TARGET:
         raise refuse("prediction_type", f"ours predicts {', '.join(PREDICTION_TO_TARGET)}")
-    if setting("thresholding"):
+    if setting("thresholding") and class_name not in SOLVER_SCHEDULER_DEFAULTS:
         raise refuse("thresholding", "ours clips the predicted x0 to [-1, 1] (clip_sample) instead")
     steps = setting("num_train_timesteps")
     if not _is_int(steps) or steps < 2:
         raise refuse("num_train_timesteps", "must be an integer of at least 2")
     diffusion = {"num_timesteps": steps, "schedule": beta_schedule, "beta_start": float(setting("beta_start")),
                  "beta_end": float(setting("beta_end")), "target": PREDICTION_TO_TARGET[setting("prediction_type")]}
+    if class_name in SOLVER_SCHEDULER_DEFAULTS:
+        return diffusion, solver_sample_fields(cfg, where)
 
     sample: dict[str, Any] = {}
     if "clip_sample" in cfg or is_ddpm:
@@ -533,6 +646,79 @@ def diffusion_fields_from_scheduler_config(scheduler_config: dict[str, Any], whe
     if cfg.get("timestep_spacing") in ("linspace", "leading", "trailing") and not cfg.get("steps_offset"):
         sample["timestep_spacing"] = cfg["timestep_spacing"]  # the DDIM timesteps the folder's author chose
     return diffusion, sample
+
+
+def solver_sample_fields(scheduler_config: dict[str, Any], where: str = "scheduler_config.json") -> dict[str, Any]:
+    """A DPMSolverMultistepScheduler / UniPCMultistepScheduler config -> the SampleConfig fields of the fast solver
+    that steps as it does (sampler, timestep_spacing, karras_sigmas, lower_order_final, unipc_order, x0
+    clipping; sample.steps is not a scheduler setting and stays as it is). The inverse of
+    `solver_scheduler_config`; refuses, naming the key, what our solvers cannot do."""
+    cfg, class_name = scheduler_config, scheduler_config["_class_name"]
+    defaults = SOLVER_SCHEDULER_DEFAULTS[class_name]
+
+    def setting(key: str) -> Any:
+        return cfg[key] if key in cfg else defaults[key]
+
+    def refuse(key: str, why: str) -> DiffusersFormatError:
+        return DiffusersFormatError(f"{where}: {key}={json.dumps(setting(key))} cannot be expressed by the engine's "
+                                    f"solvers: {why}")
+
+    def require(key: str, value: Any, why: str) -> None:
+        if not _same(setting(key), value):
+            raise refuse(key, why)
+
+    order = setting("solver_order")
+    if class_name == DPM_SOLVER:
+        algorithm = setting("algorithm_type")
+        if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
+            raise refuse("algorithm_type", "ours is DPM-Solver++ on the data prediction: dpmsolver++ or "
+                                           "sde-dpmsolver++")
+        orders = {"dpmsolver++": (2, 3), "sde-dpmsolver++": (2,)}[algorithm]
+        if not _is_int(order) or order not in orders:
+            raise refuse("solver_order", f"ours has {algorithm} of order {' and '.join(map(str, orders))}")
+        sampler = "dpm++2m-sde" if algorithm == "sde-dpmsolver++" else f"dpm++{order}m"
+        require("solver_type", "midpoint", "ours takes the midpoint form of the second-order update")
+        require("euler_at_final", False, "ours ends with a first-order step to sigma = 0 only")
+        require("use_lu_lambdas", False, "ours spaces the noise levels by timestep or as Karras et al.")
+        if setting("lambda_min_clipped") != -math.inf:
+            raise refuse("lambda_min_clipped", "ours does not clip lambda")
+        if setting("variance_type") is not None:
+            raise refuse("variance_type", "ours has no learned variance")
+    else:
+        if not _is_int(order) or order not in (2, 3):
+            raise refuse("solver_order", "ours has UniPC of order 2 and 3 (sample.unipc_order)")
+        sampler = "unipc"
+        require("predict_x0", True, "ours is UniPC on the data prediction")
+        require("solver_type", "bh2", "ours is UniPC with B(h) = e^-h - 1 (bh2)")
+        if setting("disable_corrector"):  # [] or null
+            raise refuse("disable_corrector", "ours corrects at every step")
+        require("solver_p", None, "ours predicts with UniP")
+        for key in ("sigma_min", "sigma_max"):
+            require(key, None, "ours takes the training schedule's ends")
+    for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
+        require(key, False, "ours spaces the noise levels by timestep or as Karras et al.")
+    require("final_sigmas_type", "zero", "ours ends at sigma = 0")
+    if setting("timestep_spacing") not in ("linspace", "leading", "trailing"):
+        raise refuse("timestep_spacing", "ours has linspace, leading and trailing")
+    require("steps_offset", 0, "ours spaces the timesteps without an offset")
+
+    sample: dict[str, Any] = {"sampler": sampler, "timestep_spacing": setting("timestep_spacing"),
+                              "karras_sigmas": bool(setting("use_karras_sigmas")),
+                              "lower_order_final": bool(setting("lower_order_final"))}
+    if sampler == "unipc":
+        sample["unipc_order"] = order
+    if not setting("thresholding"):
+        return {**sample, "clip_denoised": False}
+    cap = setting("sample_max_value")
+    if not isinstance(cap, (int, float)) or isinstance(cap, bool):
+        raise refuse("sample_max_value", "must be a number")
+    if math.isclose(cap, 1.0):  # s clamped to [1, 1]: clipping to [-1, 1]
+        return {**sample, "clip_denoised": True, "thresholding": "static"}
+    if cap >= UNCAPPED:  # s = max(1, quantile): our dynamic thresholding
+        return {**sample, "clip_denoised": True, "thresholding": "dynamic",
+                "dynamic_thresholding_ratio": float(setting("dynamic_thresholding_ratio"))}
+    raise refuse("sample_max_value", f"with thresholding, ours clips x0 to [-1, 1] (sample_max_value 1.0) or "
+                                     f"thresholds it with no upper bound on s (sample_max_value {UNCAPPED:.7g})")
 
 
 # ----------------------------------------------------------------------------- folders
@@ -646,6 +832,10 @@ def write_diffusers_folder(out_dir: str | Path, config: Config | dict[str, Any],
                            overwrite: bool = False) -> Path:
     """Write a DDPMPipeline folder (model_index.json, unet/, scheduler/) of our UNet's weights and config.
 
+    The scheduler is `run_scheduler_config`'s: a DDPMScheduler, or for a fast solver run the
+    DPMSolverMultistepScheduler / UniPCMultistepScheduler that reproduces its samples (`DDPMPipeline` steps
+    any scheduler; x0 clipping becomes diffusers' thresholding, see `solver_scheduler_config`).
+
     The folder is written beside `out_dir` under a temporary name and renamed into place
     (engine.atomic_files.atomic_folder), so a failure leaves no half-written folder; an existing
     non-empty `out_dir` is replaced only with `overwrite`.
@@ -655,12 +845,13 @@ def write_diffusers_folder(out_dir: str | Path, config: Config | dict[str, Any],
     raw = _as_dict(config)
     out = check_destination(out_dir, overwrite)
     unet_config, weights = unet_to_diffusers(state_dict, raw)
-    scheduler_config = diffusers_scheduler_config(raw)
+    scheduler_config = run_scheduler_config(raw)
+    model_index = {**MODEL_INDEX, "scheduler": ["diffusers", scheduler_config["_class_name"]]}
     try:
         with atomic_folder(out) as tmp:
             (tmp / "unet").mkdir()
             (tmp / "scheduler").mkdir()
-            _write_json(tmp / "model_index.json", MODEL_INDEX)
+            _write_json(tmp / "model_index.json", model_index)
             _write_json(tmp / "unet" / "config.json", unet_config)
             save_file(weights, str(tmp / "unet" / WEIGHTS_NAME), metadata={"format": "pt"})
             _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)

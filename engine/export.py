@@ -2,8 +2,9 @@
 
 Writes the run's latest checkpoint (EMA weights by default, `--raw` for the trained weights) as a
 diffusers DDPMPipeline folder: `model_index.json`, `unet/` (UNet2DModel config and safetensors weights)
-and `scheduler/` (DDPMScheduler config), which `DDPMPipeline.from_pretrained(OUT_DIR)` loads. diffusers
-itself is not needed to export. The folder appears whole or not at all; an existing non-empty OUT_DIR
+and `scheduler/` (DDPMScheduler config; for a run whose sample.sampler is a fast solver, the
+DPMSolverMultistepScheduler or UniPCMultistepScheduler config that reproduces its samples), which
+`DDPMPipeline.from_pretrained(OUT_DIR)` loads. diffusers itself is not needed to export. The folder appears whole or not at all; an existing non-empty OUT_DIR
 is replaced only with `--overwrite`. Mistakes, and models diffusers cannot express, are one line with
 exit status 2.
 """
