@@ -1,4 +1,4 @@
-"""Sample from a trained run: `python -m engine.sample RUN_DIR --num-images 64 --sampler ddpm|ddim --steps N --out grid.png`.
+"""Sample from a trained run: `python -m engine.sample RUN_DIR --num-images 64 --sampler ddpm|ddim|dpm++2m|unipc|... --steps N --out grid.png`.
 
 Uses the EMA weights of the run's latest checkpoint by default (`--raw` for the trained weights),
 is seeded and batched, and writes a grid PNG of the first images, optionally one PNG per image

@@ -140,7 +140,7 @@ def test_dpm3m_update_is_exact_for_linear_x0():
 
 def test_dpm3m_weighs_the_second_derivative_by_half_the_integrators_weight_as_diffusers_does():
     # Known, and kept for parity (tests/test_solvers.py: every step equals diffusers'): the third-order multistep
-    # update of DPM-Solver's code, diffusers' and k-diffusion's alike, estimates D2 = h^2 x0''/2 exactly for a
+    # update of DPM-Solver's reference code and diffusers' alike estimates D2 = h^2 x0''/2 exactly for a
     # quadratic x_0(lambda) but weighs it by alpha_t (1/2 - (e^-h - 1 + h) / h^2), half the exponential
     # integrator's alpha_t (1 - 2 (e^-h - 1 + h) / h^2). So `dpm++3m` converges at second order (the order study:
     # p 2.58, then 2.19), and its error on a quadratic x_0 is exactly that missing half.
