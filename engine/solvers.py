@@ -219,7 +219,9 @@ class SolverPlan:
 
 def step_orders(solver: str, steps: int, unipc_order: int = 2, lower_order_final: bool = True) -> tuple[int, ...]:
     """Each step's order as diffusers chooses it: warm-up from first order (there is no history yet), first
-    order to sigma = 0, and with `lower_order_final` under 15 steps, lower orders at the end."""
+    order to sigma = 0, and with `lower_order_final` lower orders near the end (DPM-Solver++ under 15 steps).
+    One difference on purpose: UniPC without `lower_order_final` still steps first order to sigma = 0, where
+    diffusers' keeps its order and fails (its r_k are 0 there)."""
     order = solver_order(solver, unipc_order)
     orders = []
     for i in range(steps):
