@@ -707,15 +707,20 @@ def solver_sample_fields(scheduler_config: dict[str, Any], where: str = "schedul
                               "lower_order_final": bool(setting("lower_order_final"))}
     if sampler == "unipc":
         sample["unipc_order"] = order
+    return {**sample, **_clipping_fields(setting, refuse)}
+
+
+def _clipping_fields(setting, refuse) -> dict[str, Any]:
+    """A solver scheduler's thresholding as our x0 clipping (the inverse of `solver_scheduler_config`'s mapping)."""
     if not setting("thresholding"):
-        return {**sample, "clip_denoised": False}
+        return {"clip_denoised": False}
     cap = setting("sample_max_value")
     if not isinstance(cap, (int, float)) or isinstance(cap, bool):
         raise refuse("sample_max_value", "must be a number")
     if math.isclose(cap, 1.0):  # s clamped to [1, 1]: clipping to [-1, 1]
-        return {**sample, "clip_denoised": True, "thresholding": "static"}
+        return {"clip_denoised": True, "thresholding": "static"}
     if cap >= UNCAPPED:  # s = max(1, quantile): our dynamic thresholding
-        return {**sample, "clip_denoised": True, "thresholding": "dynamic",
+        return {"clip_denoised": True, "thresholding": "dynamic",
                 "dynamic_thresholding_ratio": float(setting("dynamic_thresholding_ratio"))}
     raise refuse("sample_max_value", f"with thresholding, ours clips x0 to [-1, 1] (sample_max_value 1.0) or "
                                      f"thresholds it with no upper bound on s (sample_max_value {UNCAPPED:.7g})")
