@@ -22,7 +22,7 @@ def test_the_smoke_mode_runs_every_part_and_writes_the_report(tmp_path):
     timed = {row["name"]: row for row in results["benchmarks"]}
     assert timed["test_train_step[eager-pytorch]"]["images_per_sec"] > 0
     assert timed["test_train_step[eager-pytorch]"]["vs_diffusers"] > 0  # the baseline ran in the same group
-    assert timed["test_sampling_run[ddim-eager]"]["images_per_sec"] > 0
+    assert timed["test_sampling_run[ddim-100-eager]"]["images_per_sec"] > 0
     assert results["training"]["steps"] == 6
     assert (out / "loss.png").stat().st_size and (out / "samples.png").stat().st_size
     shares = [kernel["share"] for kernel in results["profile"]["top_kernels"]]
