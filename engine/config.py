@@ -34,6 +34,10 @@ class ModelConfig:
     num_heads: int = 1  # the DDPM reference is single-head
     dropout: float = 0.1
     attention_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
+    # class-conditional: a learned class embedding added to the timestep embedding; 0 = unconditional. Index
+    # num_classes is the "no class" token (classifier-free guidance's unconditional prediction)
+    num_classes: int = 0
+    label_dropout: float = 0.0  # training: the share of labels replaced by "no class" (Ho & Salimans use 0.1-0.2)
 
 
 @dataclass
@@ -331,6 +335,10 @@ def _check_model(config: Config, require) -> None:
             "model.channel_mult", f"must be a non-empty list of positive integers, got {model.channel_mult}")
     require(model.num_res_blocks > 0, "model.num_res_blocks", f"must be positive, got {model.num_res_blocks}")
     require(model.num_heads > 0, "model.num_heads", f"must be positive, got {model.num_heads}")
+    require(model.num_classes >= 0, "model.num_classes", f"must be >= 0 (0 = unconditional), got {model.num_classes}")
+    require(0.0 <= model.label_dropout < 1.0, "model.label_dropout", f"must be in [0, 1), got {model.label_dropout}")
+    require(model.label_dropout == 0.0 or model.num_classes > 0, "model.label_dropout",
+            "needs a class-conditional model (model.num_classes > 0)")
     require(0.0 <= model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {model.dropout}")
     for level, mult in enumerate(model.channel_mult):
         channels = model.base_channels * mult

@@ -136,7 +136,7 @@ class KeyPair:
 _UNET_NAMES = {"time_embed": "time_embedding", "conv_in": "conv_in", "down": "down_blocks",
                "mid_block1": "mid_block.resnets.0", "mid_attention": "mid_block.attentions.0",
                "mid_block2": "mid_block.resnets.1", "up": "up_blocks", "norm_out": "conv_norm_out",
-               "conv_out": "conv_out"}
+               "conv_out": "conv_out", "class_embed": "class_embedding"}
 _RESNET_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
                  "conv2": "conv2", "shortcut": "conv_shortcut"}
 _ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -183,7 +183,8 @@ def _skeleton(model: dict[str, Any], data: dict[str, Any]) -> UNet:
             return UNet(image_size=data["image_size"], in_channels=data["channels"], out_channels=data["channels"],
                         base_channels=model["base_channels"], channel_mult=model["channel_mult"],
                         num_res_blocks=model["num_res_blocks"], attention_resolutions=model["attention_resolutions"],
-                        dropout=model["dropout"], num_heads=model["num_heads"], attention_backend="math", device="cpu")
+                        dropout=model["dropout"], num_heads=model["num_heads"], attention_backend="math",
+                        num_classes=model.get("num_classes", 0), device="cpu")
     except ValueError as error:
         raise DiffusersFormatError(str(error)) from None
 
@@ -268,7 +269,9 @@ def diffusers_unet_config(config: Config | dict[str, Any]) -> dict[str, Any]:
         "downsample_type": "conv", "upsample_type": "conv", "dropout": model["dropout"], "act_fn": "silu",
         "attention_head_dim": head_dim, "norm_num_groups": NORM_GROUPS, "attn_norm_num_groups": None,
         "norm_eps": NORM_EPS, "resnet_time_scale_shift": "default", "add_attention": True,
-        "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
+        # a class-conditional model's embedding has one more row than classes: the last is "no class"
+        "class_embed_type": None, "num_class_embeds": model.get("num_classes", 0) + 1 if model.get("num_classes") else None,
+        "num_train_timesteps": None,
     }
 
 
@@ -421,8 +424,7 @@ _REQUIRED = {
     "norm_num_groups": (NORM_GROUPS, f"ours uses {NORM_GROUPS} GroupNorm groups"),
     "resnet_time_scale_shift": ("default", "ours adds the timestep embedding (no scale-shift)"),
     "add_attention": (True, "ours always attends in the middle block"),
-    "class_embed_type": (None, "ours has no class conditioning"),
-    "num_class_embeds": (None, "ours has no class conditioning"),
+    "class_embed_type": (None, "ours adds a learned class embedding (num_class_embeds) to the timestep embedding"),
 }
 
 
@@ -453,6 +455,10 @@ def model_fields_from_unet_config(unet_config: dict[str, Any],
     model = {"base_channels": base, "channel_mult": [w // base for w in widths], "num_res_blocks": layers,
              "attention_resolutions": [r for r, a in zip(resolutions, attends) if a],
              "num_heads": _num_heads(setting, where, widths, attends), "dropout": float(dropout)}
+    embeds = setting("num_class_embeds")  # ours: num_classes + 1 rows, the last one "no class"
+    if embeds is not None and (not _is_int(embeds) or embeds < 2):
+        raise _refuse(where, "num_class_embeds", embeds, "ours needs at least one class and the \"no class\" row")
+    model["num_classes"] = 0 if embeds is None else embeds - 1
     return model, {"image_size": size, "channels": channels}
 
 

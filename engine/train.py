@@ -52,12 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_data(config: Config) -> dict[str, Any]:
-    """The prepared data set must exist and match the model's image size and channels."""
+    """The prepared data set must exist and match the model's image size, channels and (for a class-conditional
+    model) number of classes."""
     manifest = read_manifest(config.data.path)
     for key in ("image_size", "channels"):
         if manifest[key] != getattr(config.data, key):
             raise ConfigError(f"data.{key} is {getattr(config.data, key)} but the data set in {config.data.path} "
                               f"has {key} {manifest[key]}; set data.{key}={manifest[key]}")
+    classes = len(manifest["classes"])
+    if config.model.num_classes and config.model.num_classes != classes:
+        raise ConfigError(f"model.num_classes is {config.model.num_classes} but the data set in {config.data.path} "
+                          f"has {classes} classes ({', '.join(manifest['classes'][:5])}"
+                          f"{', ...' if classes > 5 else ''}); set model.num_classes={classes}")
     return manifest
 
 

@@ -215,9 +215,10 @@ def add_by_noise_level(sums: torch.Tensor, counts: torch.Tensor, losses: torch.T
     counts.index_add_(0, level, torch.ones_like(losses, dtype=torch.float32))
 
 
-def step_inputs(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps and flips of the whole global batch of `step`, from (seed, step) on every rank, which takes
-    its slice: independent of the world size and of resumes."""
+def step_inputs(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Timesteps, flips and (for a class-conditional model with label dropout) the labels to drop, of the whole
+    global batch of `step`, from (seed, step) on every rank, which takes its slice: independent of the world
+    size and of resumes."""
     config, device = trainer.config, trainer.device
     trainer.generator.manual_seed(step_seed(config.train.seed, step))
     batch_size = config.train.batch_size
@@ -225,7 +226,19 @@ def step_inputs(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor
                                    generator=trainer.generator, device=device)
     flip = (random_flip_mask(batch_size, generator=trainer.generator, device=device) if config.data.random_flip
             else torch.zeros(batch_size, dtype=torch.bool, device=device))
-    return t, flip
+    dropout = config.model.label_dropout
+    drop = (torch.rand(batch_size, generator=trainer.generator, device=device) < dropout) if dropout else None
+    return t, flip, drop
+
+
+def class_labels(trainer: Trainer, batch: dict, drop: torch.Tensor | None) -> torch.Tensor | None:
+    """The labels a class-conditional model trains on, "no class" (index num_classes) where dropped; None for an
+    unconditional model."""
+    num_classes = trainer.config.model.num_classes
+    if not num_classes:
+        return None
+    labels = batch["label"].to(trainer.device, non_blocking=True)
+    return labels if drop is None else torch.where(drop, torch.full_like(labels, num_classes), labels)
 
 
 def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> StepStats:
@@ -233,21 +246,24 @@ def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> S
     "image"), forward, the fused loss, backward, then `apply_update`."""
     config, context, micro_batch = trainer.config, trainer.context, trainer.micro_batch
     accumulation, batch_size = config.train.grad_accum_steps, config.train.batch_size
-    t_global, flip_global = step_inputs(trainer, step)
+    t_global, flip_global, drop_global = step_inputs(trainer, step)
     trainer.optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=trainer.device)
     level_sums, level_counts = (torch.zeros(NOISE_LEVELS, device=trainer.device) for _ in range(2))
     for micro in range(accumulation):
-        images = next_batch()["image"].to(trainer.device, non_blocking=True)
+        batch = next_batch()
+        images = batch["image"].to(trainer.device, non_blocking=True)
         # Global sample index: step, then micro-batch, then rank; it keys the noise of each sample.
         first = micro * context.world_size * micro_batch + context.rank * micro_batch
         index = slice(first, first + micro_batch)
+        labels = class_labels(trainer, batch, None if drop_global is None else drop_global[index])
         keys = noise_keys(config.train.seed, trainer.sample_offsets + (step * batch_size + first))
         with gradient_sync(trainer.train_model, enabled=micro == accumulation - 1):  # all-reduce on the last only
             with trainer.autocast():
                 losses = diffusion.training_loss(trainer.train_model, trainer.kernels, trainer.schedule, images,
                                                  flip_global[index], t_global[index], keys,
-                                                 target=config.diffusion.target, coefficients=trainer.loss_coefficients)
+                                                 target=config.diffusion.target, coefficients=trainer.loss_coefficients,
+                                                 class_labels=labels)
             loss = losses.mean()
             trainer.scaler.scale(loss / accumulation).backward()
         step_loss += loss.detach() / accumulation

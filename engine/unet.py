@@ -34,7 +34,8 @@ def build_unet(config: Config, device: torch.device | str) -> UNet:
                 out_channels=config.data.channels, base_channels=model.base_channels,
                 channel_mult=model.channel_mult, num_res_blocks=model.num_res_blocks,
                 attention_resolutions=model.attention_resolutions, dropout=model.dropout,
-                num_heads=model.num_heads, attention_backend=model.attention_backend, device=device).to(device)
+                num_heads=model.num_heads, attention_backend=model.attention_backend, num_classes=model.num_classes,
+                device=device).to(device)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -199,9 +200,12 @@ class UNet(nn.Module):
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int, base_channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_heads: int = 1,
-                 attention_backend: str = "sdpa", device: torch.device | str | None = None):
+                 attention_backend: str = "sdpa", num_classes: int = 0, device: torch.device | str | None = None):
         """`device` is where the model will run (default: CUDA if present); it only decides which attention
-        backend can run there. Parameters are created on the CPU; move them with `.to(device)`."""
+        backend can run there. Parameters are created on the CPU; move them with `.to(device)`.
+
+        With `num_classes`, a learned embedding of num_classes + 1 rows (the last: "no class") is added to the
+        timestep embedding, as improved-diffusion's class_cond and diffusers' `num_class_embeds` do."""
         super().__init__()
         self.channel_mult = tuple(channel_mult)
         resolutions = self._resolutions(image_size, attention_resolutions)
@@ -226,6 +230,9 @@ class UNet(nn.Module):
                                      skip_channels, channels)
         self.norm_out = group_norm(channels)
         self.conv_out = _init(nn.Conv2d(channels, out_channels, 3, padding=1), scale=0.0)
+        # created last, so that a conditional model's other layers start as the unconditional one's
+        self.num_classes = num_classes
+        self.class_embed = nn.Embedding(num_classes + 1, temb_channels) if num_classes else None
 
     def _resolutions(self, image_size: int, attention_resolutions: Sequence[int]) -> list[int]:
         """The feature map size of every level; ValueError when the image size or an attention
@@ -243,8 +250,13 @@ class UNet(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`class_labels` (B,) in [0, num_classes], num_classes meaning "no class"; None: "no class" for all."""
         temb = self.time_embed(timestep_embedding(timesteps, self.base_channels).to(x.dtype))
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(timesteps, self.num_classes, dtype=torch.long)
+            temb = temb + self.class_embed(class_labels).to(temb.dtype)
 
         h = self.conv_in(x)
         skips = [h]

@@ -176,7 +176,7 @@ def test_folders_saved_by_diffusers_read_back_as_our_unet(tmp_path, attention_he
     with torch.no_grad():
         expected = unet(x, t).sample
     model_fields = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
-                    "num_heads": num_heads, "dropout": 0.0}
+                    "num_heads": num_heads, "dropout": 0.0, "num_classes": 0}
     for name in ("bare", "bare-bin", "pipe"):
         assert is_diffusers_folder(tmp_path / name)
         found = read_diffusers_folder(tmp_path / name)
@@ -218,8 +218,8 @@ def test_a_sparse_config_as_early_diffusers_wrote_it_reads_as_the_cifar_preset()
               "time_embedding_type": "positional"}
     model, data = model_fields_from_unet_config(config)
     cifar = load_config(ROOT / "configs" / "cifar.yaml").to_dict()
-    assert model == {k: v for k, v in cifar["model"].items() if k not in ("attention_backend", "dropout")} | {
-        "dropout": 0.0}
+    excluded = ("attention_backend", "dropout", "label_dropout")  # label dropout is a training setting
+    assert model == {k: v for k, v in cifar["model"].items() if k not in excluded} | {"dropout": 0.0}
     assert data == {"image_size": 32, "channels": 3}
 
 
@@ -237,7 +237,7 @@ def test_the_mapping_round_trips_and_uses_diffusers_names():
     assert unet_config["attention_head_dim"] == 32 and unet_config["down_block_types"] == ["DownBlock2D",
                                                                                            "AttnDownBlock2D"]
     fields, data, state = diffusers_to_unet(unet_config, weights)
-    assert fields == {k: v for k, v in config.to_dict()["model"].items() if k != "attention_backend"}
+    assert fields == {k: v for k, v in config.to_dict()["model"].items() if k not in ("attention_backend", "label_dropout")}
     assert data == {"image_size": 16, "channels": 3}
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -313,7 +313,8 @@ def test_the_export_cli_writes_the_ema_or_the_raw_weights(run_dir, exported, tmp
     raw_model, _, _ = load_run(run_dir, torch.device("cpu"), use_ema=False)
     for folder, model in ((exported, ema_model), (tmp_path / "raw", raw_model)):
         found = read_diffusers_folder(folder)
-        assert found.model == {k: v for k, v in config.to_dict()["model"].items() if k != "attention_backend"}
+        assert found.model == {k: v for k, v in config.to_dict()["model"].items()
+                               if k not in ("attention_backend", "label_dropout")}
         assert found.diffusion["schedule"] == "squaredcos_cap_v2" and found.diffusion["target"] == "v"
         assert all(torch.equal(found.state_dict[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(ema_model.conv_out.weight, raw_model.conv_out.weight)
@@ -411,8 +412,8 @@ UNET_REFUSALS = [
     ("downsample_padding", 1, "right/bottom"),
     ("resnet_time_scale_shift", "scale_shift", "no scale-shift"),
     ("time_embedding_type", "fourier", "sinusoidal"),
-    ("class_embed_type", "timestep", "class conditioning"),
-    ("num_class_embeds", 10, "class conditioning"),
+    ("class_embed_type", "timestep", "learned class embedding"),
+    ("num_class_embeds", 1, "no class"),
     ("add_attention", False, "middle block"),
     ("mid_block_type", None, "middle block"),
     ("center_input_sample", True, "[-1, 1]"),
