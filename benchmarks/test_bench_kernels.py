@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import synchronized
-from engine.solvers import alpha_sigma, solver_plan
+from engine.solvers import alpha_sigma, log_snr, solver_plan, unipc_rhos
 from kernels.noise import noise_keys, randn_like
 from kernels.posterior_step import schedule_tables
 from kernels.registry import load_implementation, op_spec
@@ -174,8 +174,6 @@ def eager_dpm_solver_2m(model_output, sample, m1, sigma_t, sigma_s0, sigma_s1):
 
 def eager_unipc_2(model_output, sample, last_sample, m1, m2, sigmas, i):
     """UniPCMultistepScheduler.step at step i of order 2: convert_model_output, UniC from last_sample, UniP."""
-    from engine.solvers import log_snr, unipc_rhos
-
     (alpha_i, sigma_i) = alpha_sigma(sigmas[i])
     x0 = (sample - sigma_i * model_output) / alpha_i
     lam = [log_snr(sigmas[k]) for k in (i - 2, i - 1, i, i + 1)]

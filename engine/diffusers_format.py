@@ -270,7 +270,7 @@ def diffusers_unet_config(config: Config | dict[str, Any]) -> dict[str, Any]:
         "attention_head_dim": head_dim, "norm_num_groups": NORM_GROUPS, "attn_norm_num_groups": None,
         "norm_eps": NORM_EPS, "resnet_time_scale_shift": "default", "add_attention": True,
         # a class-conditional model's embedding has one more row than classes: the last is "no class"
-        "class_embed_type": None, "num_class_embeds": model.get("num_classes", 0) + 1 if model.get("num_classes") else None,
+        "class_embed_type": None, "num_class_embeds": model["num_classes"] + 1 if model.get("num_classes") else None,
         "num_train_timesteps": None,
     }
 

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule
 from kernels.registry import Kernels
 
@@ -312,8 +313,6 @@ def initial_history(solver: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def solve(step: SolverStep, plan: SolverPlan, x: torch.Tensor, keys: torch.Tensor, *, dtype: torch.dtype,
           progress: bool = False) -> torch.Tensor:
     """Run the plan from x (pure noise at sigmas[0]) to the data."""
-    from engine.progress import progress_bar
-
     batch, device = x.shape[0], x.device
     times = torch.as_tensor(plan.timesteps, device=device)  # one copy to the device each, not one per step
     weights = plan.weights.to(device, torch.float64 if dtype == torch.float64 else torch.float32)

@@ -84,6 +84,11 @@ class Case:
                 values = torch.randn(self.shape[0], 2 * self.shape[1], generator=self.generator)[:, ::2]
         return (values * scale).to(self.device, self.dtype)
 
+    def weights(self, count: int) -> torch.Tensor:
+        """A solver step's weights (the ops take any): `count` floats in [-1.5, 1.5), float32 on the device."""
+        values = torch.rand(count, generator=self.generator, dtype=torch.float64) * 3 - 1.5
+        return values.to(self.device, torch.float32)
+
     def images(self) -> torch.Tensor:
         return torch.randint(0, 256, self.shape, generator=self.generator, dtype=torch.uint8).to(self.device)
 

@@ -52,9 +52,8 @@ def reference(x_t, model_output, x0_prev, x0_prev2, t, noise_keys, coefficients,
 
 
 def conformance_args(case) -> tuple:
-    coefficients = (torch.rand(len(COEFFICIENTS), generator=case.generator, dtype=torch.float64) * 3 - 1.5)
     return (case.batch(), case.batch(), case.batch(), case.batch(), case.t, case.noise_keys,
-            coefficients.to(case.device, torch.float32), case.option(1, 2), case.option(False, False, True, True),
+            case.weights(len(COEFFICIENTS)), case.option(1, 2), case.option(False, False, True, True),
             case.option(False, True, True))
 
 

@@ -51,9 +51,8 @@ def reference(x_t, model_output, x_last, x0_prev, x0_prev2, x0_prev3, coefficien
 
 
 def conformance_args(case) -> tuple:
-    coefficients = (torch.rand(len(COEFFICIENTS), generator=case.generator, dtype=torch.float64) * 3 - 1.5)
-    return (case.batch(), case.batch(), case.batch(), case.batch(), case.batch(), case.batch(),
-            coefficients.to(case.device, torch.float32), case.option(2, 3, 1), case.option(False, True))
+    return (*(case.batch() for _ in range(6)), case.weights(len(COEFFICIENTS)), case.option(2, 3, 1),
+            case.option(False, True))
 
 
 def conformance_outputs(fn, args) -> dict[str, torch.Tensor]:
