@@ -118,6 +118,10 @@ class SampleConfig:
     karras_sigmas: bool = False  # solvers: noise levels spaced as Karras et al. 2022 (rho 7) instead of by timestep
     lower_order_final: bool = True  # solvers: first order at the last step, and lower orders near it under 15 steps
     unipc_order: int = 2  # unipc's order, 2 or 3 (UniPC recommends 2 with guidance, 3 unconditionally)
+    # class-conditional models: classifier-free guidance scale s, the output u + s (c - u) of the unconditional (u)
+    # and conditional (c) predictions (Ho & Salimans 2022); 1 = conditional only, 0 = unconditional
+    guidance: float = 1.0
+    classes: list[int] = field(default_factory=list)  # the classes drawn, image i of class classes[i % len]; [] = all
     num_images: int = 64  # images in the grid written during training
     batch_size: int = 64
     use_ema: bool = True
@@ -136,6 +140,7 @@ class EvalConfig:
     # eta, variance, clipping and the solvers' options come from the sample section
     sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddim"
     steps: Optional[int] = 100  # ddim or solver steps
+    guidance: Optional[float] = None  # class-conditional models: the guidance scale; None = sample.guidance
     reference: str = ""  # precomputed statistics (.npz) or a data set; "" = data.path, its statistics cached in the run
     inception: str = ""  # the FID Inception file; "" = $DDPM_INCEPTION or ~/.cache/ddpm-engine/inception-2015-12-05.pt
     kid_subset_size: int = 1000
@@ -423,6 +428,17 @@ def _check_sample(config: Config, require) -> None:
     require(sample.num_images > 0, "sample.num_images", f"must be positive, got {sample.num_images}")
     require(sample.batch_size > 0, "sample.batch_size", f"must be positive, got {sample.batch_size}")
     require(0 <= sample.seed < 2**31, "sample.seed", f"must be in [0, 2**31) (it keys the noise), got {sample.seed}")
+    _check_guidance(config, sample.guidance, "sample.guidance", require)
+    num_classes = config.model.num_classes
+    require(not sample.classes or num_classes > 0, "sample.classes", "needs a class-conditional model (model.num_classes > 0)")
+    require(all(0 <= label < num_classes for label in sample.classes) or not num_classes, "sample.classes",
+            f"must be classes in [0, model.num_classes={num_classes}), got {sample.classes}")
+
+
+def _check_guidance(config: Config, guidance: float, key: str, require) -> None:
+    require(guidance >= 0, key, f"must be >= 0 (1 = conditional only, 0 = unconditional), got {guidance}")
+    require(guidance == 1.0 or config.model.num_classes > 0, key,
+            "needs a class-conditional model (model.num_classes > 0)")
 
 
 def _check_eval(config: Config, require) -> None:
@@ -434,6 +450,8 @@ def _check_eval(config: Config, require) -> None:
     require(evaluation.batch_size > 0, "eval.batch_size", f"must be positive, got {evaluation.batch_size}")
     require(evaluation.kid_subset_size > 1, "eval.kid_subset_size", f"must be at least 2, got {evaluation.kid_subset_size}")
     require(0 <= evaluation.seed < 2**31, "eval.seed", f"must be in [0, 2**31) (it keys the noise), got {evaluation.seed}")
+    if evaluation.guidance is not None:
+        _check_guidance(config, evaluation.guidance, "eval.guidance", require)
     if evaluation.every and evaluation.sampler != "ddpm" and evaluation.steps is not None:
         require(0 < evaluation.steps <= diffusion.num_timesteps, "eval.steps",
                 f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {evaluation.steps}")

@@ -26,7 +26,7 @@ from kernels.reference import extract
 from kernels.registry import Kernels
 
 TARGETS = ("eps", "x0", "v")
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
+Denoiser = Callable[..., torch.Tensor]  # (x_t, t) or, class-conditional, (x_t, t, class_labels) -> model output
 __all__ = ["extract"]  # re-exported: the per-sample coefficient gather every formula uses
 
 
@@ -86,13 +86,40 @@ def training_loss(model: Denoiser, kernels: Kernels, schedule: NoiseSchedule, im
     """
     x_t = kernels.q_sample_uint8(images, flip, t, keys, schedule.sqrt_alphas_cumprod,
                                  schedule.sqrt_one_minus_alphas_cumprod, torch.float32)
-    prediction = model(x_t, t) if class_labels is None else model(x_t, t, class_labels)
+    prediction = predict(model, x_t, t, class_labels)
     noise_coef, x0_coef = coefficients or loss_coefficients(schedule, target)
     x0 = None if target == "eps" else q_sample_op.images_to_unit_range(images, flip, torch.float32)
     return kernels.noise_loss(prediction, t, keys, noise_coef, x0_coef, x0)
 
 
 # ----------------------------------------------------------------------------- reverse process
+
+
+def predict(model: Denoiser, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    """The network's output; an unconditional model (or one asked for "no class" throughout) takes no labels."""
+    return model(x_t, t) if class_labels is None else model(x_t, t, class_labels)
+
+
+def classifier_free_guidance(model: Denoiser, scale: float, no_class: int) -> Denoiser:
+    """(x_t, t, labels) -> u + s (c - u), the conditional (c) and unconditional (u, label `no_class`) outputs
+    combined (Ho & Salimans 2022, eq. 6 with s = 1 + w; diffusers' guidance_scale).
+
+    Both predictions come from one forward of the doubled batch: one pass over the weights and twice the
+    rows per kernel, rather than two passes. The combination is linear in the output, so it is the same
+    for every target (eps, x0, v) and comes before the samplers' update kernels. Scale 1 is the
+    conditional prediction and 0 the unconditional one, each a single forward of the batch.
+    """
+    def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        if scale == 1.0:
+            return model(x, t, class_labels)
+        nothing = torch.full_like(class_labels, no_class)
+        if scale == 0.0:
+            return model(x, t, nothing)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, nothing])).to(x.dtype)
+        conditional, unconditional = both.chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    return guided
 
 
 def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -184,7 +211,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") ->
     return sorted({int(x) for x in chosen})
 
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, t_prev, keys) -> x_prev
+Step = Callable[..., torch.Tensor]  # (x_t, t, t_prev, keys[, class_labels]) -> x_prev
 
 
 def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *, sampler: str = "ddpm", eta: float = 0.0,
@@ -201,6 +228,8 @@ def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *
     dynamically thresholded; DDIM's direction term then takes the network's eps, or with
     `use_clipped_model_output` the eps of the clipped x_0 (see kernels/ddim_step.py).
     `on_step(t, x_t, eps)`, if given, sees every step's input and predicted noise (plots use it).
+    A class-conditional model's labels are the step's last argument (a `classifier_free_guidance` model
+    guides them).
     The fast solvers' step (`solvers.solver_step`: its own signature, with the solver's history; on_step
     sees x_0 instead of eps) ignores eta, variance and use_clipped_model_output.
     """
@@ -215,8 +244,9 @@ def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *
     tables = posterior_step_op.schedule_tables(schedule, variance) if sampler == "ddpm" else None
     dynamic = clip_denoised and thresholding == "dynamic"
 
-    def step(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        eps = eps_from_model_output(schedule, x, t, model(x, t).to(dtype), target)
+    def step(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, keys: torch.Tensor,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        eps = eps_from_model_output(schedule, x, t, predict(model, x, t, class_labels).to(dtype), target)
         if on_step is not None:
             on_step(int(t[0]), x, eps)
         if dynamic:
@@ -247,7 +277,7 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
            first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, timestep_spacing: str = "linspace",
            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
            step: Step | None = None, karras_sigmas: bool = False, lower_order_final: bool = True,
-           **step_options) -> torch.Tensor:
+           class_labels: torch.Tensor | None = None, **step_options) -> torch.Tensor:
     """Draw images from pure noise with DDPM ancestral sampling, DDIM or a fast solver (`solvers.SOLVERS`),
     through the resolved kernels.
 
@@ -257,7 +287,7 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
 
     Image i of the batch is image number `first_index + i` of the seed: its noise (x_T and every
     step's z) is keyed by (seed, that number), so a set of images does not depend on how it is
-    split into batches or over ranks.
+    split into batches or over ranks. A class-conditional model draws image i of class `class_labels[i]`.
     """
     batch, numel = shape[0], math.prod(shape[1:])
     keys = noise_keys(seed, torch.arange(first_index, first_index + batch, device=device))
@@ -269,10 +299,10 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
         plan = solvers.solver_plan(schedule, sampler, steps, spacing=timestep_spacing, karras=karras_sigmas,
                                    target=step_options.get("target", "eps"),
                                    unipc_order=step_options.get("unipc_order", 2), lower_order_final=lower_order_final)
-        return solvers.solve(step, plan, x, keys, dtype=dtype, progress=progress)
+        return solvers.solve(step, plan, x, keys, dtype=dtype, progress=progress, class_labels=class_labels)
     pairs = sampling_timesteps(schedule.num_timesteps, sampler, steps, timestep_spacing)
     times = torch.tensor(pairs, device=device, dtype=torch.long)  # one copy to the device, not two per step
     for index in progress_bar(range(len(pairs)), desc=sampler, disable=not progress, leave=False):
         t, t_prev = times[index, 0].expand(batch), times[index, 1].expand(batch)
-        x = step(x, t, t_prev, keys)
+        x = step(x, t, t_prev, keys) if class_labels is None else step(x, t, t_prev, keys, class_labels)
     return x

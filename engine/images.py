@@ -33,6 +33,14 @@ def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) 
     return grid
 
 
+def class_rows(images: np.ndarray, labels: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+    """At most `limit` of the images, one row per class (classes in the order they first appear), and the row
+    length: the same for every class, as many as the rarest class has (at least one image per class)."""
+    classes = list(dict.fromkeys(labels.tolist()))
+    columns = max(1, min(limit // len(classes), *((labels == label).sum() for label in classes)))
+    return np.concatenate([images[labels == label][:columns] for label in classes]), columns
+
+
 def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     """Save an (H, W, C) uint8 array as PNG, optionally enlarged with nearest-neighbour pixels."""
     path = Path(path)

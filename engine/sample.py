@@ -28,7 +28,7 @@ from engine.config import Config, ConfigError, apply_override, config_from_dict
 from engine.diffusers_format import is_diffusers_folder
 from engine.distributed import (all_gather_objects, compute_dtype, gather_to_main, init_distributed,
                                 rank_and_world_size, shutdown_distributed)
-from engine.images import save_grid, save_image, to_uint8
+from engine.images import class_rows, save_grid, save_image, to_uint8
 from engine.progress import progress_bar
 from engine.run_dir import RunDir, load_run
 from engine.schedule import NoiseSchedule, schedule_from_config
@@ -57,17 +57,20 @@ def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedul
     `sample.precision` says, compiled where `sample.compile` says (on CUDA in "reduce-overhead" mode, so
     the step is one CUDA-graph replay instead of hundreds of kernel launches from Python).
 
-    Build it once and pass it to `generate` for every call: the compiled graph is reused as long as the
+    A class-conditional model is guided by `sample.guidance` (one forward of the doubled batch where it is
+    not 0 or 1). Build it once and pass it to `generate` for every call: the compiled graph is reused as long as the
     model object (whose weights may change in place) and the batch shape stay the same.
     """
     options, device = config.sample, torch.device(device)
     dtype = compute_dtype(options.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def network(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         with autocast:
-            return model(x, t)
+            return diffusion.predict(model, x, t, class_labels)
 
+    num_classes = config.model.num_classes
+    denoise = diffusion.classifier_free_guidance(network, options.guidance, num_classes) if num_classes else network
     step = diffusion.denoising_step(denoise, schedule, kernels, sampler=options.sampler, **step_options(config))
     # By default on CUDA only, and not for an FSDP-sharded model, whose forward all-gathers (no CUDA graph).
     compile_step = options.compile if options.compile is not None else (
@@ -85,6 +88,16 @@ def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedul
         return torch.utils._pytree.tree_map(torch.clone, compiled(*args))
 
     return replay
+
+
+def image_classes(config: Config, indices: torch.Tensor) -> torch.Tensor | None:
+    """The class of each image index: image i is of class `sample.classes[i % len]` (by default every class
+    in turn, so any number of images is balanced to within one per class); None for an unconditional model."""
+    num_classes = config.model.num_classes
+    if not num_classes:
+        return None
+    classes = torch.tensor(config.sample.classes or range(num_classes), device=indices.device)
+    return classes[indices % len(classes)]
 
 
 def batch_starts(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -105,7 +118,7 @@ def generate_batches(model: torch.nn.Module, config: Config, schedule: NoiseSche
                      progress: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
     """This rank's share of images 0 .. num_images-1 of `seed`: (first index, images in [-1, 1] on the CPU).
 
-    Image i is keyed by (seed, i), so the images do not depend on the batch size or the number of
+    Image i is keyed by (seed, i), and a class-conditional model's is of class `image_classes`, so the images do not depend on the batch size or the number of
     ranks. Every batch has the same shape (the last one is padded with images past the end and cut),
     so a compiled step is traced once. `step` defaults to `sampling_step(...)` for this call.
     """
@@ -119,10 +132,11 @@ def generate_batches(model: torch.nn.Module, config: Config, schedule: NoiseSche
     try:
         bar = progress_bar(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2)
         for start in bar:
+            labels = image_classes(config, torch.arange(start, start + batch_size, device=device))
             images = diffusion.sample(None, schedule, kernels, (batch_size, *shape), seed=seed, first_index=start,
                                       sampler=options.sampler, steps=options.steps,
                                       timestep_spacing=options.timestep_spacing, device=device,
-                                      progress=progress, step=step, **plan_options(config))
+                                      progress=progress, step=step, class_labels=labels, **plan_options(config))
             kept = images[:max(0, min(batch_size, num_images - start))]
             if len(kept):
                 yield start, kept.float().clamp(-1, 1).cpu()
@@ -162,6 +176,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="solvers: Karras et al.'s noise levels (default: sample.karras_sigmas)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--variance", choices=["fixed_large", "fixed_small"], default=None, help="DDPM variance")
+    parser.add_argument("--class", dest="class_list", type=int, action="append", default=None, metavar="N",
+                        help="class-conditional models: draw class N (repeatable; default: every class in turn)")
+    parser.add_argument("--classes", type=class_list, default=None, metavar="0,1,2",
+                        help="class-conditional models: draw these classes in turn (default: sample.classes, else all)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="S",
+                        help="classifier-free guidance scale: 1 = conditional only, 0 = unconditional, e.g. 1.5-4 "
+                             "for sharper, less varied images (default: sample.guidance)")
     parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     parser.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     parser.add_argument("--raw", action="store_true", help="use the trained weights instead of the EMA weights")
@@ -180,6 +201,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # options anywhere among the overrides
 
 
+def class_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class numbers separated by commas, e.g. 0,1,2, got {text!r}") from None
+
+
 def sampling_config(config: Config, args: argparse.Namespace) -> Config:
     """The run's config with the command line's sampling options, through the same checks as config files."""
     sample = config.sample
@@ -188,7 +216,10 @@ def sampling_config(config: Config, args: argparse.Namespace) -> Config:
                "batch_size": args.batch_size or sample.batch_size, "num_images": args.num,
                "use_ema": sample.use_ema and not args.raw}
     changes["steps"] = args.steps if args.steps is not None else (sample.steps if changes["sampler"] != "ddpm" else None)
-    for name, key in (("seed", "seed"), ("precision", "precision"), ("compile", "compile"), ("karras", "karras_sigmas")):
+    if args.class_list or args.classes:
+        changes["classes"] = (args.class_list or []) + (args.classes or [])
+    for name, key in (("seed", "seed"), ("precision", "precision"), ("compile", "compile"), ("karras", "karras_sigmas"),
+                      ("guidance", "guidance")):
         if getattr(args, name) is not None:
             changes[key] = getattr(args, name)
     raw = config.to_dict()
@@ -205,10 +236,34 @@ def sampling_config(config: Config, args: argparse.Namespace) -> Config:
     return config_from_dict(raw, where="command line")
 
 
+def grid_images(config: Config, images: np.ndarray, limit: int) -> tuple[np.ndarray, int | None]:
+    """The images of a grid and its row length: the first `limit`, or for a class-conditional model one row
+    per class."""
+    labels = image_classes(config, torch.arange(len(images)))
+    if labels is None:
+        return images[:limit], None
+    return class_rows(images, labels.numpy(), limit)
+
+
+def write_outputs(args: argparse.Namespace, config: Config, images: np.ndarray) -> None:
+    """Rank 0's files: the grid, and the .npz if asked for (every rank has written its own PNGs)."""
+    default_out = "sample_grid.png" if is_diffusers_folder(args.run_dir) else RunDir(args.run_dir).sample_grid
+    out = Path(args.out or default_out)
+    if args.grid_size:
+        grid, columns = grid_images(config, images, args.grid_size)
+        save_grid(grid, out, columns)
+        print(f"wrote {out}")
+    if args.png_dir:
+        print(f"wrote {len(images)} PNGs to {args.png_dir}")
+    if args.npz:
+        Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.npz, arr_0=images)
+        print(f"wrote {args.npz}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     context = init_distributed(args.device)
-    say = print if context.is_main else (lambda *a, **k: None)
     try:
         if args.num < 1 or args.grid_size < 0:
             raise ConfigError(f"--num-images must be at least 1 and --grid-size at least 0 (got {args.num}, {args.grid_size})")
@@ -234,24 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         for offset, image in enumerate(images if png_dir else []):  # every rank writes its own images
             save_image(image, png_dir / f"{start + offset:0{digits}d}.png")
     shares = gather_to_main(mine)
-    seconds = time.perf_counter() - started
     if context.is_main:
         batches = dict(pair for share in shares for pair in share)
         images = np.concatenate([batches[start] for start in sorted(batches)])
-        say(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s) on "
-            f"{context.world_size} x {device.type}, {options.sampler}, step {step}, "
-            f"{'EMA' if options.use_ema else 'raw'} weights")
-        default_out = "sample_grid.png" if is_diffusers_folder(args.run_dir) else RunDir(args.run_dir).sample_grid
-        out = Path(args.out or default_out)
-        if args.grid_size:
-            save_grid(images[:args.grid_size], out)
-            say(f"wrote {out}")
-        if png_dir:
-            say(f"wrote {len(images)} PNGs to {png_dir}")
-        if args.npz:
-            Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(args.npz, arr_0=images)
-            say(f"wrote {args.npz}")
+        seconds = time.perf_counter() - started
+        guided = f", classes {options.classes or 'all'}, guidance {options.guidance:g}" if config.model.num_classes else ""
+        print(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s) on "
+              f"{context.world_size} x {device.type}, {options.sampler}{guided}, step {step}, "
+              f"{'EMA' if options.use_ema else 'raw'} weights")
+        write_outputs(args, config, images)
     shutdown_distributed()
     return 0
 

@@ -31,7 +31,7 @@ from kernels.registry import Kernels
 SOLVERS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
 DEFAULT_STEPS = 20
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
-SolverStep = Callable[..., tuple]  # (x, t, keys, weights, history) -> (x_next, history)
+SolverStep = Callable[..., tuple]  # (x, t, keys, weights, history[, class_labels]) -> (x_next, history)
 
 
 def solver_order(solver: str, unipc_order: int = 2) -> int:
@@ -273,7 +273,8 @@ def solver_step(model: Callable, kernels: Kernels, solver: str, *, clip_denoised
                 thresholding: str = "static", dynamic_thresholding_ratio: float = 0.995, unipc_order: int = 2,
                 dtype: torch.dtype = torch.float32, on_step: Callable | None = None) -> SolverStep:
     """One solver step, the network and the fused update, as a function of tensors only:
-    (x, t, keys, weights, history) -> (x_next, history), history a tuple of tensors (`initial_history`).
+    (x, t, keys, weights, history[, class_labels]) -> (x_next, history), history a tuple of tensors
+    (`initial_history`); a class-conditional model takes the labels.
 
     With dynamic thresholding the x_0 is formed and thresholded here, then passed to the op as an x0 target.
     `on_step(t, x_t, x0)`, if given, sees every step's input and (unclipped) x_0 prediction.
@@ -283,8 +284,8 @@ def solver_step(model: Callable, kernels: Kernels, solver: str, *, clip_denoised
     dynamic = clip_denoised and thresholding == "dynamic"
     as_x0 = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
-    def step(x, t, keys, weights, state):
-        output = model(x, t).to(dtype)
+    def step(x, t, keys, weights, state, class_labels=None):
+        output = (model(x, t) if class_labels is None else model(x, t, class_labels)).to(dtype)
         if dynamic or on_step is not None:
             x0 = weights[0] * x + weights[1] * output
             if on_step is not None:
@@ -311,12 +312,13 @@ def initial_history(solver: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def solve(step: SolverStep, plan: SolverPlan, x: torch.Tensor, keys: torch.Tensor, *, dtype: torch.dtype,
-          progress: bool = False) -> torch.Tensor:
-    """Run the plan from x (pure noise at sigmas[0]) to the data."""
+          progress: bool = False, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the plan from x (pure noise at sigmas[0]) to the data (of classes `class_labels`, if given)."""
     batch, device = x.shape[0], x.device
     times = torch.as_tensor(plan.timesteps, device=device)  # one copy to the device each, not one per step
     weights = plan.weights.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
     state = initial_history(plan.solver, x)
     for i in progress_bar(range(len(times)), desc=plan.solver, disable=not progress, leave=False):
-        x, state = step(x, times[i].expand(batch), keys, weights[i], state)
+        arguments = (x, times[i].expand(batch), keys, weights[i], state)
+        x, state = step(*arguments) if class_labels is None else step(*arguments, class_labels)
     return x

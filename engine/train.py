@@ -36,7 +36,7 @@ from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.rng import restore_rng_state, rng_state
 from engine.run_dir import RunDir
-from engine.sample import generate, generate_batches, sampling_step
+from engine.sample import generate, generate_batches, grid_images, sampling_step
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
 from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
 from engine.unet import build_unet, count_parameters
@@ -103,6 +103,16 @@ def dry_run(config: Config) -> int:
     return 0
 
 
+def evaluation_config(config: Config) -> Config:
+    """The config whose sample section draws the evaluation images: `eval`'s sampler, steps and guidance, every
+    class in turn (a class-balanced set, whatever `sample.classes` says)."""
+    options = config.eval
+    guidance = config.sample.guidance if options.guidance is None else options.guidance
+    sampling = dataclasses.replace(config.sample, sampler=options.sampler, guidance=guidance, classes=[],
+                                   steps=options.steps if options.sampler != "ddpm" else None)
+    return dataclasses.replace(config, sample=sampling)
+
+
 def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, schedule, kernels,
                      context: DistributedContext, log, metrics: MetricsLog | None):
     """`evaluate_now(step)`: FID and KID of `model` (the one `sample.use_ema` picks) against `eval.reference`,
@@ -123,9 +133,7 @@ def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, sche
     reference = load_reference(source, feature_net, device=context.device, progress=context.is_main)
     if source.suffix != ".npz" and context.is_main:
         save_reference(reference, cached)
-    sampling = dataclasses.replace(config.sample, sampler=options.sampler,
-                                   steps=options.steps if options.sampler != "ddpm" else None)
-    eval_config = dataclasses.replace(config, sample=sampling)
+    eval_config = evaluation_config(config)
     step_fn = sampling_step(model, eval_config, schedule, kernels, context.device)
 
     def evaluate_now(step: int) -> dict:
@@ -136,10 +144,12 @@ def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, sche
         result = evaluate(batches, reference, feature_net, kid_subset_size=options.kid_subset_size,
                           device=context.device, seed=options.seed)
         seconds = time.perf_counter() - started
-        log(f"step {step}: {evaluation_summary(result)}, {seconds:.0f} s")
+        guided = f" at guidance {eval_config.sample.guidance:g}" if config.model.num_classes else ""
+        log(f"step {step}: {evaluation_summary(result)}{guided}, {seconds:.0f} s")
         if metrics is not None:
             metrics.write({"step": step, "fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
-                           "eval_images": result["num_images"], "eval_seconds": seconds})
+                           "eval_images": result["num_images"], "eval_seconds": seconds,
+                           **({"eval_guidance": eval_config.sample.guidance} if config.model.num_classes else {})})
         return result
 
     return evaluate_now
@@ -428,10 +438,10 @@ class TrainingRun:
                           seed=config.sample.seed, device=self.context.device, step=self.sampler_step)
         if not self.context.is_main:
             return None
-        images = to_uint8(images)  # once, for the PNG and TensorBoard
+        images, columns = grid_images(config, to_uint8(images), len(images))  # one row per class, if any
         if self.metrics is not None:
-            self.metrics.add_image("samples", make_grid(images), self.state.step)
-        return save_grid(images, self.layout.samples / name)
+            self.metrics.add_image("samples", make_grid(images, columns), self.state.step)
+        return save_grid(images, self.layout.samples / name, columns)
 
     def finish(self) -> dict[str, Any]:
         """The summary; after a full run also the final grid and the loss curve."""
