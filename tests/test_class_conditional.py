@@ -1,13 +1,15 @@
 """Class-conditional models (issue 16, first part): the class embedding, label dropout from the step's
 counters, the data set's class count checked, and diffusers' UNet2DModel with num_class_embeds."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.config import Config, ConfigError, config_from_dict
 from engine.trainer import class_labels
 from engine.unet import build_unet
-from test_train_cli import train
+from test_train_cli import run, train
 
 
 def small_config(**model) -> Config:
@@ -75,6 +77,26 @@ def test_a_conditional_model_trains_with_label_dropout_and_the_class_count_is_ch
     assert state["config"]["model"]["num_classes"] == 4
     embedding = next(v for k, v in state["model"].items() if k.endswith("class_embed.weight"))
     assert embedding.shape[0] == 5
+    _sample_classes_with_guidance(tmp_path, tmp_path / "run")
+
+
+def _sample_classes_with_guidance(tmp_path, run_dir):
+    """engine.sample --classes/--class/--guidance: a grid of one row per class, and the same images of a class
+    whichever other classes are drawn beside it."""
+    grid, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    result = run("engine.sample", run_dir, "--num", 6, "--classes", "1,3", "--guidance", 2, "--out", grid,
+                 "--npz", npz, "sample.steps=3")
+    assert result.returncode == 0, result.stderr
+    assert "classes [1, 3], guidance 2" in result.stdout
+    with Image.open(grid) as image:  # 2 rows of 3 16-pixel images, padding 2, enlarged 16 times
+        assert image.size == ((3 * 18 + 2) * 16, (2 * 18 + 2) * 16)
+    both = np.load(npz)["arr_0"]
+    result = run("engine.sample", run_dir, "--num", 2, "--class", 1, "--guidance", 2, "--out", grid,
+                 "--npz", npz, "sample.steps=3")
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(npz)["arr_0"][0], both[0])  # image 0 is of class 1 in both runs
+    wrong = run("engine.sample", run_dir, "--class", 4)
+    assert wrong.returncode == 2 and "sample.classes must be classes in [0, model.num_classes=4)" in wrong.stderr
 
 
 def test_diffusers_unet_with_num_class_embeds_predicts_as_ours_for_every_class():

@@ -1,0 +1,130 @@
+"""Classifier-free guidance (issue 16): one forward of the doubled batch, combined before every sampler's
+update kernel; the classes each image is drawn for; grids with one row per class."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine import diffusion
+from engine.config import ConfigError, config_from_dict
+from engine.images import class_rows
+from engine.sample import generate, image_classes
+from engine.schedule import NoiseSchedule
+from engine.unet import build_unet
+from kernels.registry import resolve_kernels_from_config
+from test_class_conditional import perturb, small_config
+
+NUM_CLASSES = 3
+
+
+class CountingModel(torch.nn.Module):
+    """The UNet, recording the batch size of every forward."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet, self.batches = unet, []
+
+    def forward(self, x, t, class_labels=None):
+        self.batches.append(len(x))
+        return self.unet(x, t, class_labels)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = build_unet(small_config(num_classes=NUM_CLASSES), "cpu").eval()
+    perturb(model)  # at init the output ignores the class
+    with torch.no_grad():
+        model.class_embed.weight.mul_(40)  # a class that matters, as after training
+    return model
+
+
+def inputs(batch: int = 4):
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, 3, 16, 16, generator=generator), torch.tensor([5, 200, 600, 999][:batch]),
+            torch.tensor([0, 1, 2, 1][:batch]))
+
+
+@torch.no_grad()
+def test_the_guided_output_is_u_plus_s_times_c_minus_u_from_one_forward_of_the_doubled_batch(unet):
+    x, t, labels = inputs()
+    conditional, unconditional = unet(x, t, labels), unet(x, t)  # no labels = "no class"
+    for scale, batches in ((2.5, [8]), (1.0, [4]), (0.0, [4])):
+        model = CountingModel(unet)
+        guided = diffusion.classifier_free_guidance(model, scale, NUM_CLASSES)(x, t, labels)
+        assert model.batches == batches, "one forward: of 2B when guided, of B at scales 1 and 0"
+        torch.testing.assert_close(guided, unconditional + scale * (conditional - unconditional), rtol=1e-5, atol=1e-5)
+    assert (conditional - unconditional).abs().max() > 1e-3, "the class must change the prediction"
+
+
+def two_forwards(unet, scale: float):
+    """The guided prediction the plain way, as a denoiser of (x, t, labels): two forwards of B."""
+    def denoise(x, t, labels):
+        conditional, unconditional = unet(x, t, labels), unet(x, t)
+        return unconditional + scale * (conditional - unconditional)
+    return denoise
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5), ("dpm++2m", 5), ("unipc", 5)])
+def test_every_sampler_is_guided_and_scales_one_and_zero_are_the_conditional_and_unconditional_models(unet, sampler,
+                                                                                                     steps):
+    schedule = NoiseSchedule.create("linear", 20).to(dtype=torch.float64)
+    kernels = resolve_kernels_from_config(small_config(), "cpu")
+    unet64 = copy.deepcopy(unet).double()
+    labels = torch.tensor([2, 0, 1])
+
+    def draw(model, class_labels=labels):
+        return diffusion.sample(model, schedule, kernels, (3, 3, 16, 16), seed=4, sampler=sampler, steps=steps,
+                                dtype=torch.float64, class_labels=class_labels)
+
+    guided = {scale: draw(diffusion.classifier_free_guidance(unet64, scale, NUM_CLASSES)) for scale in (0.0, 1.0, 3.0)}
+    torch.testing.assert_close(guided[1.0], draw(unet64), rtol=0, atol=0)  # the conditional model itself
+    torch.testing.assert_close(guided[0.0], draw(unet64, None), rtol=0, atol=0)  # "no class" throughout
+    torch.testing.assert_close(guided[3.0], draw(two_forwards(unet64, 3.0)), rtol=1e-10, atol=1e-10)
+    assert (guided[3.0] - guided[1.0]).abs().max() > 1e-3 and (guided[1.0] - guided[0.0]).abs().max() > 1e-3
+
+
+def test_images_are_drawn_for_every_class_in_turn_or_for_the_classes_asked():
+    config = small_config(num_classes=4)
+    assert image_classes(config, torch.arange(10)).tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    asked = dataclasses.replace(config, sample=dataclasses.replace(config.sample, classes=[3, 1]))
+    assert image_classes(asked, torch.arange(2, 7)).tolist() == [3, 1, 3, 1, 3]  # by image index, not batch
+    assert image_classes(small_config(), torch.arange(4)) is None
+
+
+def test_a_conditional_models_samples_depend_on_the_class_and_not_on_the_batching(unet):
+    config = small_config(num_classes=NUM_CLASSES)
+    config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, num_timesteps=20),
+                                 sample=dataclasses.replace(config.sample, sampler="ddim", steps=3, guidance=2.0))
+    schedule, kernels = NoiseSchedule.create("linear", 20), resolve_kernels_from_config(config, "cpu")
+    options = dict(num_images=6, seed=0, device="cpu")
+    whole = generate(unet, config, schedule, kernels, batch_size=6, **options)
+    torch.testing.assert_close(generate(unet, config, schedule, kernels, batch_size=4, **options), whole)
+    one_class = dataclasses.replace(config, sample=dataclasses.replace(config.sample, classes=[2]))
+    only_two = generate(unet, one_class, schedule, kernels, batch_size=6, **options)
+    torch.testing.assert_close(only_two[2::3], whole[2::3])  # the images of class 2 in both sets
+    assert (only_two[0] - whole[0]).abs().max() > 1e-3
+
+
+def test_a_grid_has_one_row_per_class_as_long_as_the_rarest_class():
+    images = np.arange(10)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    grid, columns = class_rows(images, labels, limit=64)
+    assert columns == 3 and grid[:, 0, 0, 0].tolist() == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+    grid, columns = class_rows(images, labels, limit=7)
+    assert columns == 2 and grid[:, 0, 0, 0].tolist() == [0, 3, 1, 4, 2, 5]
+
+
+@pytest.mark.parametrize("model,sample,message", [
+    ({}, {"guidance": 2.0}, "sample.guidance needs a class-conditional model"),
+    ({"num_classes": 4}, {"guidance": -1.0}, "sample.guidance must be >= 0"),
+    ({"num_classes": 4}, {"classes": [4]}, r"sample.classes must be classes in \[0, model.num_classes=4\)"),
+    ({}, {"classes": [0]}, "sample.classes needs a class-conditional model")])
+def test_guidance_and_class_settings_are_checked(model, sample, message):
+    raw = small_config(**model).to_dict()
+    raw["sample"].update(sample)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, where="test")
