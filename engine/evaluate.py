@@ -5,6 +5,12 @@
                               [--kid-subset-size N] [--kid-subsets N] [--seed S]
     python -m engine.evaluate --save-reference OUT.npz --reference SOURCE [--reference-num N]
                               [--max-features N]
+    python -m engine.evaluate --run RUN_DIR --reference REF [--guidance 1,1.5,2,3] [--raw] [...]
+
+With `--run`, the images are drawn from a trained run (its latest checkpoint, EMA weights unless
+`--raw`) as training's evaluation draws them: `eval.sampler`, `eval.steps`, `eval.seed`,
+`eval.num_images` (or `--num-images`), every class in turn for a class-conditional model. With
+`--guidance` a list of scales, one set is drawn and evaluated per scale and the best FID is reported.
 
 SAMPLES is an `.npz` of uint8 images (key `arr_0`, (N, H, W, C), as `engine.sample --npz` writes
 it) or a folder of image files (any layout). REF is a statistics file written by
@@ -54,12 +60,17 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from engine.atomic_files import atomic_write
+from engine.config import ConfigError
 from engine.data import DataError
 from engine.data.image_sets import ImageInput, image_batches, open_images, read_npz
 from engine.distributed import (all_gather_objects, init_distributed, is_distributed, rank_and_world_size,
                                 shutdown_distributed)
 from engine.progress import progress_bar
 from engine.progress import write as progress_write
+from engine.run_dir import load_run
+from engine.sample import evaluation_config, generate_batches
+from engine.schedule import schedule_from_config
+from kernels.registry import KernelError, resolve_kernels_from_config
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "DDPM_INCEPTION"
@@ -351,7 +362,7 @@ def load_reference(reference: str | Path | ReferenceStats, feature_net: FeatureN
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", vars(_load_reference_here(reference, feature_net, **options)))
-        except (EvaluationError, DataError) as exn:
+        except (EvaluationError, DataError, ConfigError, KernelError) as exn:
             box[0] = ("error", str(exn))  # the other ranks must hear of it, or they would wait forever
     dist.broadcast_object_list(box, src=0)  # plain data: the class may live in __main__ under `python -m`
     status, value = box[0]
@@ -560,6 +571,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a statistics .npz (--save-reference, or mu/sigma from pytorch-fid / ADM), or images: "
                              "a prepared data set, an image folder, a .tar/.tar.gz of one, the CIFAR-10 python "
                              "archive, an .npz")
+    parser.add_argument("--run", metavar="RUN_DIR", help="draw the images from this run (or diffusers folder) instead")
+    parser.add_argument("--guidance", type=_scales, metavar="1,1.5,2",
+                        help="with --run: classifier-free guidance scales to evaluate, the best reported "
+                             "(default: eval.guidance, else sample.guidance)")
+    parser.add_argument("--raw", action="store_true", help="with --run: the trained weights instead of the EMA")
     parser.add_argument("--save-reference", metavar="OUT.npz", help="write the reference statistics to OUT.npz")
     parser.add_argument("--inception", metavar="PATH",
                         help=f"inception-2015-12-05.pt (default: ${INCEPTION_ENV}, else {DEFAULT_INCEPTION})")
@@ -578,9 +594,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"KID subsets ({DEFAULT_KID_SUBSETS})")
     parser.add_argument("--seed", type=int, default=0, help="KID subsets and the reference feature subset (0)")
     args = parser.parse_args(argv)
-    if args.samples is None and args.save_reference is None:
-        parser.error("give SAMPLES to evaluate, or --save-reference OUT.npz, or both")
+    if args.samples is None and args.save_reference is None and args.run is None:
+        parser.error("give SAMPLES to evaluate, or --run RUN_DIR, or --save-reference OUT.npz")
+    if args.samples is not None and args.run is not None:
+        parser.error("give SAMPLES or --run RUN_DIR, not both")
+    if (args.guidance or args.raw) and args.run is None:
+        parser.error("--guidance and --raw draw images from a run: add --run RUN_DIR")
     return args
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        scales = []
+    if not scales or min(scales) < 0:
+        raise argparse.ArgumentTypeError(f"expected guidance scales >= 0 separated by commas, got {text!r}")
+    return scales
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -599,6 +629,8 @@ def _run(args: argparse.Namespace, is_main: bool, device: torch.device) -> None:
                   f"({net.num_features} features, {kept} rows kept for KID, {net.identity})")
         if is_distributed():
             dist.barrier()
+    if args.run is not None:
+        _evaluate_run(args, stats, net, is_main, device)
     if args.samples is None:
         return
     images = open_images(args.samples, num=args.num)
@@ -612,10 +644,42 @@ def _run(args: argparse.Namespace, is_main: bool, device: torch.device) -> None:
         progress_write(f"evaluate: note: {note}")
     print(summary(result))
     if args.json:
-        record = {**result, "samples": str(args.samples), "reference": str(args.reference),
-                  "feature_network": net.identity, "world_size": rank_and_world_size()[1]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(args.json), lambda file: file.write((json.dumps(record, indent=1) + "\n").encode()))
+        _write_json(args, {**result, "samples": str(args.samples)}, net)
+
+
+def _write_json(args: argparse.Namespace, record: dict, net: FeatureNetwork) -> None:
+    record = {**record, "reference": str(args.reference), "feature_network": net.identity,
+              "world_size": rank_and_world_size()[1]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(args.json), lambda file: file.write((json.dumps(record, indent=1) + "\n").encode()))
+
+
+def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureNetwork, is_main: bool,
+                  device: torch.device) -> None:
+    """FID/KID of images drawn from a run at each guidance scale (one set per scale, shared by the ranks);
+    the lines and JSON name the best (lowest FID)."""
+    model, config, step = load_run(args.run, device, use_ema=False if args.raw else None)
+    if args.guidance and not config.model.num_classes:
+        raise EvaluationError(f"--guidance needs a class-conditional model; {args.run} is unconditional")
+    kernels, schedule = resolve_kernels_from_config(config, device), schedule_from_config(config.diffusion).to(device)
+    rank, world_size = rank_and_world_size()
+    results = []
+    for scale in args.guidance or [None]:
+        sampling = evaluation_config(config, scale)
+        batches = generate_batches(model, sampling, schedule, kernels, num_images=args.num or config.eval.num_images,
+                                   batch_size=config.eval.batch_size, seed=config.eval.seed, device=device, rank=rank,
+                                   world_size=world_size, progress=is_main)
+        result = evaluate(batches, stats, net, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
+                          batch_size=args.batch_size, device=device, seed=args.seed)
+        results.append({**result, "guidance": sampling.sample.guidance if config.model.num_classes else None})
+        if is_main:
+            guided = f"guidance {sampling.sample.guidance:g}: " if config.model.num_classes else ""
+            print(f"{guided}{summary(result)} ({sampling.sample.sampler}, step {step})")
+    best = min(results, key=lambda result: result["fid"])
+    if is_main and len(results) > 1:
+        print(f"best: guidance {best['guidance']:g}, FID {best['fid']:.2f}")
+    if is_main and args.json:
+        _write_json(args, {"run": str(args.run), "step": step, "best": best, "results": results}, net)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             _run(args, context.is_main, context.device)
-        except (EvaluationError, DataError) as exn:
+        except (EvaluationError, DataError, ConfigError, KernelError) as exn:
             print(f"evaluate: error: {exn}".replace("\n", " "), file=sys.stderr)
             return 2
         finally:

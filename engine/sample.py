@@ -100,6 +100,17 @@ def image_classes(config: Config, indices: torch.Tensor) -> torch.Tensor | None:
     return classes[indices % len(classes)]
 
 
+def evaluation_config(config: Config, guidance: float | None = None) -> Config:
+    """The config whose sample section draws evaluation images: `eval`'s sampler, steps and guidance (or
+    `guidance`), every class in turn (a class-balanced set, whatever `sample.classes` says)."""
+    options = config.eval
+    guidance = next(scale for scale in (guidance, options.guidance, config.sample.guidance) if scale is not None)
+    raw = config.to_dict()
+    raw["sample"].update(sampler=options.sampler, guidance=guidance, classes=[],
+                         steps=options.steps if options.sampler != "ddpm" else None)
+    return config_from_dict(raw, where="evaluation")  # checked: e.g. guidance for an unconditional model
+
+
 def batch_starts(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """First image index of each batch this rank draws.
 

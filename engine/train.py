@@ -12,7 +12,6 @@ one `maintenance()` call (log, checkpoint, the agreed stop, samples, evaluation)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.rng import restore_rng_state, rng_state
 from engine.run_dir import RunDir
-from engine.sample import generate, generate_batches, grid_images, sampling_step
+from engine.sample import evaluation_config, generate, generate_batches, grid_images, sampling_step
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
 from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
 from engine.unet import build_unet, count_parameters
@@ -101,16 +100,6 @@ def dry_run(config: Config) -> int:
           f"{manifest['channels']} in {len(manifest['shards'])} shards at {config.data.path}")
     print("# config is valid")
     return 0
-
-
-def evaluation_config(config: Config) -> Config:
-    """The config whose sample section draws the evaluation images: `eval`'s sampler, steps and guidance, every
-    class in turn (a class-balanced set, whatever `sample.classes` says)."""
-    options = config.eval
-    guidance = config.sample.guidance if options.guidance is None else options.guidance
-    sampling = dataclasses.replace(config.sample, sampler=options.sampler, guidance=guidance, classes=[],
-                                   steps=options.steps if options.sampler != "ddpm" else None)
-    return dataclasses.replace(config, sample=sampling)
 
 
 def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, schedule, kernels,

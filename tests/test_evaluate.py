@@ -366,3 +366,36 @@ def test_training_evaluates_fid_and_kid_every_n_steps_and_logs_them(tmp_path, sh
     missing = train(tmp_path / "missing", shapes16, "train.steps=1", *evaluation[:-1],
                     f"eval.inception={tmp_path / 'nowhere.pt'}")
     assert missing.returncode == 2 and "nowhere.pt" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# steps that move the weights off their initial values, at which the class cannot change the output; 64 channels at
+# the second level: with 32 or fewer, GroupNorm has one channel per group and cancels the class embedding's shift
+TRAINED = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.ema_decay=0", "model.base_channels=32"]
+
+
+def test_a_conditional_run_is_evaluated_at_its_guidance_and_the_cli_sweeps_scales_and_names_the_best(
+        tmp_path, shapes16, capsys):
+    from test_train_cli import train
+
+    inception = make_feature_network(tmp_path / "stand-in.pt")
+    run_dir = tmp_path / "run"
+    result = train(run_dir, shapes16, "train.steps=3", "model.num_classes=4", "model.label_dropout=0.2",
+                   "eval.every=3", "eval.num_images=8", "eval.batch_size=8", "eval.steps=2", "eval.guidance=2",
+                   f"eval.inception={inception}", *TRAINED)
+    assert result.returncode == 0, result.stderr
+    logged = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "fid" in line)
+    assert logged["eval_guidance"] == 2.0 and "at guidance 2" in result.stderr
+    cli = ["--run", str(run_dir), "--reference", str(run_dir / "fid_reference.npz"), "--inception", str(inception)]
+    assert main([*cli, "--guidance", "0,2,4", "--json", str(tmp_path / "sweep.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["guidance 0", "guidance 2", "guidance 4"]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    fids = [r["fid"] for r in sweep["results"]]
+    assert [r["guidance"] for r in sweep["results"]] == [0.0, 2.0, 4.0] and len(set(fids)) == 3
+    assert sweep["best"]["fid"] == min(fids) and lines[3] == f"best: guidance {sweep['best']['guidance']:g}, " \
+                                                              f"FID {min(fids):.2f}"
+    # the same weights, images and classes as training's evaluation at the end
+    assert fids[1] == pytest.approx(logged["fid"], rel=1e-3)
+    assert main([*cli[2:], "--run", str(tmp_path / "missing")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("evaluate: error: run directory") and "missing does not exist" in error
