@@ -185,9 +185,26 @@ class Config:
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML preset, apply `section.key=value` overrides, check types and values."""
+    """Read a YAML preset (and the preset its `base:` names, if any), apply `section.key=value` overrides,
+    check types and values."""
     path = Path(path)
     where = str(path)
+    raw = read_preset(path)
+    for override in overrides:
+        apply_override(raw, override, where)
+    config = _build(Config, raw, prefix="", where=where)
+    if not config.train.run_dir:
+        config.train.run_dir = str(Path("runs") / path.stem)
+    validate(config, where)
+    return config
+
+
+def read_preset(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's raw sections. `base: other.yaml` (relative to the preset) starts from that preset's sections,
+    and this file's keys replace its keys one by one, section by section."""
+    where = str(path)
+    if path.resolve() in including:
+        raise ConfigError(f"{where}: base presets form a cycle ({' -> '.join(map(str, including))} -> {where})")
     try:
         text = path.read_text()
     except OSError as error:
@@ -203,13 +220,18 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override, where)
-    config = _build(Config, raw, prefix="", where=where)
-    if not config.train.run_dir:
-        config.train.run_dir = str(Path("runs") / path.stem)
-    validate(config, where)
-    return config
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{where}: base must name a preset file, got {_describe(base)}")
+    merged = read_preset(path.parent / base, (*including, path.resolve()))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:

@@ -101,3 +101,32 @@ def test_the_kernels_section_has_one_field_per_op():
     from kernels import OPS
 
     assert [f.name for f in dataclasses.fields(KernelsConfig)] == [*OPS, "plugins", "check"]
+
+
+def test_a_preset_with_a_base_replaces_its_keys_one_by_one(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "parent.yaml").write_text("model:\n  base_channels: 64\n  dropout: 0.2\ntrain:\n  steps: 7\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: presets/parent.yaml\nmodel:\n  dropout: 0.3\n")
+    config = load_config(child, ["train.steps=9"])
+    assert (config.model.base_channels, config.model.dropout, config.train.steps) == (64, 0.3, 9)
+    assert config.train.run_dir == str(Path("runs") / "child")
+
+
+def test_the_conditional_cifar_preset_is_the_cifar_preset_with_classes_and_label_dropout():
+    plain, conditional = load_config(ROOT / "configs" / "cifar.yaml"), load_config(ROOT / "configs" / "cifar-cond.yaml")
+    changed = {(section, key) for section, values in plain.to_dict().items() for key, value in values.items()
+               if conditional.to_dict()[section][key] != value}
+    assert changed == {("model", "num_classes"), ("model", "label_dropout"), ("train", "run_dir")}
+    assert (conditional.model.num_classes, conditional.model.label_dropout) == (10, 0.1)
+
+
+@pytest.mark.parametrize("text,message", [("base: nowhere.yaml\n", "nowhere.yaml: cannot read config file"),
+                                          ("base: loop.yaml\n", "base presets form a cycle"),
+                                          ("base: [a]\n", "base must name a preset file"),
+                                          ("base: ok.yaml\nmodel:\n  dropuot: 0.1\n", "unknown key 'model.dropuot'")])
+def test_bad_base_presets_are_one_clear_error(tmp_path, text, message):
+    (tmp_path / "ok.yaml").write_text("model:\n  dropout: 0.2\n")
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "loop.yaml")
