@@ -3,7 +3,9 @@ dpm++2m, dpm++3m, dpm++2m-sde and unipc at 10 and 20 steps) of engine.sample's f
 Face diffusers with the same architecture, schedule and sampler in the same run (DDPMPipeline,
 DDIMPipeline, and DPMSolverMultistepScheduler / UniPCMultistepScheduler in diffusers' documented
 denoising loop; the ratio is printed at the end), and one denoising step (UNet forward + update) with
-the PyTorch or (on CUDA) the Triton update kernels. Each group is one sampler at one number of steps:
+the PyTorch or (on CUDA) the Triton update kernels. `guidance_step` times one classifier-free-guided DDIM
+step of a class-conditional model: the engine's one forward of the doubled batch against two forwards of
+the batch (the ratio is printed), and the unguided step beside them. Each group is one sampler at one number of steps:
 `sampling_run_<sampler>_<steps>`; images/s across groups is what a step count costs.
 
 Ours: the registry's update kernels, bf16 autocast on CUDA, the step eager or compiled (on CUDA into a
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import diffusers_unet, synchronized
-from engine import solvers
+from engine import diffusion, solvers
 from engine.diffusers_format import diffusers_scheduler_config, unet_to_diffusers
 from engine.sample import generate, sampling_step
 from engine.schedule import schedule_from_config
@@ -171,4 +173,41 @@ def test_sampling_step(benchmark, device, bench_config, schedule, batch_size, sa
     benchmark.extra_info["kernels"] = kernels.describe()
     benchmark.extra_info["images"] = batch_size
     out = benchmark(synchronized(step, device))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def two_forwards(model, scale: float, no_class: int, autocast):
+    """Guidance the plain way, as a baseline: the conditional and the unconditional forward one after the other."""
+    def denoise(x, t, labels):
+        with autocast:
+            conditional, unconditional = model(x, t, labels), model(x, t, torch.full_like(labels, no_class))
+        return unconditional.float() + scale * (conditional.float() - unconditional.float())
+    return denoise
+
+
+@pytest.mark.parametrize("variant", ["one forward of 2B", "two forwards of B", "unguided"])
+def test_guidance_step(benchmark, device, bench_config, schedule, batch_size, variant):
+    num_classes = 10
+    config = dataclasses.replace(bench_config, model=dataclasses.replace(bench_config.model, num_classes=num_classes),
+                                 sample=dataclasses.replace(bench_config.sample, sampler="ddim", steps=100, compile=False,
+                                                            guidance=1.0 if variant == "unguided" else 2.0))
+    torch.manual_seed(0)
+    model = build_unet(config, device).eval()
+    kernels = resolve_kernels_from_config(config, device, check=False)
+    if variant == "two forwards of B":
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        denoise = two_forwards(model, 2.0, num_classes, autocast)
+        step = diffusion.denoising_step(denoise, schedule, kernels, sampler="ddim", clip_denoised=True)
+    else:
+        step = sampling_step(model, config, schedule, kernels, device)  # the engine's: guided in one forward
+    size, channels = config.data.image_size, config.data.channels
+    x = torch.randn(batch_size, channels, size, size, device=device)
+    t = torch.full((batch_size,), 500, device=device, dtype=torch.long)
+    keys, labels = noise_keys(0, torch.arange(batch_size, device=device)), torch.arange(batch_size, device=device) % 10
+    run = torch.no_grad()(lambda: step(x, t, t - 10, keys, labels))
+    run()
+    benchmark.group = "guidance_step"
+    benchmark.extra_info.update(images=batch_size, **({"baseline": "two forwards"} if variant == "two forwards of B"
+                                                      else {"compare": "two forwards"} if variant != "unguided" else {}))
+    out = benchmark(synchronized(run, device))
     assert out.shape == x.shape and torch.isfinite(out).all()
