@@ -123,7 +123,7 @@ BENCHMARK_GROUPS = [
      "(test_train_step and triton and (eager or compiled-model)) or diffusers", 256, 0.2),
     # compiled (CUDA graphs) for DDPM, DDIM and one step count of two solvers: each compile takes a while
     ("sampling", "benchmarks/test_bench_sampling.py",
-     "sampling_run and not (compiled and (-10- or dpm++3m or sde))", 128, 0.18),
+     "(sampling_run and not (compiled and (-10- or dpm++3m or sde))) or guidance_step", 128, 0.18),
 ]
 SMOKE_BENCHMARK_GROUPS = [
     ("kernels", "benchmarks/test_bench_kernels.py", "q_sample and not uint8 and (copy or eager)", 4, 0.3),

@@ -34,16 +34,18 @@ def test_one_rank_with_nccl(tmp_path, repeated_image, parallel):  # noqa: F811
 
 def test_cuda_graph_sampling_equals_eager_sampling(tmp_path, repeated_image):  # noqa: F811
     """engine.sample compiles the denoising step in reduce-overhead mode (CUDA graphs) on CUDA by default; the
-    solvers' steps carry their history through the graph's outputs (cloned, as the next replay overwrites them)."""
+    solvers' steps carry their history through the graph's outputs (cloned, as the next replay overwrites them).
+    The model is class-conditional and guided: one forward of the doubled batch inside the graph."""
     import numpy as np
 
     run_dir = tmp_path / "run"
-    assert train(run_dir, repeated_image, *STEPS, "train.device=cuda").returncode == 0
+    assert train(run_dir, repeated_image, *STEPS, "train.device=cuda", "model.num_classes=1",
+                 "model.label_dropout=0.5").returncode == 0
     for sampler in ("ddim", "unipc", "dpm++2m-sde"):
         images = {}
         for mode in ("--compile", "--no-compile"):
             out = tmp_path / f"{sampler}{mode}.npz"
-            result = run("engine.sample", run_dir, "--num-images", 8, "--sampler", sampler, "--steps", 10,
+            result = run("engine.sample", run_dir, "--num-images", 8, "--sampler", sampler, "--steps", 10, "--guidance", 2,
                          "--device", "cuda", "--precision", "fp32", mode, "--npz", out, "--out", tmp_path / f"{mode}.png")
             assert result.returncode == 0, result.stderr
             images[mode] = np.load(out)["arr_0"].astype(np.int16)
