@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from engine import diffusion, solvers
-from engine.config import ConfigError
+from engine.config import ConfigError, config_from_dict
 from engine.data import DataError, build_train_loader, read_manifest
 from engine.images import make_grid, save_image, to_uint8
 from engine.metrics import plot_loss_curve
 from engine.run_dir import RunDir
-from engine.sample import step_options
+from engine.sample import image_classes, step_options
 from engine.schedule import NoiseSchedule
 from kernels.noise import noise_keys, randn_like
 from kernels.q_sample import images_to_unit_range
@@ -69,8 +69,10 @@ def noising_strip(data: str | Path, timesteps: list[int], *, num_images: int = 4
 
 
 def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int = 6, device: str = "cpu",
-                    seed: int = 0) -> np.ndarray:
-    """uint8 grid of x_t and predicted x_0 at `num_frames` evenly spaced steps of the run's sampler."""
+                    seed: int = 0, guidance: float | None = None) -> np.ndarray:
+    """uint8 grid of x_t and predicted x_0 at `num_frames` evenly spaced steps of the run's sampler; a
+    class-conditional model draws image i for class i mod num_classes, guided by `guidance` (default:
+    the run's sample.guidance)."""
     from engine.distributed import choose_device
     from engine.run_dir import load_run
     from engine.schedule import schedule_from_config
@@ -78,6 +80,10 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
 
     torch_device = choose_device(device)
     model, config, _ = load_run(run_dir, torch_device)
+    if guidance is not None:  # checked as the config checks it: >= 0, and only for a class-conditional model
+        raw = config.to_dict()
+        raw["sample"]["guidance"] = guidance
+        config = config_from_dict(raw, where="--guidance")
     schedule = schedule_from_config(config.diffusion).to(torch_device)
     kernels = resolve_kernels_from_config(config, torch_device)
     options = config.sample
@@ -103,10 +109,13 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
 
     shape = (num_images, config.data.channels, config.data.image_size, config.data.image_size)
     model.eval()
-    diffusion.sample(model, schedule, kernels, shape, seed=seed, sampler=options.sampler, steps=options.steps,
+    labels, denoiser = image_classes(config, torch.arange(num_images, device=torch_device)), model
+    if labels is not None:
+        denoiser = diffusion.classifier_free_guidance(model, options.guidance, config.model.num_classes)
+    diffusion.sample(denoiser, schedule, kernels, shape, seed=seed, sampler=options.sampler, steps=options.steps,
                      timestep_spacing=options.timestep_spacing, device=torch_device, on_step=record,
                      karras_sigmas=options.karras_sigmas, lower_order_final=options.lower_order_final,
-                     **step_options(config))
+                     class_labels=labels, **step_options(config))
     order = sorted(frames, reverse=True)  # from noise to data
     rows = []
     for image in range(num_images):
@@ -141,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     trajectory.add_argument("--images", type=int, default=4)
     trajectory.add_argument("--frames", type=int, default=6)
     trajectory.add_argument("--device", default="auto")
+    trajectory.add_argument("--guidance", type=float, default=None,
+                            help="a class-conditional run's guidance scale (default: its sample.guidance)")
     trajectory.add_argument("--out", default=None, help="default: RUN_DIR/trajectory.png")
     args = parser.parse_args(argv)
     try:
@@ -156,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             grid = noising_strip(args.data, timesteps, num_images=args.images, schedule=args.schedule)
             out = _save(grid, args.out)
         else:
-            grid = trajectory_grid(args.run_dir, num_images=args.images, num_frames=args.frames, device=args.device)
+            grid = trajectory_grid(args.run_dir, num_images=args.images, num_frames=args.frames, device=args.device,
+                                   guidance=args.guidance)
             out = _save(grid, args.out or Path(args.run_dir) / "trajectory.png")
     except (ConfigError, DataError, ValueError, IndexError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -39,7 +39,24 @@ def test_trajectory_and_loss_plots_of_a_run(tmp_path, shapes16, sampler):
     result = run("engine.plot", "trajectory", run_dir, "--images", 2, "--frames", 3, "--out", tmp_path / "t.png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "t.png").is_file()
+    wrong = run("engine.plot", "trajectory", run_dir, "--guidance", 2)
+    assert wrong.returncode == 2 and "sample.guidance needs a class-conditional model" in wrong.stderr
     result = run("engine.plot", "loss", run_dir, "--out", tmp_path / "l.png")
     assert result.returncode == 0 and (tmp_path / "l.png").is_file()
     missing = run("engine.plot", "loss", tmp_path / "nothing")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_a_conditional_runs_trajectory_draws_each_image_for_its_class_guided(tmp_path, shapes16, monkeypatch):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, shapes16, "train.steps=1", "model.num_classes=4", "model.label_dropout=0.5",
+                   "sample.guidance=1.5")
+    assert result.returncode == 0, result.stderr
+    calls = []
+    real_sample, real_guidance = plot.diffusion.sample, plot.diffusion.classifier_free_guidance
+    monkeypatch.setattr(plot.diffusion, "classifier_free_guidance", lambda *args: calls.append(args[1:]) or real_guidance(*args))
+    monkeypatch.setattr(plot.diffusion, "sample", lambda *args, **kwargs: calls.append(kwargs["class_labels"].tolist())
+                        or real_sample(*args, **kwargs))
+    grids = [plot.trajectory_grid(run_dir, num_images=5, num_frames=2, guidance=scale) for scale in (None, 0.0)]
+    assert calls == [(1.5, 4), [0, 1, 2, 3, 0], (0.0, 4), [0, 1, 2, 3, 0]]  # the run's scale, then the one asked
+    assert grids[0].shape == grids[1].shape == (10 * 18 + 2, 2 * 18 + 2, 3)
