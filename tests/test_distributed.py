@@ -73,12 +73,25 @@ def test_two_ranks_follow_the_single_process_trajectory_and_resume(tmp_path, rep
     assert "resumed from" in again.stderr and sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_checkpoint_written_by_fsdp_resumes_in_one_process(tmp_path, repeated_image):
-    run_dir = tmp_path / "run"
-    assert train(run_dir, repeated_image, *STEPS, "train.parallel=fsdp", launcher=TORCHRUN).returncode == 0
-    again = train(run_dir, repeated_image, *STEPS[1:], "train.steps=5")
+def test_a_conditional_model_trains_under_fsdp_as_in_one_process_and_its_checkpoint_resumes_in_one(tmp_path,
+                                                                                                 repeated_image):
+    """Each rank drops the labels of its slice of the global batch's drops: the same losses and the same weights,
+    the class embedding (sharded by FSDP) included, as one process. 32 channels and then 64: at fewer
+    than two channels per GroupNorm group the norm would cancel the class embedding and hide a wrong drop.
+    The FSDP checkpoint then resumes in a single process."""
+    conditional = [*STEPS, "model.num_classes=1", "model.label_dropout=0.5", "model.base_channels=32"]
+    single = train(tmp_path / "single", repeated_image, *conditional)
+    assert single.returncode == 0, single.stderr
+    result = train(tmp_path / "fsdp", repeated_image, *conditional, "train.parallel=fsdp", launcher=TORCHRUN)
+    assert result.returncode == 0, result.stderr
+    _assert_same_trajectory(losses(tmp_path / "fsdp"), tmp_path / "single")
+    expected, got = (load_latest_checkpoint(tmp_path / name)[0]["model"] for name in ("single", "fsdp"))
+    assert expected.keys() == got.keys() and any(key.endswith("class_embed.weight") for key in got)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    again = train(tmp_path / "fsdp", repeated_image, *conditional[1:], "train.steps=5")
     assert again.returncode == 0, again.stderr
-    assert "resumed from" in again.stderr and sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+    assert "resumed from" in again.stderr and sorted(losses(tmp_path / "fsdp")) == [1, 2, 3, 4, 5]
 
 
 def test_gradient_accumulation_follows_the_same_trajectory(tmp_path, repeated_image, single_process):

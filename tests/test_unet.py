@@ -123,11 +123,13 @@ def test_xformers_and_sdpa_cifar_unets_agree_in_bf16_on_cuda():
         torch.testing.assert_close(xformers(x, t).float(), sdpa(x, t).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_forward_has_no_graph_breaks():
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_forward_has_no_graph_breaks(num_classes):
     torch.manual_seed(0)
-    model = UNet(**TINY, num_heads=2).eval()
+    model = UNet(**TINY, num_heads=2, num_classes=num_classes).eval()
     x, t = _inputs(TINY)
-    explanation = torch._dynamo.explain(model)(x, t)
+    labels = torch.tensor([2, 3]) if num_classes else None  # 3: "no class"
+    explanation = torch._dynamo.explain(model)(x, t, labels)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
