@@ -14,6 +14,7 @@ from engine.images import class_rows
 from engine.sample import generate, image_classes
 from engine.schedule import NoiseSchedule
 from engine.unet import build_unet
+from kernels.noise import noise_keys
 from kernels.registry import resolve_kernels_from_config
 from test_class_conditional import perturb, small_config
 
@@ -144,3 +145,47 @@ def test_guided_sampling_with_the_triton_kernels_draws_what_the_pytorch_referenc
                                class_labels=torch.tensor([1, 0])) for chosen in kernels]
     assert images[0].isfinite().all() and images[0].std() > 0.1
     torch.testing.assert_close(images[1], images[0], rtol=1e-4, atol=1e-4)
+
+
+class ToyConditional(torch.nn.Module):
+    """A stand-in for the UNet that depends on x, t and the class: compiling it takes seconds, not minutes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.embed = torch.nn.Conv2d(3, 3, 1), torch.nn.Embedding(NUM_CLASSES + 1, 3)
+
+    def forward(self, x, t, class_labels=None):
+        return self.conv(x) * (t.float() / 20)[:, None, None, None] + self.embed(class_labels)[:, :, None, None]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_the_guided_step_compiles_into_one_graph_with_the_labels_as_an_input(sampler):
+    """fullgraph=True raises on a graph break: the doubled batch, the combination and the update kernel trace as
+    one graph, and new labels (another class, another batch of images) replay it without recompiling."""
+    from torch._dynamo.testing import CompileCounter
+
+    from engine import solvers
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    schedule = NoiseSchedule.create("linear", 20)
+    kernels = resolve_kernels_from_config(small_config(), "cpu", check=False)
+    guided = diffusion.classifier_free_guidance(ToyConditional(), 2.5, NUM_CLASSES)
+    step = torch.no_grad()(diffusion.denoising_step(guided, schedule, kernels, sampler=sampler))
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=False)
+    x, t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([15, 15])
+    keys = noise_keys(0, torch.arange(2))
+    if sampler in solvers.SOLVERS:
+        history = solvers.initial_history(sampler, x)
+        weights = solvers.solver_plan(schedule, sampler, 5).weights[0].float()
+        arguments = lambda labels: (x, t, keys, weights, history, labels)  # noqa: E731
+    else:
+        arguments = lambda labels: (x, t, t - 5, keys, labels)  # noqa: E731
+    images = []
+    for labels in (torch.tensor([0, 2]), torch.tensor([1, 1])):
+        result = compiled(*arguments(labels))
+        torch.testing.assert_close(result, step(*arguments(labels)), rtol=1e-5, atol=1e-5)
+        images.append(result[0] if isinstance(result, tuple) else result)  # a solver's step returns its history too
+    assert counter.frame_count == 1
+    assert (images[0] - images[1]).abs().max() > 1e-3  # the labels reached the compiled graph
