@@ -48,6 +48,12 @@ class DiffusionConfig:
     beta_end: float = 0.02
     target: Literal["eps", "x0", "v"] = "eps"  # what the network predicts
     timestep_sampling: Literal["uniform", "antithetic"] = "uniform"
+    # Each timestep's loss weighted (engine/loss_weighting.py): none (the paper), min_snr (Hang et al. 2023:
+    # min(SNR, min_snr_gamma) on the x0 error) or p2 (Choi et al. 2022: 1 / (p2_k + SNR)^p2_gamma on the eps error)
+    loss_weighting: Literal["none", "min_snr", "p2"] = "none"
+    min_snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
 
 
 @dataclass
@@ -381,6 +387,9 @@ def _check_diffusion(config: Config, require) -> None:
         require(0.0 < diffusion.beta_start < 1.0, "diffusion.beta_start", f"must be in (0, 1), got {diffusion.beta_start}")
         require(diffusion.beta_start < diffusion.beta_end < 1.0, "diffusion.beta_end",
                 f"must be greater than diffusion.beta_start ({diffusion.beta_start}) and below 1, got {diffusion.beta_end}")
+    require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma", f"must be > 0, got {diffusion.min_snr_gamma}")
+    require(diffusion.p2_k > 0, "diffusion.p2_k", f"must be > 0, got {diffusion.p2_k}")
+    require(diffusion.p2_gamma >= 0, "diffusion.p2_gamma", f"must be >= 0, got {diffusion.p2_gamma}")
     if diffusion.timestep_sampling == "antithetic":
         require(train.batch_size % 2 == 0, "train.batch_size", f"must be even for antithetic timestep sampling, got {train.batch_size}")
 

@@ -77,19 +77,21 @@ def loss_coefficients(schedule: NoiseSchedule, target: str) -> tuple[torch.Tenso
 def training_loss(model: Denoiser, kernels: Kernels, schedule: NoiseSchedule, images: torch.Tensor, flip: torch.Tensor,
                   t: torch.Tensor, keys: torch.Tensor, *, target: str = "eps",
                   coefficients: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                  class_labels: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The simplified objective L_simple (eq. 14) from the loader's uint8 batch, in fp32, per sample (B,).
 
     x_t is built straight from the uint8 images (scaled, flipped where `flip` is set) with noise drawn
     from the counters (keys, t), and the loss recomputes that noise, so it never exists as a tensor.
     A class-conditional model also takes `class_labels` (the "no class" index where a label was dropped).
+    `weights` (T,), e.g. `loss_weighting.loss_weights`, scales each sample's loss by its timestep's entry.
     """
     x_t = kernels.q_sample_uint8(images, flip, t, keys, schedule.sqrt_alphas_cumprod,
                                  schedule.sqrt_one_minus_alphas_cumprod, torch.float32)
     prediction = predict(model, x_t, t, class_labels)
     noise_coef, x0_coef = coefficients or loss_coefficients(schedule, target)
     x0 = None if target == "eps" else q_sample_op.images_to_unit_range(images, flip, torch.float32)
-    return kernels.noise_loss(prediction, t, keys, noise_coef, x0_coef, x0)
+    losses = kernels.noise_loss(prediction, t, keys, noise_coef, x0_coef, x0)
+    return losses if weights is None else losses * weights[t]  # per sample: B products, on the device
 
 
 # ----------------------------------------------------------------------------- reverse process

@@ -25,6 +25,7 @@ from engine.config import Config, ConfigError
 from engine.data import random_flip_mask
 from engine.distributed import DistributedContext, compute_dtype
 from engine.ema import advance_ema_counters, build_ema, ema_decay, ema_state, load_ema_state, update_ema
+from engine.loss_weighting import weights_from_config
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.schedule import NoiseSchedule, schedule_from_config
@@ -69,6 +70,7 @@ class Trainer:
     micro_batch: int  # per rank and micro-batch
     generator: torch.Generator  # timesteps and flips, reseeded from (seed, step) every step
     loss_coefficients: tuple[torch.Tensor, torch.Tensor]  # the target as noise_coef[t] eps + x0_coef[t] x0
+    loss_weights: torch.Tensor | None  # (T,) each timestep's loss weight (diffusion.loss_weighting); None: all 1
     sample_offsets: torch.Tensor  # 0 .. micro_batch-1 on the device, for the noise keys
     compiled_update: Callable | None = None  # train.compile_scope=step: (loss, EMA decay) -> (grad norm, finite)
     ema_decay: torch.Tensor | None = None  # the compiled update's EMA decay, filled each step (no recompiles)
@@ -180,6 +182,7 @@ def build_trainer(config: Config, context: DistributedContext,
                    kernels=resolve_kernels_from_config(config, device, check=check_kernels),
                    schedule=schedule, dtype=dtype, micro_batch=micro_batch, generator=torch.Generator(device=device),
                    loss_coefficients=diffusion.loss_coefficients(schedule, config.diffusion.target),
+                   loss_weights=weights_from_config(config.diffusion, schedule),
                    sample_offsets=torch.arange(micro_batch, device=device), compiled_update=compiled,
                    ema_decay=torch.zeros((), device=device) if step_scope else None)
 
@@ -263,7 +266,7 @@ def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> S
                 losses = diffusion.training_loss(trainer.train_model, trainer.kernels, trainer.schedule, images,
                                                  flip_global[index], t_global[index], keys,
                                                  target=config.diffusion.target, coefficients=trainer.loss_coefficients,
-                                                 class_labels=labels)
+                                                 class_labels=labels, weights=trainer.loss_weights)
             loss = losses.mean()
             trainer.scaler.scale(loss / accumulation).backward()
         step_loss += loss.detach() / accumulation
