@@ -150,7 +150,13 @@ class EvalConfig:
     reference: str = ""  # precomputed statistics (.npz) or a data set; "" = data.path, its statistics cached in the run
     inception: str = ""  # the FID Inception file; "" = $DDPM_INCEPTION or ~/.cache/ddpm-engine/inception-2015-12-05.pt
     kid_subset_size: int = 1000
-    seed: int = 1  # keys the evaluation images (other than the sample grids')
+    seed: int = 1  # keys the evaluation images (other than the sample grids') and the validation noise
+    # The validation loss (engine/validation.py): the raw and EMA weights' loss on held-out images at
+    # val_timesteps fixed timesteps with fixed noise, every val_every steps (0 = never)
+    val_every: int = 0
+    val_data: str = ""  # a prepared held-out set, e.g. `python -m engine.data.prepare cifar10.tar.gz out --split test`
+    val_images: int = 1000  # at most this many of it
+    val_timesteps: int = 8
 
 
 @dataclass
@@ -483,6 +489,13 @@ def _check_eval(config: Config, require) -> None:
     require(0 <= evaluation.seed < 2**31, "eval.seed", f"must be in [0, 2**31) (it keys the noise), got {evaluation.seed}")
     if evaluation.guidance is not None:
         _check_guidance(config, evaluation.guidance, "eval.guidance", require)
+    require(evaluation.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = never), got {evaluation.val_every}")
+    if evaluation.val_every:
+        require(bool(evaluation.val_data), "eval.val_data",
+                "must name a prepared held-out data set when eval.val_every is set")
+        require(evaluation.val_images >= 1, "eval.val_images", f"must be positive, got {evaluation.val_images}")
+        require(1 <= evaluation.val_timesteps <= diffusion.num_timesteps, "eval.val_timesteps",
+                f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {evaluation.val_timesteps}")
     if evaluation.every and evaluation.sampler != "ddpm" and evaluation.steps is not None:
         require(0 < evaluation.steps <= diffusion.num_timesteps, "eval.steps",
                 f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {evaluation.steps}")

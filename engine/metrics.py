@@ -97,6 +97,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
     axis.plot(steps, losses, color="tab:blue", alpha=0.4, linewidth=1, label="loss")
     plot_noise_levels(axis, records)
+    plot_validation(axis, read_metrics(metrics_path))
     window = max(1, len(losses) // 20)
     if window > 1:
         smoothed = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
@@ -114,6 +115,14 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     figure.savefig(png_path)
     plt.close(figure)
     return png_path
+
+
+def plot_validation(axis, records: list[dict[str, Any]]) -> None:
+    """The validation loss (fixed timesteps and noise on held-out images) of the raw and EMA weights, as markers."""
+    for name, colour, label in (("val_loss", "tab:red", "validation (raw)"), ("val_loss_ema", "tab:orange", "validation (EMA)")):
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        if points:
+            axis.plot(*zip(*points), color=colour, marker="o", markersize=3, linewidth=1.2, label=label)
 
 
 def plot_noise_levels(axis, records: list[dict[str, Any]]) -> None:

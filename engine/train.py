@@ -39,6 +39,7 @@ from engine.sample import evaluation_config, generate, generate_batches, grid_im
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
 from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
 from engine.unet import build_unet, count_parameters
+from engine.validation import ValidationLoss, validation_record
 from kernels.registry import KernelError, resolve_kernels_from_config
 
 
@@ -63,6 +64,12 @@ def check_data(config: Config) -> dict[str, Any]:
         raise ConfigError(f"model.num_classes is {config.model.num_classes} but the data set in {config.data.path} "
                           f"has {classes} classes ({', '.join(manifest['classes'][:5])}"
                           f"{', ...' if classes > 5 else ''}); set model.num_classes={classes}")
+    if config.eval.val_every:  # held-out images of the same kind (and, for a conditional model, classes)
+        held_out = read_manifest(config.eval.val_data)
+        for key in ("image_size", "channels", *(("classes",) if config.model.num_classes else ())):
+            if held_out[key] != (expected := manifest[key]):
+                raise ConfigError(f"eval.val_data {config.eval.val_data} has {key} {held_out[key]} but the training "
+                                  f"data set has {expected}")
     return manifest
 
 
@@ -306,6 +313,10 @@ class TrainingRun:
                                           context.device)
         self.evaluate_now = build_evaluation(config, self.run_dir, self.sampler_model, trainer.schedule,
                                              trainer.kernels, context, self.log, self.metrics)
+        self.validation = ValidationLoss(config, context, trainer) if config.eval.val_every else None
+        if self.validation is not None:
+            self.log(f"validation: the loss every {config.eval.val_every} steps on {self.validation.num_images:,} "
+                     f"held-out images of {config.eval.val_data} at t = {self.validation.timesteps}")
         self.interval = IntervalStats(context.device)
         self.saved_step, self.stopped_by = self.state.step, None
         # Stop requests (SIGTERM, SIGINT) are agreed between ranks over a host-side group every
@@ -373,9 +384,19 @@ class TrainingRun:
                 self.write_samples(f"step-{step:08d}.png")
             if self.config.eval.every and (step % self.config.eval.every == 0 or last):
                 self.evaluate_now(step)
+            if self.validation is not None and (step % self.config.eval.val_every == 0 or last):
+                self.validate(step)
         finally:
             self.interval.maintenance_seconds += time.perf_counter() - started
         return False
+
+    def validate(self, step: int) -> None:
+        """The validation loss of the raw and the EMA weights (every rank takes part) to the metrics."""
+        record = validation_record(step, self.validation.loss(self.trainer.model),
+                                   self.validation.loss(self.trainer.ema.ema_model))
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.progress.set_postfix(val=f"{record['val_loss']:.4f}", val_ema=f"{record['val_loss_ema']:.4f}")
 
     def log_interval(self) -> None:
         """The interval's means (one host sync) to metrics.jsonl and the progress bar; then the checks on them."""
