@@ -18,6 +18,7 @@ from engine.atomic_files import atomic_write, remove_stale_temporaries
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+BEST = "best.pt"  # train.keep_best's checkpoint: never pruned, never resumed from
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
@@ -54,6 +55,32 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         old.unlink(missing_ok=True)
     remove_stale_temporaries(folder)  # half-written by a process that was killed mid-save
     return path
+
+
+def save_best_checkpoint(run_dir: str | Path, state: dict[str, Any], score: dict[str, Any]) -> Path:
+    """Replace checkpoints/best.pt, as atomically as the others, by `state` with `score` under "best"
+    ({"metric", "value", "step"}); the previous best stays until the new one is complete."""
+    path = Path(run_dir) / CHECKPOINT_DIR / BEST
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda file: torch.save({**state, "best": score}, file))
+    except OSError as error:
+        raise CheckpointError(f"cannot write the best checkpoint {path}: {error.strerror or error}; the previous "
+                              f"best checkpoint is intact") from None
+    return path
+
+
+def best_score(run_dir: str | Path) -> dict[str, Any] | None:
+    """The score of checkpoints/best.pt ({"metric", "value", "step"}), or None if there is none (or unreadable)."""
+    path = Path(run_dir) / CHECKPOINT_DIR / BEST
+    if not path.is_file():
+        return None
+    try:  # mmap: the score without reading the weights
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best")
+    except Exception as error:
+        warnings.warn(f"the best checkpoint {path} cannot be read ({type(error).__name__}: {error}); the next "
+                      f"evaluation replaces it")
+        return None
 
 
 def load_latest_checkpoint(run_dir: str | Path, map_location: Any = "cpu") -> tuple[dict[str, Any], Path] | None:

@@ -102,6 +102,9 @@ class TrainConfig:
     log_every: int = 100  # steps between metrics lines (the only host syncs of the step)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
+    # also keep checkpoints/best.pt, the checkpoint of the best score so far of: fid (eval.every), val_loss or
+    # val_loss_ema (eval.val_every); lower is better for each
+    keep_best: Literal["none", "fid", "val_loss", "val_loss_ema"] = "none"
     sample_every: int = 10_000  # steps between sample grids; 0 = only at the end
     init_from: str = ""  # a diffusers folder (engine.export's, or saved by diffusers) to start from; a resume ignores it
     tensorboard: bool = False  # also log metrics and sample grids to RUN_DIR/tensorboard (pip install tensorboard)
@@ -445,6 +448,11 @@ def _check_train(config: Config, require) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         value = getattr(train, key)
         require(value > 0, f"train.{key}", f"must be positive, got {value}")
+    if train.keep_best == "fid":
+        require(config.eval.every > 0, "train.keep_best", "fid needs FID during training: set eval.every")
+    elif train.keep_best != "none":
+        require(config.eval.val_every > 0, "train.keep_best",
+                f"{train.keep_best} needs the validation loss: set eval.val_every and eval.val_data")
     require(train.sample_every >= 0, "train.sample_every", f"must be >= 0 (0 = only at the end), got {train.sample_every}")
     require(not (train.compile and train.compile_scope == "step" and train.precision == "fp16"), "train.compile_scope",
             "step does not take train.precision=fp16 (its grad scaler decides on the host); use bf16 or fp32")

@@ -34,8 +34,9 @@ class RunDir:
 def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None) -> tuple[torch.nn.Module, Config, int]:
     """The model of a run's latest checkpoint, its config and step.
 
-    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A diffusers folder
-    (pipeline or bare UNet) works too: its weights, with its settings over the defaults, at step 0.
+    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A checkpoint file (e.g.
+    checkpoints/best.pt) works too, and so does a diffusers folder (pipeline or bare UNet): its weights,
+    with its settings over the defaults, at step 0.
     """
     run_dir = Path(run_dir)
     if is_diffusers_folder(run_dir):  # e.g. engine.export's output, or a model saved by diffusers
@@ -49,12 +50,14 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
         model = build_unet(config, device)
         model.load_state_dict(found.state_dict)
         return model, config, 0
-    if not run_dir.is_dir():
+    if run_dir.is_file() and run_dir.suffix == ".pt":  # one checkpoint, e.g. RUN_DIR/checkpoints/best.pt
+        state, path = torch.load(run_dir, map_location="cpu", weights_only=True), run_dir
+    elif not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
-    loaded = load_latest_checkpoint(run_dir, map_location="cpu")
-    if loaded is None:
+    elif (loaded := load_latest_checkpoint(run_dir, map_location="cpu")) is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; train first with python -m engine.train")
-    state, path = loaded
+    else:
+        state, path = loaded
     config = config_from_dict(state["config"], where=str(path))
     model = build_unet(config, device)
     if use_ema is None:

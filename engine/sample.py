@@ -172,7 +172,8 @@ def generate(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, ke
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory written by engine.train, or a diffusers folder")
+    parser.add_argument("run_dir", help="a run directory written by engine.train (or one of its checkpoints, e.g. "
+                                        "RUN_DIR/checkpoints/best.pt), or a diffusers folder")
     parser.add_argument("overrides", nargs="*", metavar="sample.key=value",
                         help="any other sample setting, e.g. sample.timestep_spacing=trailing sample.thresholding=dynamic")
     # --num-images, not --num: torchrun's own parser takes --num for its --numa-binding
@@ -258,7 +259,12 @@ def grid_images(config: Config, images: np.ndarray, limit: int) -> tuple[np.ndar
 
 def write_outputs(args: argparse.Namespace, config: Config, images: np.ndarray) -> None:
     """Rank 0's files: the grid, and the .npz if asked for (every rank has written its own PNGs)."""
-    default_out = "sample_grid.png" if is_diffusers_folder(args.run_dir) else RunDir(args.run_dir).sample_grid
+    if is_diffusers_folder(args.run_dir):
+        default_out = "sample_grid.png"
+    elif Path(args.run_dir).suffix == ".pt":  # RUN_DIR/checkpoints/best.pt: the grid beside the run's others
+        default_out = RunDir(Path(args.run_dir).parents[1]).path / f"sample_grid_{Path(args.run_dir).stem}.png"
+    else:
+        default_out = RunDir(args.run_dir).sample_grid
     out = Path(args.out or default_out)
     if args.grid_size:
         grid, columns = grid_images(config, images, args.grid_size)

@@ -12,6 +12,7 @@ one `maintenance()` call (log, checkpoint, the agreed stop, samples, evaluation)
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from typing import Any, Iterator
 import torch
 
 import engine
-from engine.checkpoint import CheckpointError, checkpoint_name, load_latest_checkpoint, save_checkpoint
+from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_name, load_latest_checkpoint,
+                              save_best_checkpoint, save_checkpoint)
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, read_manifest
 from engine.diffusers_format import init_state_dict
@@ -314,6 +316,9 @@ class TrainingRun:
         self.evaluate_now = build_evaluation(config, self.run_dir, self.sampler_model, trainer.schedule,
                                              trainer.kernels, context, self.log, self.metrics)
         self.validation = ValidationLoss(config, context, trainer) if config.eval.val_every else None
+        # the best score so far (best.pt's, read by rank 0), so that a resumed run keeps a better old best
+        self.best = all_gather_objects(best_score(self.run_dir) if context.is_main else None)[0] \
+            if config.train.keep_best != "none" else None
         if self.validation is not None:
             self.log(f"validation: the loss every {config.eval.val_every} steps on {self.validation.num_images:,} "
                      f"held-out images of {config.eval.val_data} at t = {self.validation.timesteps}")
@@ -383,20 +388,21 @@ class TrainingRun:
             if cfg_train.sample_every and step % cfg_train.sample_every == 0 and not last:
                 self.write_samples(f"step-{step:08d}.png")
             if self.config.eval.every and (step % self.config.eval.every == 0 or last):
-                self.evaluate_now(step)
+                self.keep_if_best(self.evaluate_now(step))
             if self.validation is not None and (step % self.config.eval.val_every == 0 or last):
-                self.validate(step)
+                self.keep_if_best(self.validate(step))
         finally:
             self.interval.maintenance_seconds += time.perf_counter() - started
         return False
 
-    def validate(self, step: int) -> None:
+    def validate(self, step: int) -> dict[str, float]:
         """The validation loss of the raw and the EMA weights (every rank takes part) to the metrics."""
         record = validation_record(step, self.validation.loss(self.trainer.model),
                                    self.validation.loss(self.trainer.ema.ema_model))
         if self.metrics is not None:
             self.metrics.write(record)
         self.progress.set_postfix(val=f"{record['val_loss']:.4f}", val_ema=f"{record['val_loss_ema']:.4f}")
+        return record
 
     def log_interval(self) -> None:
         """The interval's means (one host sync) to metrics.jsonl and the progress bar; then the checks on them."""
@@ -425,8 +431,8 @@ class TrainingRun:
                 f"(train.max_nonfinite_steps={limit}); none was applied, so the checkpoints hold the weights of "
                 f"step {state.step - streak}; lower optim.lr or check the data")
 
-    def checkpoint(self) -> None:
-        """Every rank gathers its part; rank 0 writes."""
+    def checkpoint(self, best: dict[str, Any] | None = None) -> None:
+        """Every rank gathers its part; rank 0 writes the step's checkpoint, or with `best` (a score) best.pt."""
         config, context, state = self.config, self.context, self.state
         snapshot = {"step": state.step, **self.trainer.state_dict(),
                     "counters": all_gather_objects(state.state_dict()),
@@ -435,9 +441,27 @@ class TrainingRun:
                                       "batch_size": self.trainer.micro_batch, "seed": config.train.seed,
                                       "positions": all_gather_objects(self.stream_positions)},
                     "config": config.to_dict(), "engine_version": engine.__version__}
+        if best is not None:
+            if context.is_main:
+                save_best_checkpoint(self.run_dir, snapshot, best)
+            return
         if context.is_main:
             save_checkpoint(self.run_dir, state.step, snapshot, keep=config.train.keep_checkpoints)
         self.saved_step = state.step
+
+    def keep_if_best(self, scores: dict[str, float]) -> None:
+        """With train.keep_best, a score below the best so far (the same on every rank: the measures are
+        reduced) writes best.pt."""
+        metric = self.config.train.keep_best
+        if metric not in scores or not math.isfinite(value := scores[metric]):
+            return
+        if self.best is not None and self.best["metric"] == metric and value >= self.best["value"]:
+            return
+        previous = f" (was {self.best['value']:.6g} at step {self.best['step']})" if self.best else ""
+        self.best = {"metric": metric, "value": value, "step": self.state.step}
+        self.checkpoint(best=self.best)
+        self.log(f"step {self.state.step}: best {metric} {value:.6g}{previous}: "
+                 f"{self.layout.checkpoints / BEST}")
 
     def write_samples(self, name: str) -> Path | None:
         """Every rank draws its share of the images (a sharded model's forward is a collective anyway); rank 0

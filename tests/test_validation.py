@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from engine import diffusion
+from engine.checkpoint import BEST, best_score, list_checkpoints, save_best_checkpoint
 from engine.data.prepare import prepare
 from engine.trainer import build_trainer, train_step
 from engine.validation import ValidationLoss, validation_record, validation_timesteps
 from kernels.noise import noise_keys
-from test_train_cli import train
+from test_train_cli import run, train
 from test_trainer import CPU, small_config
 
 
@@ -75,10 +76,11 @@ def test_two_ranks_each_with_every_other_image_sum_to_the_single_process_loss(he
         assert parts[0][t] + parts[1][t] == pytest.approx(value, rel=1e-6)
 
 
-def test_a_run_logs_a_falling_validation_loss_and_plots_it(tmp_path, shapes16, held_out):
+def test_a_run_logs_a_falling_validation_loss_plots_it_and_keeps_the_best_checkpoint(tmp_path, shapes16, held_out):
     run_dir = tmp_path / "run"
-    result = train(run_dir, shapes16, "train.steps=24", "optim.lr=2e-3", "optim.warmup_steps=0", "eval.val_every=12",
-                   f"eval.val_data={held_out}", "eval.val_timesteps=4", "train.log_every=12")
+    options = ["optim.lr=2e-3", "optim.warmup_steps=0", "eval.val_every=12", f"eval.val_data={held_out}",
+               "eval.val_timesteps=4", "train.log_every=12", "train.keep_best=val_loss_ema"]
+    result = train(run_dir, shapes16, "train.steps=24", *options)
     assert result.returncode == 0, result.stderr
     assert "validation: the loss every 12 steps on 24 held-out images" in result.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -87,10 +89,29 @@ def test_a_run_logs_a_falling_validation_loss_and_plots_it(tmp_path, shapes16, h
     assert {f"val_loss_ema_t{t}" for t in validation_timesteps(50, 4)} <= set(validation[24])
     assert validation[24]["val_loss"] < validation[12]["val_loss"]
     assert (run_dir / "loss.png").is_file()
+    # the best by val_loss_ema, beside the newest checkpoints, with its score; engine.sample takes it
+    best_step = min(validation, key=lambda step: validation[step]["val_loss_ema"])
+    assert best_score(run_dir) == {"metric": "val_loss_ema", "value": validation[best_step]["val_loss_ema"],
+                                   "step": best_step}
+    assert f"best val_loss_ema {validation[best_step]['val_loss_ema']:.6g}" in result.stderr
+    assert all(path.name != BEST for path in list_checkpoints(run_dir))
+    sampled = run("engine.sample", run_dir / "checkpoints" / BEST, "--num", 2, "--npz", tmp_path / "best.npz")
+    assert sampled.returncode == 0, sampled.stderr
+    assert (run_dir / "sample_grid_best.png").is_file()
+    exported = run("engine.export", run_dir / "checkpoints" / BEST, tmp_path / "best")  # read, then refused:
+    assert "with channel_mult [1, 2] gives block widths [16, 32]" in exported.stderr  # 16 is no multiple of 32
+    # a resumed run keeps an old best that its new scores do not beat
+    state = torch.load(run_dir / "checkpoints" / BEST, weights_only=True)
+    save_best_checkpoint(run_dir, state, {"metric": "val_loss_ema", "value": -1.0, "step": 3})
+    again = train(run_dir, shapes16, "train.steps=36", *options)
+    assert again.returncode == 0, again.stderr
+    assert best_score(run_dir)["value"] == -1.0 and "best val_loss_ema" not in again.stderr
 
 
 @pytest.mark.parametrize("overrides,message", [(["eval.val_every=5"], "eval.val_data must name a prepared"),
-                                               (["eval.val_every=5", "eval.val_timesteps=0"], "eval.val_timesteps")])
+                                               (["eval.val_every=5", "eval.val_timesteps=0"], "eval.val_timesteps"),
+                                               (["train.keep_best=fid"], "fid needs FID during training"),
+                                               (["train.keep_best=val_loss"], "val_loss needs the validation loss")])
 def test_validation_settings_are_checked(overrides, message, held_out):
     from engine.config import ConfigError
 
