@@ -15,6 +15,7 @@ minutes on 2 cores before the first step (see `warmup_seconds`), for a steady st
 kernels are timed on CUDA only.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -83,6 +84,38 @@ def test_train_step_precision_and_attention(benchmark, device, bench_config, bat
         pytest.skip("the memory format is measured with the default attention only")
     config = configured(bench_config, batch_size, precision=precision, attention=attention, channels_last=channels_last)
     time_train_step(benchmark, config, flops_per_image, "train_step_options")
+
+
+@pytest.mark.parametrize("mode", ["none", "resblocks", "all"])
+def test_train_step_activation_checkpointing(benchmark, device, bench_config, batch_size, flops_per_image, mode):
+    """Eager steps with each `model.activation_checkpointing`: the time (the recompute costs about one more
+    forward of the blocks), the bytes the forward keeps for the backward (`saved_activation_mb`, from
+    saved_tensors_hooks, on any device) and on CUDA the peak memory of the step."""
+    config = configured(bench_config, batch_size, precision="auto")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, activation_checkpointing=mode))
+    benchmark.extra_info.update(activation_checkpointing=mode, saved_activation_mb=saved_activation_bytes(config, device) / 1e6)
+    time_train_step(benchmark, config, flops_per_image, "train_step_activation_checkpointing")
+
+
+def saved_activation_bytes(config, device: torch.device) -> int:
+    """Bytes autograd holds for the backward after one forward of the config's UNet on a micro-batch, as training
+    runs it (bf16 autocast on CUDA)."""
+    torch.manual_seed(0)
+    model = build_unet(config, device).train()
+    size, channels = config.data.image_size, config.data.channels
+    x = torch.randn(config.train.batch_size, channels, size, size, device=device)
+    t = torch.randint(0, config.diffusion.num_timesteps, (len(x),), device=device)
+    total = 0
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast:
+        model(x, t).float().square().mean()
+    return total
 
 
 def configured(config, batch_size: int, *, kernels: str = "auto", attention: str | None = None, **train):

@@ -38,6 +38,9 @@ class ModelConfig:
     # num_classes is the "no class" token (classifier-free guidance's unconditional prediction)
     num_classes: int = 0
     label_dropout: float = 0.0  # training: the share of labels replaced by "no class" (Ho & Salimans use 0.1-0.2)
+    # recompute activations in the backward instead of keeping them (non-reentrant torch.utils.checkpoint):
+    # the ResNet blocks, or those and the attention blocks; less memory for about a third more compute
+    activation_checkpointing: Literal["none", "resblocks", "all"] = "none"
 
 
 @dataclass

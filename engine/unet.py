@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from engine.attention import resolve_attention_backend
 from engine.attention import attention as attend
@@ -35,7 +36,7 @@ def build_unet(config: Config, device: torch.device | str) -> UNet:
                 channel_mult=model.channel_mult, num_res_blocks=model.num_res_blocks,
                 attention_resolutions=model.attention_resolutions, dropout=model.dropout,
                 num_heads=model.num_heads, attention_backend=model.attention_backend, num_classes=model.num_classes,
-                device=device).to(device)
+                activation_checkpointing=model.activation_checkpointing, device=device).to(device)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -66,7 +67,20 @@ def _init(layer: nn.Conv2d | nn.Linear, scale: float = 1.0) -> nn.Module:
     return layer
 
 
-class ResnetBlock(nn.Module):
+class Checkpointable(nn.Module):
+    """A block (its `compute`) whose activations can be recomputed in the backward instead of kept
+    (`checkpointed`): non-reentrant torch.utils.checkpoint, which replays the RNG, so that dropout draws the
+    same mask, and which torch.compile traces without a graph break."""
+
+    checkpointed = False
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self.compute, *args, use_reentrant=False)
+        return self.compute(*args)
+
+
+class ResnetBlock(Checkpointable):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float):
         super().__init__()
         self.norm1 = group_norm(in_channels)
@@ -78,14 +92,14 @@ class ResnetBlock(nn.Module):
         # a 1x1 conv ("NIN") only where the residual must change width
         self.shortcut = _init(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.shortcut(x) + h
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(Checkpointable):
     """Self-attention over the H*W positions, split into `num_heads` heads, added back residually."""
 
     def __init__(self, channels: int, num_heads: int, backend: str):
@@ -100,7 +114,7 @@ class AttentionBlock(nn.Module):
         self.v = _init(nn.Conv2d(channels, channels, 1))
         self.proj_out = _init(nn.Conv2d(channels, channels, 1), scale=0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         h = self.norm(x)
 
@@ -200,7 +214,8 @@ class UNet(nn.Module):
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int, base_channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_heads: int = 1,
-                 attention_backend: str = "sdpa", num_classes: int = 0, device: torch.device | str | None = None):
+                 attention_backend: str = "sdpa", num_classes: int = 0, activation_checkpointing: str = "none",
+                 device: torch.device | str | None = None):
         """`device` is where the model will run (default: CUDA if present); it only decides which attention
         backend can run there. Parameters are created on the CPU; move them with `.to(device)`.
 
@@ -233,6 +248,16 @@ class UNet(nn.Module):
         # created last, so that a conditional model's other layers start as the unconditional one's
         self.num_classes = num_classes
         self.class_embed = nn.Embedding(num_classes + 1, temb_channels) if num_classes else None
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """none, resblocks (every ResnetBlock) or all (and every AttentionBlock)."""
+        kinds = {"none": (), "resblocks": (ResnetBlock,), "all": (ResnetBlock, AttentionBlock)}
+        if mode not in kinds:
+            raise ValueError(f"unknown activation checkpointing {mode!r}; choose one of {', '.join(kinds)}")
+        for module in self.modules():
+            if isinstance(module, Checkpointable):
+                module.checkpointed = isinstance(module, kinds[mode])
 
     def _resolutions(self, image_size: int, attention_resolutions: Sequence[int]) -> list[int]:
         """The feature map size of every level; ValueError when the image size or an attention

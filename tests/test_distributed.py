@@ -78,11 +78,13 @@ def test_a_conditional_model_trains_under_fsdp_as_in_one_process_and_its_checkpo
     """Each rank drops the labels of its slice of the global batch's drops: the same losses and the same weights,
     the class embedding (sharded by FSDP) included, as one process. 32 channels and then 64: at fewer
     than two channels per GroupNorm group the norm would cancel the class embedding and hide a wrong drop.
-    The FSDP checkpoint then resumes in a single process."""
+    The FSDP run also recomputes its activations (model.activation_checkpointing=all), which changes nothing
+    but the memory. Its checkpoint then resumes in a single process."""
     conditional = [*STEPS, "model.num_classes=1", "model.label_dropout=0.5", "model.base_channels=32"]
     single = train(tmp_path / "single", repeated_image, *conditional)
     assert single.returncode == 0, single.stderr
-    result = train(tmp_path / "fsdp", repeated_image, *conditional, "train.parallel=fsdp", launcher=TORCHRUN)
+    result = train(tmp_path / "fsdp", repeated_image, *conditional, "train.parallel=fsdp",
+                   "model.activation_checkpointing=all", launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr
     _assert_same_trajectory(losses(tmp_path / "fsdp"), tmp_path / "single")
     expected, got = (load_latest_checkpoint(tmp_path / name)[0]["model"] for name in ("single", "fsdp"))
