@@ -111,6 +111,12 @@ class TrainConfig:
     sample_every: int = 10_000  # steps between sample grids; 0 = only at the end
     init_from: str = ""  # a diffusers folder (engine.export's, or saved by diffusers) to start from; a resume ignores it
     tensorboard: bool = False  # also log metrics and sample grids to RUN_DIR/tensorboard (pip install tensorboard)
+    # and/or to Weights & Biases (pip install wandb), from rank 0: the project, the run's name ("" = the run
+    # directory's), the mode ("" = wandb's default or $WANDB_MODE; online, offline or disabled)
+    wandb: bool = False
+    wandb_project: str = "ddpm-engine"
+    wandb_name: str = ""
+    wandb_mode: Literal["", "online", "offline", "disabled"] = ""
 
 
 @dataclass

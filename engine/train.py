@@ -32,7 +32,7 @@ from engine.evaluate import (EvaluationError, evaluate, inception_path, load_fea
                              save_reference)
 from engine.evaluate import summary as evaluation_summary
 from engine.images import make_grid, save_grid, to_uint8
-from engine.metrics import MetricsLog, plot_loss_curve, tensorboard_writer_class
+from engine.metrics import MetricsLog, plot_loss_curve, start_wandb, tensorboard_writer_class, wandb_module
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.rng import restore_rng_state, rng_state
@@ -80,6 +80,8 @@ def check_extras(config: Config) -> dict[str, torch.Tensor] | None:
     `train.init_from` weights, if any."""
     if config.train.tensorboard:
         tensorboard_writer_class()
+    if config.train.wandb:
+        wandb_module()
     if config.eval.every:
         inception, _ = inception_path(config.eval.inception or None)
         if not inception.is_file():  # load_feature_network says the same, with where to get the file
@@ -248,9 +250,11 @@ class TrainingRun:
         self.peak_flops = peak_bf16_flops(context.device) if self.trainer.dtype == torch.bfloat16 else None
         self.header = self.resume()
         self.batches = self.open_data()
-        self.metrics = MetricsLog(self.layout.metrics, resume_step=self.state.step,
-                                  tensorboard_dir=self.layout.tensorboard if config.train.tensorboard else None
-                                  ) if context.is_main else None
+        self.metrics = MetricsLog(
+            self.layout.metrics, resume_step=self.state.step,
+            tensorboard_dir=self.layout.tensorboard if config.train.tensorboard else None,
+            wandb_run=start_wandb(config.train, self.run_dir, config.to_dict()) if config.train.wandb else None,
+        ) if context.is_main else None
         self.describe(manifest)
         self.setup_maintenance()
 

@@ -49,6 +49,27 @@ def test_metrics_mirror_to_tensorboard_and_a_resume_purges_later_steps(tmp_path)
     assert [e.step for e in _tensorboard_events(tmp_path / "tb").Scalars("loss")] == [10, 20, 30]
 
 
+def test_a_run_mirrors_its_metrics_and_grid_to_wandb_offline_and_a_resume_continues_the_same_run(tmp_path, shapes16,
+                                                                                                  monkeypatch):
+    """W&B without a network (WANDB_MODE=offline): the run's files under RUN_DIR/wandb hold the logged values
+    (the offline .wandb file is W&B's record stream) and the final grid; the resumed run has the same id."""
+    pytest.importorskip("wandb")
+    from test_train_cli import losses, train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    for steps in (2, 4):
+        result = train(run_dir, shapes16, f"train.steps={steps}", "train.wandb=true", "train.log_every=2")
+        assert result.returncode == 0, result.stderr
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(folder.name.endswith(run_id) for folder in runs)
+    for folder, step in zip(runs, (2, 4)):
+        stream = next(folder.glob("run-*.wandb")).read_bytes()
+        assert json.dumps(losses(run_dir)[step]).encode() in stream and b"grad_norm" in stream
+        assert list((folder / "files" / "media" / "images").glob(f"samples_{step}_*.png"))  # the final grid
+
+
 def test_loss_curve_is_a_png(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) + "\n" for s in range(100)))
