@@ -102,6 +102,9 @@ class TrainConfig:
     sync_check: bool = False  # CUDA: raise on any host-device sync inside a step (fp16's grad scaler has one)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # ema-pytorch's power-law warmup of the decay; the DDPM code has none
+    # more EMAs beside ema_decay's (improved-diffusion's ema_rate list), each named ema_<decay>, e.g. ema_0.999:
+    # checkpoints hold them all, `--ema ema_0.999` samples, evaluates or exports one (each is one more weight copy)
+    extra_ema_decays: list[float] = field(default_factory=list)
     log_every: int = 100  # steps between metrics lines (the only host syncs of the step)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
@@ -454,6 +457,11 @@ def _check_train(config: Config, require) -> None:
     require(train.device == "auto" or train.device == "cpu" or train.device.startswith("cuda"),
             "train.device", f"must be auto, cpu or cuda[:N], got {train.device!r}")
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {train.ema_decay}")
+    for decay in train.extra_ema_decays:
+        require(0.0 <= decay < 1.0, "train.extra_ema_decays", f"must be decays in [0, 1), got {decay}")
+    decays = [train.ema_decay, *train.extra_ema_decays]
+    require(len(set(decays)) == len(decays), "train.extra_ema_decays",
+            f"must differ from each other and from train.ema_decay ({train.ema_decay}), got {train.extra_ema_decays}")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         value = getattr(train, key)
         require(value > 0, f"train.{key}", f"must be positive, got {value}")

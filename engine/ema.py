@@ -74,3 +74,24 @@ def load_ema_state(ema: EMA, state: dict[str, torch.Tensor] | None, context) -> 
         counters = counters.to(context.device)
         torch.distributed.broadcast(counters, src=0)
     ema.initted.fill_(bool(counters[0])), ema.step.fill_(int(counters[1]))
+
+
+def ema_name(decay: float) -> str:
+    """The name an EMA goes by in checkpoints and on the command line (`--ema ema_0.999`)."""
+    return f"ema_{decay:g}"
+
+
+def load_extra_ema_states(emas: dict[str, EMA], saved: dict[str, dict] | None, context) -> list[str]:
+    """Each of `emas` from the checkpoint's `saved` (rank 0's; None on the others); one the checkpoint lacks (a
+    decay added on resume) starts from the current weights. Returns the names that started afresh."""
+    from engine.distributed import all_gather_objects
+
+    present = all_gather_objects(sorted(saved or {}) if context.is_main else None)[0]
+    fresh = []
+    for name, ema in emas.items():
+        if name in present:
+            load_ema_state(ema, (saved or {}).get(name), context)
+        else:
+            ema.copy_params_from_model_to_ema()
+            fresh.append(name)
+    return fresh

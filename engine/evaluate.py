@@ -575,7 +575,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=_scales, metavar="1,1.5,2",
                         help="with --run: classifier-free guidance scales to evaluate, the best reported "
                              "(default: eval.guidance, else sample.guidance)")
-    parser.add_argument("--raw", action="store_true", help="with --run: the trained weights instead of the EMA")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--raw", action="store_true", help="with --run: the trained weights instead of the EMA")
+    weights.add_argument("--ema", metavar="NAME",
+                         help="one of the run's EMAs by name, e.g. ema_0.999 (train.ema_decay's or an extra one's)")
     parser.add_argument("--save-reference", metavar="OUT.npz", help="write the reference statistics to OUT.npz")
     parser.add_argument("--inception", metavar="PATH",
                         help=f"inception-2015-12-05.pt (default: ${INCEPTION_ENV}, else {DEFAULT_INCEPTION})")
@@ -598,8 +601,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give SAMPLES to evaluate, or --run RUN_DIR, or --save-reference OUT.npz")
     if args.samples is not None and args.run is not None:
         parser.error("give SAMPLES or --run RUN_DIR, not both")
-    if (args.guidance or args.raw) and args.run is None:
-        parser.error("--guidance and --raw draw images from a run: add --run RUN_DIR")
+    if (args.guidance or args.raw or args.ema) and args.run is None:
+        parser.error("--guidance, --raw and --ema draw images from a run: add --run RUN_DIR")
     return args
 
 
@@ -658,7 +661,7 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
                   device: torch.device) -> None:
     """FID/KID of images drawn from a run at each guidance scale (one set per scale, shared by the ranks);
     the lines and JSON name the best (lowest FID)."""
-    model, config, step = load_run(args.run, device, use_ema=False if args.raw else None)
+    model, config, step = load_run(args.run, device, use_ema=False if args.raw else None, ema=args.ema)
     if args.guidance and not config.model.num_classes:
         raise EvaluationError(f"--guidance needs a class-conditional model; {args.run} is unconditional")
     kernels, schedule = resolve_kernels_from_config(config, device), schedule_from_config(config.diffusion).to(device)

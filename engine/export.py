@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("run_dir", help="a run directory written by engine.train")
     parser.add_argument("out_dir", help="the folder to write")
     parser.add_argument("--format", choices=FORMATS, default="diffusers", help="what to write (default diffusers)")
-    parser.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA weights")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA weights")
+    weights.add_argument("--ema", metavar="NAME",
+                         help="one of the run's EMAs by name, e.g. ema_0.999 (train.ema_decay's or an extra one's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     return parser.parse_args(argv)
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_destination(args.out_dir, args.overwrite)  # before reading a checkpoint for nothing
         # on the CPU: export only renames tensors, and the file must not depend on the machine
-        model, config, step = load_run(args.run_dir, torch.device("cpu"), use_ema=not args.raw)
+        model, config, step = load_run(args.run_dir, torch.device("cpu"), use_ema=not args.raw, ema=args.ema)
         out = write_diffusers_folder(args.out_dir, config, model.state_dict(), overwrite=args.overwrite)
     except (ConfigError, RuntimeError) as error:  # DiffusersFormatError is a ConfigError
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for load_state_dict's

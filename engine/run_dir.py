@@ -11,6 +11,7 @@ import torch
 from engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint
 from engine.config import Config, ConfigError, config_from_dict
 from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
+from engine.ema import ema_name
 from engine.unet import build_unet
 
 
@@ -31,7 +32,8 @@ class RunDir:
     sample_grid = property(lambda self: self.path / "sample_grid.png")  # engine.sample's default output
 
 
-def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None) -> tuple[torch.nn.Module, Config, int]:
+def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None,
+             ema: str | None = None) -> tuple[torch.nn.Module, Config, int]:
     """The model of a run's latest checkpoint, its config and step.
 
     EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A checkpoint file (e.g.
@@ -40,8 +42,8 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
     """
     run_dir = Path(run_dir)
     if is_diffusers_folder(run_dir):  # e.g. engine.export's output, or a model saved by diffusers
-        if use_ema is False:
-            raise ConfigError(f"{run_dir} is a diffusers folder: it holds one set of weights (drop --raw)")
+        if use_ema is False or ema is not None:
+            raise ConfigError(f"{run_dir} is a diffusers folder: it holds one set of weights (drop --raw and --ema)")
         found = read_diffusers_folder(run_dir)
         if found.diffusion is None:
             print(f"warning: {run_dir} has no scheduler config; sampling with the default diffusion settings "
@@ -62,9 +64,19 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
     model = build_unet(config, device)
     if use_ema is None:
         use_ema = config.sample.use_ema
-    if use_ema:  # ema-pytorch keeps the averaged copy under "ema_model."
-        weights = {k.removeprefix("ema_model."): v for k, v in state["ema"].items() if k.startswith("ema_model.")}
+    if ema is not None:  # one EMA by name: train.ema_decay's or one of train.extra_ema_decays'
+        emas = {ema_name(config.train.ema_decay): state["ema"], **state.get("extra_emas", {})}
+        if ema not in emas:
+            raise ConfigError(f"{path} has no EMA {ema!r}; it has {', '.join(emas)}")
+        weights = ema_weights(emas[ema])
+    elif use_ema:
+        weights = ema_weights(state["ema"])
     else:
         weights = state["model"]
     model.load_state_dict(weights)
     return model, config, int(state["step"])
+
+
+def ema_weights(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet's weights from an EMA's state (ema-pytorch keeps the averaged copy under "ema_model.")."""
+    return {k.removeprefix("ema_model."): v for k, v in ema.items() if k.startswith("ema_model.")}

@@ -197,7 +197,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "for sharper, less varied images (default: sample.guidance)")
     parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     parser.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
-    parser.add_argument("--raw", action="store_true", help="use the trained weights instead of the EMA weights")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--raw", action="store_true", help="use the trained weights instead of the EMA weights")
+    weights.add_argument("--ema", metavar="NAME",
+                         help="one of the run's EMAs by name, e.g. ema_0.999 (train.ema_decay's or an extra one's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                         help="autocast dtype of the network (default: sample.precision; auto = bf16 on CUDA)")
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num < 1 or args.grid_size < 0:
             raise ConfigError(f"--num-images must be at least 1 and --grid-size at least 0 (got {args.num}, {args.grid_size})")
-        model, config, step = load_run(args.run_dir, context.device, use_ema=False if args.raw else None)
+        model, config, step = load_run(args.run_dir, context.device, use_ema=False if args.raw else None, ema=args.ema)
         config = sampling_config(config, args)
         kernels = resolve_kernels_from_config(config, context.device)
     except (ConfigError, KernelError, RuntimeError) as error:

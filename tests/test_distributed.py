@@ -79,18 +79,24 @@ def test_a_conditional_model_trains_under_fsdp_as_in_one_process_and_its_checkpo
     the class embedding (sharded by FSDP) included, as one process. 32 channels and then 64: at fewer
     than two channels per GroupNorm group the norm would cancel the class embedding and hide a wrong drop.
     The FSDP run also recomputes its activations (model.activation_checkpointing=all), which changes nothing
-    but the memory. Its checkpoint then resumes in a single process."""
-    conditional = [*STEPS, "model.num_classes=1", "model.label_dropout=0.5", "model.base_channels=32"]
+    but the memory; both keep a second EMA. The FSDP checkpoint then resumes in a single process."""
+    conditional = [*STEPS, "model.num_classes=1", "model.label_dropout=0.5", "model.base_channels=32",
+                   "train.extra_ema_decays=[0.5]"]
     single = train(tmp_path / "single", repeated_image, *conditional)
     assert single.returncode == 0, single.stderr
     result = train(tmp_path / "fsdp", repeated_image, *conditional, "train.parallel=fsdp",
                    "model.activation_checkpointing=all", launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr
     _assert_same_trajectory(losses(tmp_path / "fsdp"), tmp_path / "single")
-    expected, got = (load_latest_checkpoint(tmp_path / name)[0]["model"] for name in ("single", "fsdp"))
+    single_state, fsdp_state = (load_latest_checkpoint(tmp_path / name)[0] for name in ("single", "fsdp"))
+    expected, got = single_state["model"], fsdp_state["model"]
     assert expected.keys() == got.keys() and any(key.endswith("class_embed.weight") for key in got)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    # the extra EMA (train.extra_ema_decays), sharded like the main one, ends where the single process's does
+    assert list(fsdp_state["extra_emas"]) == ["ema_0.5"]
+    for name, value in single_state["extra_emas"]["ema_0.5"].items():
+        torch.testing.assert_close(fsdp_state["extra_emas"]["ema_0.5"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     again = train(tmp_path / "fsdp", repeated_image, *conditional[1:], "train.steps=5")
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stderr and sorted(losses(tmp_path / "fsdp")) == [1, 2, 3, 4, 5]

@@ -1,0 +1,75 @@
+"""Several EMAs at once (issue 17, item 3): train.extra_ema_decays, in checkpoints and resumes, chosen by name
+with --ema."""
+
+import io
+
+import pytest
+import torch
+
+from engine.trainer import build_trainer, train_step
+from test_train_cli import run, train
+from test_trainer import CPU, small_config
+
+SMALLER = ("model.dropout=0.0", "model.channel_mult=[1]", "model.attention_resolutions=[]", "train.ema_warmup=false")
+
+
+def batches():
+    generator = torch.Generator().manual_seed(0)
+    return [{"image": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=generator), "skipped": 0}
+            for _ in range(4)]
+
+
+def test_an_extra_ema_is_the_ema_its_decay_would_give_as_the_main_one_and_resumes():
+    data = batches()
+    several = build_trainer(small_config(*SMALLER, "train.ema_decay=0.9", "train.extra_ema_decays=[0.5,0.7]"), CPU)
+    alone = build_trainer(small_config(*SMALLER, "train.ema_decay=0.5"), CPU)
+    assert list(several.extra_emas) == ["ema_0.5", "ema_0.7"]
+    for step in range(2):
+        for trainer in (several, alone):
+            train_step(trainer, step, lambda: data[step])
+    for a, b in zip(several.extra_emas["ema_0.5"].ema_model.parameters(), alone.ema.ema_model.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(several.ema.ema_model.parameters(), alone.ema.ema_model.parameters()))
+    saved = io.BytesIO()
+    torch.save(several.state_dict(), saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed = build_trainer(small_config(*SMALLER, "train.ema_decay=0.9", "train.extra_ema_decays=[0.5,0.7,0.8]"), CPU)
+    with pytest.warns(UserWarning, match="the checkpoint holds no ema_0.8: it starts from the resumed weights"):
+        resumed.load_state_dict(state, state["lr_schedule"], state["scaler"])
+    for name in ("ema_0.5", "ema_0.7"):
+        for a, b in zip(resumed.extra_emas[name].ema_model.parameters(), several.extra_emas[name].ema_model.parameters()):
+            assert torch.equal(a, b)
+    for a, b in zip(resumed.extra_emas["ema_0.8"].ema_model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_decays_are_checked():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.extra_ema_decays must differ"):
+        small_config("train.ema_decay=0.9", "train.extra_ema_decays=[0.9]")
+    with pytest.raises(ConfigError, match=r"train.extra_ema_decays must be decays in \[0, 1\)"):
+        small_config("train.extra_ema_decays=[1.5]")
+
+
+def test_sample_and_export_take_an_ema_by_name(tmp_path, shapes16):
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    result = train(run_dir, shapes16, "train.steps=2", "train.ema_decay=0.9", "train.extra_ema_decays=[0.5]",
+                   "train.ema_warmup=false")
+    assert result.returncode == 0, result.stderr
+    images = {}
+    for name in ("ema_0.5", "ema_0.9"):
+        sampled = run("engine.sample", run_dir, "--ema", name, "--num", 2, "--npz", tmp_path / f"{name}.npz",
+                      "--out", tmp_path / f"{name}.png")
+        assert sampled.returncode == 0, sampled.stderr
+        images[name] = np.load(tmp_path / f"{name}.npz")["arr_0"]
+    default = run("engine.sample", run_dir, "--num", 2, "--npz", tmp_path / "default.npz", "--out", tmp_path / "d.png")
+    assert default.returncode == 0 and np.array_equal(np.load(tmp_path / "default.npz")["arr_0"], images["ema_0.9"])
+    assert not np.array_equal(images["ema_0.5"], images["ema_0.9"])
+    unknown = run("engine.sample", run_dir, "--ema", "ema_0.7")
+    assert unknown.returncode == 2 and "has no EMA 'ema_0.7'; it has ema_0.9, ema_0.5" in unknown.stderr
+    both = run("engine.sample", run_dir, "--ema", "ema_0.5", "--raw")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
