@@ -401,8 +401,9 @@ class TrainingRun:
 
     def validate(self, step: int) -> dict[str, float]:
         """The validation loss of the raw and the EMA weights (every rank takes part) to the metrics."""
-        record = validation_record(step, self.validation.loss(self.trainer.model),
-                                   self.validation.loss(self.trainer.ema.ema_model))
+        loss, trainer = self.validation.loss, self.trainer
+        record = validation_record(step, loss(trainer.model), loss(trainer.ema.ema_model),
+                                   {name: loss(ema.ema_model) for name, ema in trainer.extra_emas.items()})
         if self.metrics is not None:
             self.metrics.write(record)
         self.progress.set_postfix(val=f"{record['val_loss']:.4f}", val_ema=f"{record['val_loss_ema']:.4f}")

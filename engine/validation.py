@@ -70,8 +70,14 @@ class ValidationLoss:
         return {t: float(total) / self.num_images for t, total in zip(self.timesteps, sums.tolist())}
 
 
-def validation_record(step: int, raw: dict[int, float], ema: dict[int, float]) -> dict[str, float]:
-    """The metrics line: the mean over the timesteps for the raw and the EMA weights, and the EMA's per t."""
-    record = {"step": step, "val_loss": sum(raw.values()) / len(raw), "val_loss_ema": sum(ema.values()) / len(ema)}
+def validation_record(step: int, raw: dict[int, float], ema: dict[int, float],
+                      extra_emas: dict[str, dict[int, float]] | None = None) -> dict[str, float]:
+    """The metrics line: the mean over the timesteps for the raw and the EMA weights (and each extra EMA, as
+    val_loss_ema_0.999), and the EMA's per t."""
+    def mean(losses: dict[int, float]) -> float:
+        return sum(losses.values()) / len(losses)
+
+    record = {"step": step, "val_loss": mean(raw), "val_loss_ema": mean(ema)}
+    record.update({f"val_loss_{name}": mean(losses) for name, losses in (extra_emas or {}).items()})
     record.update({f"val_loss_ema_t{t}": value for t, value in ema.items()})
     return record

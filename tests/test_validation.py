@@ -54,8 +54,9 @@ def test_the_same_weights_give_the_same_loss_which_is_the_plain_loss_at_the_fixe
     assert trainer.model.training, "validation leaves the model in the mode it found it in"
     after = validation.loss(trainer.model)
     assert after != first
-    record = validation_record(5, after, first)
+    record = validation_record(5, after, first, {"ema_0.5": first})
     assert record["val_loss"] == pytest.approx(sum(after.values()) / 3) and record["val_loss_ema_t41"] == first[41]
+    assert record["val_loss_ema_0.5"] == record["val_loss_ema"]
 
 
 def test_two_ranks_each_with_every_other_image_sum_to_the_single_process_loss(held_out, monkeypatch):
@@ -79,14 +80,14 @@ def test_two_ranks_each_with_every_other_image_sum_to_the_single_process_loss(he
 def test_a_run_logs_a_falling_validation_loss_plots_it_and_keeps_the_best_checkpoint(tmp_path, shapes16, held_out):
     run_dir = tmp_path / "run"
     options = ["optim.lr=2e-3", "optim.warmup_steps=0", "eval.val_every=12", f"eval.val_data={held_out}",
-               "eval.val_timesteps=4", "train.log_every=12", "train.keep_best=val_loss_ema"]
+               "eval.val_timesteps=4", "train.log_every=12", "train.keep_best=val_loss_ema", "train.extra_ema_decays=[0.5]"]
     result = train(run_dir, shapes16, "train.steps=24", *options)
     assert result.returncode == 0, result.stderr
     assert "validation: the loss every 12 steps on 24 held-out images" in result.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     validation = {r["step"]: r for r in records if "val_loss" in r}
     assert sorted(validation) == [12, 24]
-    assert {f"val_loss_ema_t{t}" for t in validation_timesteps(50, 4)} <= set(validation[24])
+    assert {f"val_loss_ema_t{t}" for t in validation_timesteps(50, 4)} | {"val_loss_ema_0.5"} <= set(validation[24])
     assert validation[24]["val_loss"] < validation[12]["val_loss"]
     assert (run_dir / "loss.png").is_file()
     # the best by val_loss_ema, beside the newest checkpoints, with its score; engine.sample takes it
