@@ -28,6 +28,8 @@ from engine.unet import UNet, build_unet
 from test_train_cli import ROOT
 
 # The smallest model UNet2DModel can express: widths must be multiples of its 32 norm groups.
+# ModelConfig fields that are not the architecture: diffusers' config does not hold them
+NOT_IN_DIFFUSERS = ("attention_backend", "label_dropout", "activation_checkpointing")
 TINY_MODEL = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
               "num_heads": 1, "dropout": 0.0}
 
@@ -218,7 +220,7 @@ def test_a_sparse_config_as_early_diffusers_wrote_it_reads_as_the_cifar_preset()
               "time_embedding_type": "positional"}
     model, data = model_fields_from_unet_config(config)
     cifar = load_config(ROOT / "configs" / "cifar.yaml").to_dict()
-    excluded = ("attention_backend", "dropout", "label_dropout")  # label dropout is a training setting
+    excluded = (*NOT_IN_DIFFUSERS, "dropout")
     assert model == {k: v for k, v in cifar["model"].items() if k not in excluded} | {"dropout": 0.0}
     assert data == {"image_size": 32, "channels": 3}
 
@@ -237,7 +239,7 @@ def test_the_mapping_round_trips_and_uses_diffusers_names():
     assert unet_config["attention_head_dim"] == 32 and unet_config["down_block_types"] == ["DownBlock2D",
                                                                                            "AttnDownBlock2D"]
     fields, data, state = diffusers_to_unet(unet_config, weights)
-    assert fields == {k: v for k, v in config.to_dict()["model"].items() if k not in ("attention_backend", "label_dropout")}
+    assert fields == {k: v for k, v in config.to_dict()["model"].items() if k not in NOT_IN_DIFFUSERS}
     assert data == {"image_size": 16, "channels": 3}
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -314,7 +316,7 @@ def test_the_export_cli_writes_the_ema_or_the_raw_weights(run_dir, exported, tmp
     for folder, model in ((exported, ema_model), (tmp_path / "raw", raw_model)):
         found = read_diffusers_folder(folder)
         assert found.model == {k: v for k, v in config.to_dict()["model"].items()
-                               if k not in ("attention_backend", "label_dropout")}
+                               if k not in NOT_IN_DIFFUSERS}
         assert found.diffusion["schedule"] == "squaredcos_cap_v2" and found.diffusion["target"] == "v"
         assert all(torch.equal(found.state_dict[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(ema_model.conv_out.weight, raw_model.conv_out.weight)
