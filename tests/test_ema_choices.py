@@ -71,5 +71,11 @@ def test_sample_and_export_take_an_ema_by_name(tmp_path, shapes16):
     assert not np.array_equal(images["ema_0.5"], images["ema_0.9"])
     unknown = run("engine.sample", run_dir, "--ema", "ema_0.7")
     assert unknown.returncode == 2 and "has no EMA 'ema_0.7'; it has ema_0.9, ema_0.5" in unknown.stderr
-    both = run("engine.sample", run_dir, "--ema", "ema_0.5", "--raw")
-    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+def test_raw_and_ema_exclude_each_other(capsys):
+    from engine.sample import parse_args
+
+    assert parse_args(["run", "--ema", "ema_0.999"]).ema == "ema_0.999"
+    with pytest.raises(SystemExit):
+        parse_args(["run", "--ema", "ema_0.5", "--raw"])
+    assert "not allowed with argument" in capsys.readouterr().err
