@@ -15,12 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Every kernel, branch and dtype for both targets. At the engine's image shapes (a multiple of 16 elements:
-# the aligned path) every autotune config for Hopper, the machines the engine targets, and for Ampere the one
-# with the most elements per thread (the most registers: where sm_80 spilled before, RESULTS.md); the unaligned
-# path with the first config for both. Each compile takes most of a second on this CPU: every config for both
-# targets made this the suite's longest test by far. The instruction mix (SASS), and every config for both
-# targets, are left to `python -m kernels.ahead_of_time`, which prints the full table.
+# Every kernel, branch and dtype for both targets at the engine's image shapes (a multiple of 16 elements: the
+# aligned path): every autotune config for Hopper, the machines the engine targets, and for Ampere the one with
+# the most elements per thread (the most registers: where sm_80 spilled before, RESULTS.md); the unaligned path
+# with the first config for Hopper. Each compile takes most of a second on this CPU: every config, shape and
+# target made this the suite's longest test by far. The instruction mix (SASS), and every config and shape for
+# both targets, are left to `python -m kernels.ahead_of_time`, which prints the full table.
 _COMPILE = """
 import json, sys
 from kernels import ahead_of_time as aot
@@ -34,7 +34,7 @@ rows = []
 for arch in (90, 80):
     for v in aot.variants():
         if v.shape.name == "odd":
-            wanted = v.config is first
+            wanted = arch == 90 and v.config is first
         else:
             wanted = arch == 90 or v.config is heaviest
         if wanted:
@@ -71,7 +71,7 @@ def test_every_variant_compiles_for_sm90_and_sm80_without_spills_and_vectorised(
     assert len([r for r in compiled if r["shape"] == "cifar" and r["arch"] == 90]) == expected * configs
     ampere = [r for r in compiled if r["shape"] == "cifar" and r["arch"] == 80]
     assert len(ampere) == expected and {(r["block"], r["num_warps"]) for r in ampere} == {(1024, 8)}
-    assert len([r for r in compiled if r["shape"] == "odd"]) == expected * 2
+    assert len([r for r in compiled if r["shape"] == "odd"]) == expected
     spilled = [r for r in compiled if r["spill_bytes"]]  # ptxas's spill stores and loads (a stack frame alone is not)
     assert not spilled, spilled[:3]
     assert all(0 < r["registers"] <= 128 for r in compiled), max(r["registers"] for r in compiled)

@@ -240,7 +240,6 @@ def test_a_step_makes_no_host_sync_eager_compiled_streaming_or_from_the_device_c
     conditional = ("model.num_classes=4", "model.label_dropout=0.5")  # labels and their drops on the device too
     trainers = {"eager": lambda: build_trainer(small_config(*warmup), CPU),
                 "compiled step": lambda: step_scope_trainer(monkeypatch, *warmup, *smaller),
-                "conditional eager": lambda: build_trainer(small_config(*warmup, *conditional), CPU),
                 "conditional compiled step": lambda: step_scope_trainer(monkeypatch, *warmup, *smaller, *conditional)}
     counts = {}
     for name, make in trainers.items():
