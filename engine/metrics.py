@@ -60,9 +60,7 @@ class MetricsLog:
             self._tensorboard.add_image(tag, image, step, dataformats="HWC")
             self._tensorboard.flush()
         if self._wandb is not None:
-            import wandb
-
-            self._wandb.log({tag: wandb.Image(image)}, step=step)
+            self._wandb.log({tag: wandb_module().Image(image)}, step=step)
 
     def close(self) -> None:
         self._file.close()
@@ -128,13 +126,14 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(metrics_path) if "loss" in r and "step" in r]
+    everything = read_metrics(metrics_path)
+    records = [r for r in everything if "loss" in r and "step" in r]
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
     axis.plot(steps, losses, color="tab:blue", alpha=0.4, linewidth=1, label="loss")
     plot_noise_levels(axis, records)
-    plot_validation(axis, read_metrics(metrics_path))
+    plot_validation(axis, everything)
     window = max(1, len(losses) // 20)
     if window > 1:
         smoothed = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from engine import diffusion, solvers
-from engine.config import ConfigError, config_from_dict
+from engine.config import ConfigError
 from engine.data import DataError, build_train_loader, read_manifest
 from engine.images import make_grid, save_image, to_uint8
 from engine.metrics import plot_loss_curve
 from engine.run_dir import RunDir
-from engine.sample import image_classes, step_options
+from engine.sample import image_classes, step_options, with_sample
 from engine.schedule import NoiseSchedule
 from kernels.noise import noise_keys, randn_like
 from kernels.q_sample import images_to_unit_range
@@ -81,9 +81,7 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
     torch_device = choose_device(device)
     model, config, _ = load_run(run_dir, torch_device)
     if guidance is not None:  # checked as the config checks it: >= 0, and only for a class-conditional model
-        raw = config.to_dict()
-        raw["sample"]["guidance"] = guidance
-        config = config_from_dict(raw, where="--guidance")
+        config = with_sample(config, "--guidance", guidance=guidance)
     schedule = schedule_from_config(config.diffusion).to(torch_device)
     kernels = resolve_kernels_from_config(config, torch_device)
     options = config.sample

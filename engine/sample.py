@@ -105,10 +105,16 @@ def evaluation_config(config: Config, guidance: float | None = None) -> Config:
     `guidance`), every class in turn (a class-balanced set, whatever `sample.classes` says)."""
     options = config.eval
     guidance = next(scale for scale in (guidance, options.guidance, config.sample.guidance) if scale is not None)
+    return with_sample(config, "evaluation", sampler=options.sampler, guidance=guidance, classes=[],
+                       steps=options.steps if options.sampler != "ddpm" else None)
+
+
+def with_sample(config: Config, where: str, **changes) -> Config:
+    """`config` with these sample settings, through the config's checks (e.g. guidance needs a conditional
+    model); `where` names them in an error."""
     raw = config.to_dict()
-    raw["sample"].update(sampler=options.sampler, guidance=guidance, classes=[],
-                         steps=options.steps if options.sampler != "ddpm" else None)
-    return config_from_dict(raw, where="evaluation")  # checked: e.g. guidance for an unconditional model
+    raw["sample"].update(changes)
+    return config_from_dict(raw, where=where)
 
 
 def batch_starts(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -265,7 +271,7 @@ def write_outputs(args: argparse.Namespace, config: Config, images: np.ndarray) 
     if is_diffusers_folder(args.run_dir):
         default_out = "sample_grid.png"
     elif Path(args.run_dir).suffix == ".pt":  # RUN_DIR/checkpoints/best.pt: the grid beside the run's others
-        default_out = RunDir(Path(args.run_dir).parents[1]).path / f"sample_grid_{Path(args.run_dir).stem}.png"
+        default_out = Path(args.run_dir).parents[1] / f"sample_grid_{Path(args.run_dir).stem}.png"
     else:
         default_out = RunDir(args.run_dir).sample_grid
     out = Path(args.out or default_out)

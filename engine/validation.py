@@ -37,9 +37,11 @@ class ValidationLoss:
                                      device=context.device, num_workers=0)
         count = min(options.val_images, held_out.num_samples) // context.world_size * context.world_size
         mine = torch.arange(context.rank, count, context.world_size, device=context.device)
-        self.images, self.indices = held_out.images[mine], mine
+        self.images = held_out.images[mine]
         self.labels = held_out.labels[mine] if config.model.num_classes else None
         self.num_images, self.skipped = count, held_out.skipped
+        self.keys = noise_keys(options.seed, mine)  # the same noise at every evaluation
+        self.no_flip = torch.zeros(len(mine), dtype=torch.bool, device=context.device)
         self.timesteps = validation_timesteps(trainer.schedule.num_timesteps, options.val_timesteps)
         self.config, self.context, self.trainer = config, context, trainer
 
@@ -49,8 +51,6 @@ class ValidationLoss:
         was_training = model.training
         model.eval()  # no dropout: the number is a function of the weights alone
         sums = torch.zeros(len(self.timesteps), device=self.context.device, dtype=torch.float64)
-        keys = noise_keys(options.seed, self.indices)
-        no_flip = torch.zeros(len(self.images), dtype=torch.bool, device=self.context.device)
         try:
             for position, t in enumerate(self.timesteps):
                 for first in range(0, len(self.images), options.batch_size):
@@ -59,8 +59,8 @@ class ValidationLoss:
                     labels = None if self.labels is None else self.labels[batch]
                     with trainer.autocast():
                         losses = diffusion.training_loss(
-                            model, trainer.kernels, trainer.schedule, self.images[batch], no_flip[batch], timesteps,
-                            keys[batch], target=self.config.diffusion.target, coefficients=trainer.loss_coefficients,
+                            model, trainer.kernels, trainer.schedule, self.images[batch], self.no_flip[batch], timesteps,
+                            self.keys[batch], target=self.config.diffusion.target, coefficients=trainer.loss_coefficients,
                             class_labels=labels)
                     sums[position] += losses.double().sum()
         finally:
