@@ -105,6 +105,11 @@ class TrainConfig:
     # more EMAs beside ema_decay's (improved-diffusion's ema_rate list), each named ema_<decay>, e.g. ema_0.999:
     # checkpoints hold them all, `--ema ema_0.999` samples, evaluates or exports one (each is one more weight copy)
     extra_ema_decays: list[float] = field(default_factory=list)
+    # post-hoc EMA (EDM2; engine/post_hoc_ema.py): power-function EMAs of these lengths (EDM2: [0.05, 0.1]; at
+    # least two, in (0, 0.288)), snapshotted every post_hoc_ema_every steps (0 = at every checkpoint) to
+    # RUN_DIR/post_hoc_ema; `--ema 0.08` then synthesizes any other length (each snapshot: one fp32 weight copy)
+    post_hoc_ema_sigma_rels: list[float] = field(default_factory=list)
+    post_hoc_ema_every: int = 0
     log_every: int = 100  # steps between metrics lines (the only host syncs of the step)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
@@ -170,6 +175,7 @@ class EvalConfig:
     # val_timesteps fixed timesteps with fixed noise, every val_every steps (0 = never)
     val_every: int = 0
     val_data: str = ""  # a prepared held-out set, e.g. `python -m engine.data.prepare cifar10.tar.gz out --split test`
+    val_shards: int = 0  # or: hold out the last val_shards shards of data.path (training then never reads them)
     val_images: int = 1000  # at most this many of it
     val_timesteps: int = 8
 
@@ -376,8 +382,8 @@ def validate(config: Config, where: str) -> None:
         if not condition:
             raise ConfigError(f"{where}: {key} {message}")
 
-    for check in (_check_model, _check_diffusion, _check_data, _check_optim, _check_train, _check_sample, _check_eval,
-                  _check_kernels):
+    for check in (_check_model, _check_diffusion, _check_data, _check_optim, _check_train, _check_ema, _check_sample,
+                  _check_eval, _check_kernels):
         check(config, require)
 
 
@@ -456,12 +462,6 @@ def _check_train(config: Config, require) -> None:
     require(0 <= train.seed < 2**31, "train.seed", f"must be in [0, 2**31) (it keys the noise), got {train.seed}")
     require(train.device == "auto" or train.device == "cpu" or train.device.startswith("cuda"),
             "train.device", f"must be auto, cpu or cuda[:N], got {train.device!r}")
-    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {train.ema_decay}")
-    for decay in train.extra_ema_decays:
-        require(0.0 <= decay < 1.0, "train.extra_ema_decays", f"must be decays in [0, 1), got {decay}")
-    decays = [train.ema_decay, *train.extra_ema_decays]
-    require(len(set(decays)) == len(decays), "train.extra_ema_decays",
-            f"must differ from each other and from train.ema_decay ({train.ema_decay}), got {train.extra_ema_decays}")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         value = getattr(train, key)
         require(value > 0, f"train.{key}", f"must be positive, got {value}")
@@ -469,10 +469,30 @@ def _check_train(config: Config, require) -> None:
         require(config.eval.every > 0, "train.keep_best", "fid needs FID during training: set eval.every")
     elif train.keep_best != "none":
         require(config.eval.val_every > 0, "train.keep_best",
-                f"{train.keep_best} needs the validation loss: set eval.val_every and eval.val_data")
+                f"{train.keep_best} needs the validation loss: set eval.val_every and eval.val_data (or eval.val_shards)")
     require(train.sample_every >= 0, "train.sample_every", f"must be >= 0 (0 = only at the end), got {train.sample_every}")
     require(not (train.compile and train.compile_scope == "step" and train.precision == "fp16"), "train.compile_scope",
             "step does not take train.precision=fp16 (its grad scaler decides on the host); use bf16 or fp32")
+
+
+def _check_ema(config: Config, require) -> None:
+    """The EMA decays and the post-hoc EMA profiles."""
+    train = config.train
+    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {train.ema_decay}")
+    for decay in train.extra_ema_decays:
+        require(0.0 <= decay < 1.0, "train.extra_ema_decays", f"must be decays in [0, 1), got {decay}")
+    decays = [train.ema_decay, *train.extra_ema_decays]
+    require(len(set(decays)) == len(decays), "train.extra_ema_decays",
+            f"must differ from each other and from train.ema_decay ({train.ema_decay}), got {train.extra_ema_decays}")
+    sigma_rels = train.post_hoc_ema_sigma_rels
+    require(len(sigma_rels) != 1 and len(set(sigma_rels)) == len(sigma_rels), "train.post_hoc_ema_sigma_rels",
+            f"must be empty or at least two different lengths (the synthesis combines them), e.g. [0.05,0.1]; "
+            f"got {sigma_rels}")
+    for sigma_rel in sigma_rels:
+        require(0.0 < sigma_rel < 12 ** -0.5, "train.post_hoc_ema_sigma_rels",
+                f"must be in (0, 0.288) (0.288: the plain average of all steps), got {sigma_rel}")
+    require(train.post_hoc_ema_every >= 0, "train.post_hoc_ema_every",
+            f"must be >= 0 (0 = at every checkpoint), got {train.post_hoc_ema_every}")
 
 
 def _check_sample(config: Config, require) -> None:
@@ -515,9 +535,13 @@ def _check_eval(config: Config, require) -> None:
     if evaluation.guidance is not None:
         _check_guidance(config, evaluation.guidance, "eval.guidance", require)
     require(evaluation.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = never), got {evaluation.val_every}")
+    require(evaluation.val_shards >= 0, "eval.val_shards", f"must be >= 0, got {evaluation.val_shards}")
+    require(not (evaluation.val_data and evaluation.val_shards), "eval.val_shards",
+            f"holds out part of data.path: set it or eval.val_data ({evaluation.val_data}), not both")
     if evaluation.val_every:
-        require(bool(evaluation.val_data), "eval.val_data",
-                "must name a prepared held-out data set when eval.val_every is set")
+        require(bool(evaluation.val_data) or evaluation.val_shards > 0, "eval.val_data",
+                "must name a prepared held-out data set when eval.val_every is set (or set eval.val_shards to hold "
+                "out the last shards of data.path)")
         require(evaluation.val_images >= 1, "eval.val_images", f"must be positive, got {evaluation.val_images}")
         require(1 <= evaluation.val_timesteps <= diffusion.num_timesteps, "eval.val_timesteps",
                 f"must be in [1, diffusion.num_timesteps={diffusion.num_timesteps}], got {evaluation.val_timesteps}")

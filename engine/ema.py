@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 from ema_pytorch import EMA
 
+from engine.config import ConfigError
+from engine.distributed import all_gather_objects
 from engine.parallel import full_model_state, load_full_model_state
+from engine.post_hoc_ema import post_hoc_name
 
 
 def build_ema(model: torch.nn.Module, decay: float, ema_model: torch.nn.Module | None = None) -> EMA:
@@ -84,9 +87,7 @@ def ema_name(decay: float) -> str:
 def load_extra_ema_states(emas: dict[str, EMA], saved: dict[str, dict] | None, context) -> list[str]:
     """Each of `emas` from the checkpoint's `saved` (rank 0's; None on the others); one the checkpoint lacks (a
     decay added on resume) starts from the current weights. Returns the names that started afresh."""
-    from engine.distributed import all_gather_objects
-
-    present = all_gather_objects(sorted(saved or {}) if context.is_main else None)[0]
+    present = _saved_names(saved, context)
     fresh = []
     for name, ema in emas.items():
         if name in present:
@@ -95,3 +96,21 @@ def load_extra_ema_states(emas: dict[str, EMA], saved: dict[str, dict] | None, c
             ema.copy_params_from_model_to_ema()
             fresh.append(name)
     return fresh
+
+
+def load_post_hoc_ema_states(emas: dict[float, EMA], saved: dict[str, dict] | None, context) -> None:
+    """The post-hoc profiles from the checkpoint, as `load_extra_ema_states`; but a profile cannot start late
+    (its average covers the whole run), so one the checkpoint lacks is an error."""
+    present = _saved_names(saved, context)
+    missing = [sigma_rel for sigma_rel in emas if post_hoc_name(sigma_rel) not in present]
+    if missing:
+        raise ConfigError(f"train.post_hoc_ema_sigma_rels: the checkpoint holds no profile for {missing} (it has "
+                          f"{sorted(present) or 'none'}); a post-hoc EMA averages the whole run, so it cannot be added "
+                          f"on resume: start a new run, or leave the list as it was")
+    for sigma_rel, ema in emas.items():
+        load_ema_state(ema, (saved or {}).get(post_hoc_name(sigma_rel)), context)
+
+
+def _saved_names(saved: dict | None, context) -> list[str]:
+    """The names in rank 0's `saved`, on every rank."""
+    return all_gather_objects(sorted(saved or {}) if context.is_main else None)[0]

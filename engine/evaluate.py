@@ -5,12 +5,14 @@
                               [--kid-subset-size N] [--kid-subsets N] [--seed S]
     python -m engine.evaluate --save-reference OUT.npz --reference SOURCE [--reference-num N]
                               [--max-features N]
-    python -m engine.evaluate --run RUN_DIR --reference REF [--guidance 1,1.5,2,3] [--raw] [...]
+    python -m engine.evaluate --run RUN_DIR --reference REF [--guidance 1,1.5,2,3] [--raw | --ema 0.05,0.1]
+                              [...]
 
 With `--run`, the images are drawn from a trained run (its latest checkpoint, EMA weights unless
 `--raw`) as training's evaluation draws them: `eval.sampler`, `eval.steps`, `eval.seed`,
 `eval.num_images` (or `--num-images`), every class in turn for a class-conditional model. With
-`--guidance` a list of scales, one set is drawn and evaluated per scale and the best FID is reported.
+`--guidance` a list of scales, one set is drawn and evaluated per scale and the best FID is reported;
+so with `--ema` a list of EMAs, e.g. post-hoc lengths (sigma_rel) to choose the EMA after training.
 
 SAMPLES is an `.npz` of uint8 images (key `arr_0`, (N, H, W, C), as `engine.sample --npz` writes
 it) or a folder of image files (any layout). REF is a statistics file written by
@@ -60,14 +62,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from engine.atomic_files import atomic_write
-from engine.config import ConfigError
+from engine.config import Config, ConfigError
 from engine.data import DataError
 from engine.data.image_sets import ImageInput, image_batches, open_images, read_npz
 from engine.distributed import (all_gather_objects, init_distributed, is_distributed, rank_and_world_size,
                                 shutdown_distributed)
 from engine.progress import progress_bar
 from engine.progress import write as progress_write
-from engine.run_dir import load_run
+from engine.run_dir import EMA_HELP, load_run
 from engine.sample import evaluation_config, generate_batches
 from engine.schedule import schedule_from_config
 from kernels.registry import KernelError, resolve_kernels_from_config
@@ -577,8 +579,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: eval.guidance, else sample.guidance)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--raw", action="store_true", help="with --run: the trained weights instead of the EMA")
-    weights.add_argument("--ema", metavar="NAME",
-                         help="one of the run's EMAs by name, e.g. ema_0.999 (train.ema_decay's or an extra one's)")
+    weights.add_argument("--ema", metavar="NAME|SIGMA_REL", type=_ema_choices,
+                         help=f"with --run: {EMA_HELP}; several, separated by commas (e.g. 0.05,0.1,0.15), are each "
+                              f"evaluated and the best reported")
     parser.add_argument("--save-reference", metavar="OUT.npz", help="write the reference statistics to OUT.npz")
     parser.add_argument("--inception", metavar="PATH",
                         help=f"inception-2015-12-05.pt (default: ${INCEPTION_ENV}, else {DEFAULT_INCEPTION})")
@@ -604,6 +607,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.guidance or args.raw or args.ema) and args.run is None:
         parser.error("--guidance, --raw and --ema draw images from a run: add --run RUN_DIR")
     return args
+
+
+def _ema_choices(text: str) -> list[str]:
+    choices = [part.strip() for part in text.split(",") if part.strip()]
+    if not choices:
+        raise argparse.ArgumentTypeError(f"expected EMA names or sigma_rels separated by commas, got {text!r}")
+    return choices
 
 
 def _scales(text: str) -> list[float]:
@@ -659,11 +669,25 @@ def _write_json(args: argparse.Namespace, record: dict, net: FeatureNetwork) -> 
 
 def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureNetwork, is_main: bool,
                   device: torch.device) -> None:
-    """FID/KID of images drawn from a run at each guidance scale (one set per scale, shared by the ranks);
-    the lines and JSON name the best (lowest FID)."""
-    model, config, step = load_run(args.run, device, use_ema=False if args.raw else None, ema=args.ema)
-    if args.guidance and not config.model.num_classes:
-        raise EvaluationError(f"--guidance needs a class-conditional model; {args.run} is unconditional")
+    """FID/KID of images drawn from a run for each EMA asked for (--ema 0.05,0.1,0.15: EDM2's sweep of post-hoc
+    lengths) at each guidance scale (one set each, shared by the ranks); the lines and JSON name the best."""
+    results = []
+    for ema in args.ema or [None]:
+        model, config, step = load_run(args.run, device, use_ema=False if args.raw else None, ema=ema)
+        if args.guidance and not config.model.num_classes:
+            raise EvaluationError(f"--guidance needs a class-conditional model; {args.run} is unconditional")
+        results += _evaluate_model(args, model, config, step, stats, net, is_main, device, ema)
+    best = min(results, key=lambda result: result["fid"])
+    if is_main and len(results) > 1:
+        print(f"best: {_label(best)}, FID {best['fid']:.2f}")
+    if is_main and args.json:
+        _write_json(args, {"run": str(args.run), "step": results[-1]["step"], "best": best, "results": results}, net)
+
+
+def _evaluate_model(args: argparse.Namespace, model: torch.nn.Module, config: Config, step: int,
+                    stats: ReferenceStats, net: FeatureNetwork, is_main: bool, device: torch.device,
+                    ema: str | None) -> list[dict]:
+    """One result per guidance scale of `model` (weights `ema`, None for the default choice)."""
     kernels, schedule = resolve_kernels_from_config(config, device), schedule_from_config(config.diffusion).to(device)
     rank, world_size = rank_and_world_size()
     results = []
@@ -674,15 +698,19 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
                                    world_size=world_size, progress=is_main)
         result = evaluate(batches, stats, net, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
                           batch_size=args.batch_size, device=device, seed=args.seed)
-        results.append({**result, "guidance": sampling.sample.guidance if config.model.num_classes else None})
+        results.append({**result, "ema": ema, "step": step,
+                        "guidance": sampling.sample.guidance if config.model.num_classes else None})
         if is_main:
-            guided = f"guidance {sampling.sample.guidance:g}: " if config.model.num_classes else ""
-            print(f"{guided}{summary(result)} ({sampling.sample.sampler}, step {step})")
-    best = min(results, key=lambda result: result["fid"])
-    if is_main and len(results) > 1:
-        print(f"best: guidance {best['guidance']:g}, FID {best['fid']:.2f}")
-    if is_main and args.json:
-        _write_json(args, {"run": str(args.run), "step": step, "best": best, "results": results}, net)
+            label = _label(results[-1])
+            print(f"{label + ': ' if label else ''}{summary(result)} ({sampling.sample.sampler}, step {step})")
+    return results
+
+
+def _label(result: dict) -> str:
+    """"ema 0.1, guidance 2": what a result's images were drawn with, where it was chosen."""
+    parts = ([f"ema {result['ema']}"] if result["ema"] is not None else []) + \
+        ([f"guidance {result['guidance']:g}"] if result["guidance"] is not None else [])
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

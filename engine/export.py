@@ -18,7 +18,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.diffusers_format import check_destination, write_diffusers_folder
-from engine.run_dir import load_run
+from engine.run_dir import EMA_HELP, load_run
 
 FORMATS = ("diffusers",)
 
@@ -30,8 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=FORMATS, default="diffusers", help="what to write (default diffusers)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA weights")
-    weights.add_argument("--ema", metavar="NAME",
-                         help="one of the run's EMAs by name, e.g. ema_0.999 (train.ema_decay's or an extra one's)")
+    weights.add_argument("--ema", metavar="NAME|SIGMA_REL", help=EMA_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     return parser.parse_args(argv)
 

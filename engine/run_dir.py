@@ -11,7 +11,9 @@ import torch
 from engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint
 from engine.config import Config, ConfigError, config_from_dict
 from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
+from engine.distributed import rank_and_world_size
 from engine.ema import ema_name
+from engine.post_hoc_ema import SNAPSHOT_DIR, parse_sigma_rel, synthesize
 from engine.unet import build_unet
 
 
@@ -30,6 +32,12 @@ class RunDir:
     loss_curve = property(lambda self: self.path / "loss.png")
     fid_reference = property(lambda self: self.path / "fid_reference.npz")  # eval.reference's statistics, cached
     sample_grid = property(lambda self: self.path / "sample_grid.png")  # engine.sample's default output
+    post_hoc_ema = property(lambda self: self.path / SNAPSHOT_DIR)  # train.post_hoc_ema_sigma_rels' snapshots
+
+# engine.sample's, engine.evaluate's and engine.export's --ema
+EMA_HELP = ("one of the run's EMAs by name: ema_0.999 (train.ema_decay's or an extra decay's) or sigma_rel_0.05 (a "
+            "post-hoc profile's); or a number, e.g. 0.08: the post-hoc EMA of that sigma_rel, synthesized from the "
+            "run's snapshots (train.post_hoc_ema_sigma_rels)")
 
 
 def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None,
@@ -62,19 +70,35 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
         state, path = loaded
     config = config_from_dict(state["config"], where=str(path))
     model = build_unet(config, device)
-    if use_ema is None:
-        use_ema = config.sample.use_ema
-    if ema is not None:  # one EMA by name: train.ema_decay's or one of train.extra_ema_decays'
-        emas = {ema_name(config.train.ema_decay): state["ema"], **state.get("extra_emas", {})}
-        if ema not in emas:
-            raise ConfigError(f"{path} has no EMA {ema!r}; it has {', '.join(emas)}")
-        weights = ema_weights(emas[ema])
-    elif use_ema:
-        weights = ema_weights(state["ema"])
-    else:
-        weights = state["model"]
+    weights, step = checkpoint_weights(state, path, config, config.sample.use_ema if use_ema is None else use_ema, ema)
     model.load_state_dict(weights)
-    return model, config, int(state["step"])
+    return model, config, step
+
+
+def checkpoint_weights(state: dict, path: Path, config: Config, use_ema: bool,
+                       ema: str | None) -> tuple[dict[str, torch.Tensor], int]:
+    """(weights, step) of a checkpoint read from `path`: the raw or the main EMA weights; with `ema`, an EMA by
+    name (train.ema_decay's, an extra decay's, a post-hoc profile's), or a number: the post-hoc EMA of that
+    sigma_rel, synthesized from the run's snapshots up to the checkpoint's step (at the latest one)."""
+    step = int(state["step"])
+    if ema is None:
+        return ema_weights(state["ema"]) if use_ema else state["model"], step
+    if (sigma_rel := parse_sigma_rel(ema)) is not None:
+        folder = RunDir(path.parent.parent).post_hoc_ema  # the checkpoint is RUN_DIR/checkpoints/<name>.pt
+        try:
+            weights, at, used = synthesize(folder, sigma_rel, step)
+        except ValueError as error:
+            raise ConfigError(f"--ema {ema}: {error}") from None
+        profiles = ", ".join(f"{s:g}" for s in sorted({snapshot.sigma_rel for snapshot in used}))
+        if rank_and_world_size()[0] == 0:
+            print(f"post-hoc EMA sigma_rel {sigma_rel:g} at step {at}, synthesized from {len(used)} snapshots of "
+                  f"sigma_rel {profiles} in {folder}", file=sys.stderr)
+        return weights, at
+    emas = {ema_name(config.train.ema_decay): state["ema"], **state.get("extra_emas", {}), **state.get("post_hoc_emas", {})}
+    if ema not in emas:
+        raise ConfigError(f"{path} has no EMA {ema!r}; it has {', '.join(emas)} (or give a sigma_rel, e.g. --ema 0.1, "
+                          f"for a post-hoc EMA)")
+    return ema_weights(emas[ema]), step
 
 
 def ema_weights(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

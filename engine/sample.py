@@ -30,7 +30,7 @@ from engine.distributed import (all_gather_objects, compute_dtype, gather_to_mai
                                 rank_and_world_size, shutdown_distributed)
 from engine.images import class_rows, save_grid, save_image, to_uint8
 from engine.progress import progress_bar
-from engine.run_dir import RunDir, load_run
+from engine.run_dir import EMA_HELP, RunDir, load_run
 from engine.schedule import NoiseSchedule, schedule_from_config
 from kernels.registry import KernelError, Kernels, resolve_kernels_from_config
 
@@ -205,8 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--raw", action="store_true", help="use the trained weights instead of the EMA weights")
-    weights.add_argument("--ema", metavar="NAME",
-                         help="one of the run's EMAs by name, e.g. ema_0.999 (train.ema_decay's or an extra one's)")
+    weights.add_argument("--ema", metavar="NAME|SIGMA_REL", help=EMA_HELP)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                         help="autocast dtype of the network (default: sample.precision; auto = bf16 on CUDA)")

@@ -33,6 +33,7 @@ from engine.evaluate import (EvaluationError, evaluate, inception_path, load_fea
 from engine.evaluate import summary as evaluation_summary
 from engine.images import make_grid, save_grid, to_uint8
 from engine.metrics import MetricsLog, plot_loss_curve, start_wandb, tensorboard_writer_class, wandb_module
+from engine.post_hoc_ema import post_hoc_name, remove_snapshots_after, save_snapshots
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.rng import restore_rng_state, rng_state
@@ -41,7 +42,7 @@ from engine.sample import evaluation_config, generate, generate_batches, grid_im
 from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
 from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
 from engine.unet import build_unet, count_parameters
-from engine.validation import ValidationLoss, validation_record
+from engine.validation import ValidationLoss, training_shards, validation_record
 from kernels.registry import KernelError, resolve_kernels_from_config
 
 
@@ -66,7 +67,12 @@ def check_data(config: Config) -> dict[str, Any]:
         raise ConfigError(f"model.num_classes is {config.model.num_classes} but the data set in {config.data.path} "
                           f"has {classes} classes ({', '.join(manifest['classes'][:5])}"
                           f"{', ...' if classes > 5 else ''}); set model.num_classes={classes}")
-    if config.eval.val_every:  # held-out images of the same kind (and, for a conditional model, classes)
+    if config.eval.val_shards:  # held out of the training set: some must remain to train on
+        shards = len(manifest["shards"])
+        if config.eval.val_shards >= shards:
+            raise ConfigError(f"eval.val_shards is {config.eval.val_shards} but the data set in {config.data.path} has "
+                              f"{shards} shards: some must remain for training (prepare it with a smaller --shard-size)")
+    elif config.eval.val_every:  # held-out images of the same kind (and, for a conditional model, classes)
         held_out = read_manifest(config.eval.val_data)
         for key in ("image_size", "channels", *(("classes",) if config.model.num_classes else ())):
             if held_out[key] != (expected := manifest[key]):
@@ -244,6 +250,7 @@ class TrainingRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.layout.config.write_text(config.to_yaml())
         self.trainer = build_trainer(config, context, initial_weights)
+        self.post_hoc_every = config.train.post_hoc_ema_every or config.train.checkpoint_every
         if initial_weights is not None:
             self.log(f"starting from the weights in {config.train.init_from}")
         self.flops_per_image = model_flops_per_image(config)  # counted once, on the meta device
@@ -267,6 +274,9 @@ class TrainingRun:
             trainer.load_state_dict(state, header["lr_schedule"], header["scaler"])
             self.state = resumed_counters(header, self.context, config.train.batch_size)
             self.log(f"resumed from {header['path']} at step {self.state.step}")
+        if self.context.is_main and (removed := remove_snapshots_after(self.layout.post_hoc_ema, self.state.step)):
+            self.log(f"removed {removed} post-hoc EMA snapshots after step {self.state.step}, from before the "
+                     f"restart (this run writes them again)")
         if self.state.step >= config.train.steps:
             self.log(f"{self.run_dir} has already trained {self.state.step} of train.steps={config.train.steps}; "
                      f"raise train.steps to continue")
@@ -278,6 +288,7 @@ class TrainingRun:
         micro_batch, start = self.trainer.micro_batch, None
         if cfg_data.cache == "device":  # read once; then batches are drawn on the device, no DataLoader
             cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
+                                      shard_slice=training_shards(self.config),
                                       device=context.device, rank=context.rank, world_size=context.world_size,
                                       num_workers=cfg_data.num_workers)
             self.log(f"data: {cache.describe()} (rank 0)")
@@ -293,7 +304,7 @@ class TrainingRun:
                 cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
                 num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer, seed=loader_seed,
                 start=start, resample=True, rank=context.rank, world_size=context.world_size,
-                pin_memory=context.device.type == "cuda"))
+                pin_memory=context.device.type == "cuda", shard_slice=training_shards(self.config)))
         # Samples each of this rank's loader workers has taken from its stream, for exact resumes.
         self.stream_positions = list(start) if start else [0] * max(cfg_data.num_workers, 1)
         return batches
@@ -302,14 +313,20 @@ class TrainingRun:
         config, context, trainer = self.config, self.context, self.trainer
         cfg_train = config.train
         parallel = cfg_train.parallel if context.is_distributed else "single process"
+        images = sum(shard["num_samples"] for shard in manifest["shards"][training_shards(config) or slice(None)])
         self.log(f"training {count_parameters(trainer.model) / 1e6:.1f}M parameters on {context.world_size} x "
                  f"{context.device} ({parallel}, {str(trainer.dtype).removeprefix('torch.')}"
-                 f"{', compiled' if cfg_train.compile else ''}), {manifest['num_samples']:,} images, global batch "
+                 f"{', compiled' if cfg_train.compile else ''}), {images:,} images, global batch "
                  f"{cfg_train.batch_size} = {context.world_size} ranks x {cfg_train.grad_accum_steps} micro-batches "
                  f"x {trainer.micro_batch}")
         self.log(f"kernels: {trainer.kernels.describe()}; model: {self.flops_per_image / 1e9:.1f} GFLOP per image per "
                  f"training step" + (f", peak {self.peak_flops / 1e12:.0f} TFLOP/s bf16 per device"
                                      if self.peak_flops else ""))
+        if trainer.post_hoc_emas:
+            megabytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**20
+            self.log(f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in trainer.post_hoc_emas)}, snapshotted every "
+                     f"{self.post_hoc_every} steps to {self.layout.post_hoc_ema} ({megabytes:.0f} MiB per profile and "
+                     f"snapshot); --ema SIGMA_REL synthesizes any length")
 
     def setup_maintenance(self) -> None:
         """What runs between steps, built once: the sampler (compiled once), evaluation, stop requests."""
@@ -325,7 +342,7 @@ class TrainingRun:
             if config.train.keep_best != "none" else None
         if self.validation is not None:
             self.log(f"validation: the loss every {config.eval.val_every} steps on {self.validation.num_images:,} "
-                     f"held-out images of {config.eval.val_data} at t = {self.validation.timesteps}")
+                     f"held-out images of {self.validation.source} at t = {self.validation.timesteps}")
         self.interval = IntervalStats(context.device)
         self.saved_step, self.stopped_by = self.state.step, None
         # Stop requests (SIGTERM, SIGINT) are agreed between ranks over a host-side group every
@@ -382,7 +399,9 @@ class TrainingRun:
             self.log_interval()
             started = time.perf_counter()  # the interval restarted in log_interval
         try:
-            if step % cfg_train.checkpoint_every == 0 or last:
+            if self.trainer.post_hoc_emas and (step % self.post_hoc_every == 0 or last):  # before the checkpoint:
+                save_snapshots(self.layout.post_hoc_ema, self.trainer.post_hoc_emas, step, self.context.is_main)
+            if step % cfg_train.checkpoint_every == 0 or last:  # a resume from it never lacks its snapshots
                 self.checkpoint()
             if step % self.stop_check_every == 0 and agreed_stop(self.stop_request, self.control_group):
                 self.stopped_by = self.stop_request.requested or "another rank's stop request"
@@ -402,8 +421,9 @@ class TrainingRun:
     def validate(self, step: int) -> dict[str, float]:
         """The validation loss of the raw and the EMA weights (every rank takes part) to the metrics."""
         loss, trainer = self.validation.loss, self.trainer
+        others = {**trainer.extra_emas, **{post_hoc_name(s): ema for s, ema in trainer.post_hoc_emas.items()}}
         record = validation_record(step, loss(trainer.model), loss(trainer.ema.ema_model),
-                                   {name: loss(ema.ema_model) for name, ema in trainer.extra_emas.items()})
+                                   {name: loss(ema.ema_model) for name, ema in others.items()})
         if self.metrics is not None:
             self.metrics.write(record)
         self.progress.set_postfix(val=f"{record['val_loss']:.4f}", val_ema=f"{record['val_loss_ema']:.4f}")

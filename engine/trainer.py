@@ -25,8 +25,9 @@ from engine.config import Config, ConfigError
 from engine.data import random_flip_mask
 from engine.distributed import DistributedContext, compute_dtype
 from engine.ema import (advance_ema_counters, build_ema, ema_decay, ema_name, ema_state, load_ema_state,
-                        load_extra_ema_states, update_ema)
+                        load_extra_ema_states, load_post_hoc_ema_states, update_ema)
 from engine.loss_weighting import weights_from_config
+from engine.post_hoc_ema import post_hoc_name, update_post_hoc_emas
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.schedule import NoiseSchedule, schedule_from_config
@@ -62,6 +63,7 @@ class Trainer:
     train_model: nn.Module  # what the step calls: the model, wrapped for DDP or FSDP under torchrun
     ema: Any  # ema_pytorch.EMA of train.ema_decay: what sampling uses
     extra_emas: dict[str, Any]  # train.extra_ema_decays' EMAs by name (ema_0.999, ...)
+    post_hoc_emas: dict[float, Any]  # train.post_hoc_ema_sigma_rels' power-function EMAs by sigma_rel
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # enabled for fp16 only
@@ -88,6 +90,7 @@ class Trainer:
         """Every rank takes part (FSDP gathers shards); rank 0 ends up with the full tensors."""
         return {"model": full_model_state(self.model), "ema": ema_state(self.ema),
                 "extra_emas": {name: ema_state(ema) for name, ema in self.extra_emas.items()},
+                "post_hoc_emas": {post_hoc_name(sigma_rel): ema_state(ema) for sigma_rel, ema in self.post_hoc_emas.items()},
                 "optimizer": full_optimizer_state(self.model, self.optimizer),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "kernels": self.kernels.names}
@@ -101,6 +104,8 @@ class Trainer:
         if fresh and self.context.is_main:
             warnings.warn(f"the checkpoint holds no {', '.join(fresh)}: {'they start' if len(fresh) > 1 else 'it starts'} "
                           f"from the resumed weights")
+        load_post_hoc_ema_states(self.post_hoc_emas, state.get("post_hoc_emas") if self.context.is_main else None,
+                                 self.context)
         load_full_optimizer_state(self.model, self.optimizer, state.get("optimizer"), self.context)
         for group in self.optimizer.param_groups:  # the saved groups carry the writer's implementation choice
             group.update(self.adam_implementation)
@@ -131,16 +136,17 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def build_model(config: Config, context: DistributedContext, dtype: torch.dtype,
-                initial_weights: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, nn.Module, Any, dict]:
-    """(model, train_model, ema, extra EMAs by name) in the order that matters: weights, EMA copies, layout,
-    wrapping, compile."""
+                initial_weights: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, nn.Module, list]:
+    """(model, train_model, EMAs: train.ema_decay's, the extra decays', the post-hoc profiles') in the order that
+    matters: weights, EMA copies, layout, wrapping, compile."""
     cfg_train = config.train
     fsdp = context.is_distributed and cfg_train.parallel == "fsdp"
     torch.manual_seed(cfg_train.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model = build_unet(config, context.device)
     if initial_weights is not None:  # before the EMA copies the model and FSDP shards it; a resume overwrites them
         model.load_state_dict(initial_weights)
-    decays = [cfg_train.ema_decay, *cfg_train.extra_ema_decays]
+    # a post-hoc profile's decay changes every step (post_hoc_ema.power_decay): its fixed one is never used
+    decays = [cfg_train.ema_decay, *cfg_train.extra_ema_decays, *[0.0] * len(cfg_train.post_hoc_ema_sigma_rels)]
     # FSDP: each EMA is a second, identically sharded UNet, so that each rank averages its own shard
     ema_models = [build_unet(config, context.device) for _ in decays] if fsdp else [None] * len(decays)
     if cfg_train.channels_last:
@@ -151,10 +157,10 @@ def build_model(config: Config, context: DistributedContext, dtype: torch.dtype,
             shard(ema_model, dtype).load_state_dict(model.state_dict())
     torch.manual_seed(cfg_train.seed + context.rank)  # dropout differs between ranks
     # before compiling: the copies sample eagerly
-    ema, *extra = [build_ema(model, decay, ema_model=copy) for decay, copy in zip(decays, ema_models)]
+    emas = [build_ema(model, decay, ema_model=copy) for decay, copy in zip(decays, ema_models)]
     if cfg_train.compile:
         compile_model(model, cfg_train.compile_mode, cfg_train.compile_scope)
-    return model, train_model, ema, {ema_name(decay): e for decay, e in zip(cfg_train.extra_ema_decays, extra)}
+    return model, train_model, emas
 
 
 def build_optimizer(config: Config, model: nn.Module, sharded: bool, compiled_update: bool = False):
@@ -180,7 +186,8 @@ def build_trainer(config: Config, context: DistributedContext,
     device = context.device
     dtype = compute_dtype(config.train.precision, device)
     micro_batch = micro_batch_size(config.train.batch_size, context.world_size, config.train.grad_accum_steps)
-    model, train_model, ema, extra_emas = build_model(config, context, dtype, initial_weights)
+    model, train_model, (ema, *emas) = build_model(config, context, dtype, initial_weights)
+    extra_decays, sigma_rels = config.train.extra_ema_decays, config.train.post_hoc_ema_sigma_rels
     sharded = context.is_distributed and config.train.parallel == "fsdp"
     step_scope = config.train.compile and config.train.compile_scope == "step"
     if step_scope and sharded:
@@ -189,8 +196,9 @@ def build_trainer(config: Config, context: DistributedContext,
     optimizer, lr_schedule, implementation = build_optimizer(config, model, sharded, compiled_update=step_scope)
     schedule = schedule_from_config(config.diffusion).to(device)
     compiled = compile_update(optimizer, ema, config.optim.grad_clip, config.train.compile_mode) if step_scope else None
-    return Trainer(config=config, context=context, model=model, train_model=train_model, ema=ema, extra_emas=extra_emas,
-                   optimizer=optimizer,
+    return Trainer(config=config, context=context, model=model, train_model=train_model, ema=ema,
+                   extra_emas={ema_name(decay): e for decay, e in zip(extra_decays, emas)},
+                   post_hoc_emas=dict(zip(sigma_rels, emas[len(extra_decays):])), optimizer=optimizer,
                    lr_schedule=lr_schedule, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                    adam_implementation=implementation,
                    kernels=resolve_kernels_from_config(config, device, check=check_kernels),
@@ -311,6 +319,7 @@ def apply_update(trainer: Trainer, step: int, step_loss: torch.Tensor) -> tuple[
     trainer.lr_schedule.step()
     for ema in (trainer.ema, *trainer.extra_emas.values()):
         update_ema(ema, step, trainer.config.train.ema_warmup)
+    update_post_hoc_emas(trainer.post_hoc_emas, step)
     return grad_norm.detach(), finite
 
 
@@ -323,6 +332,7 @@ def apply_compiled_update(trainer: Trainer, step: int, step_loss: torch.Tensor) 
     grad_norm, finite = trainer.compiled_update(step_loss, trainer.ema_decay)
     for ema in trainer.extra_emas.values():  # outside the graph, after it (the weights are final by then)
         update_ema(ema, step, warmup)
+    update_post_hoc_emas(trainer.post_hoc_emas, step)
     with warnings.catch_warnings():  # the compiled region calls Adam's step below the hook the scheduler watches
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         trainer.lr_schedule.step()

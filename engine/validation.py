@@ -6,8 +6,8 @@ spaced timesteps and with the same counter noise every time (torchtitan #1210, a
 deterministic function of the weights: two evaluations of the same weights give the same number, and
 its fall tracks what the model has learned. It is the plain (unweighted) loss of the model's target.
 
-Every rank loads the whole held-out set (`eval.val_data`, e.g. `prepare cifar10 --split test`; at most
-`eval.val_images` of it) and evaluates every world_size-th image, the same number on each rank (an FSDP
+Every rank loads the whole held-out set (`eval.val_data`, e.g. `prepare cifar10 --split test`, or the last
+`eval.val_shards` shards of `data.path`, which training then never reads; at most `eval.val_images` of it) and evaluates every world_size-th image, the same number on each rank (an FSDP
 forward is a collective); the sums are all-reduced, so the number does not depend on the world size.
 """
 
@@ -19,6 +19,17 @@ from engine import diffusion
 from engine.config import Config
 from engine.distributed import DistributedContext
 from kernels.noise import noise_keys
+
+
+def held_out_source(config: Config) -> tuple[str, slice | None]:
+    """(data set, shard slice) of the held-out images: eval.val_data, or data.path's last eval.val_shards."""
+    shards = config.eval.val_shards
+    return (config.data.path, slice(-shards, None)) if shards else (config.eval.val_data, None)
+
+
+def training_shards(config: Config) -> slice | None:
+    """The shards of data.path that training reads: all but eval.val_shards' (None: all)."""
+    return slice(0, -config.eval.val_shards) if config.eval.val_shards else None
 
 
 def validation_timesteps(num_timesteps: int, count: int) -> list[int]:
@@ -33,13 +44,15 @@ class ValidationLoss:
         from engine.data import load_device_cache  # the data package imports webdataset: only when used
 
         options, data = config.eval, config.data
-        held_out = load_device_cache(options.val_data, image_size=data.image_size, channels=data.channels,
-                                     device=context.device, num_workers=0)
+        source, shards = held_out_source(config)
+        held_out = load_device_cache(source, image_size=data.image_size, channels=data.channels,
+                                     device=context.device, num_workers=0, shard_slice=shards)
         count = min(options.val_images, held_out.num_samples) // context.world_size * context.world_size
         mine = torch.arange(context.rank, count, context.world_size, device=context.device)
         self.images = held_out.images[mine]
         self.labels = held_out.labels[mine] if config.model.num_classes else None
         self.num_images, self.skipped = count, held_out.skipped
+        self.source = f"the last {options.val_shards} shards of {source}" if shards else source
         self.keys = noise_keys(options.seed, mine)  # the same noise at every evaluation
         self.no_flip = torch.zeros(len(mine), dtype=torch.bool, device=context.device)
         self.timesteps = validation_timesteps(trainer.schedule.num_timesteps, options.val_timesteps)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
+from engine.post_hoc_ema import list_snapshots
 from test_train_cli import ROOT, SMALL, losses, train, train_until_killed
 
 # torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
@@ -79,9 +80,10 @@ def test_a_conditional_model_trains_under_fsdp_as_in_one_process_and_its_checkpo
     the class embedding (sharded by FSDP) included, as one process. 32 channels and then 64: at fewer
     than two channels per GroupNorm group the norm would cancel the class embedding and hide a wrong drop.
     The FSDP run also recomputes its activations (model.activation_checkpointing=all), which changes nothing
-    but the memory; both keep a second EMA. The FSDP checkpoint then resumes in a single process."""
+    but the memory; both keep a second EMA and two post-hoc EMA profiles, snapshotted at steps 2 and 4. The FSDP
+    checkpoint then resumes in a single process."""
     conditional = [*STEPS, "model.num_classes=1", "model.label_dropout=0.5", "model.base_channels=32",
-                   "train.extra_ema_decays=[0.5]"]
+                   "train.extra_ema_decays=[0.5]", "train.post_hoc_ema_sigma_rels=[0.05,0.2]", "train.post_hoc_ema_every=2"]
     single = train(tmp_path / "single", repeated_image, *conditional)
     assert single.returncode == 0, single.stderr
     result = train(tmp_path / "fsdp", repeated_image, *conditional, "train.parallel=fsdp",
@@ -97,9 +99,19 @@ def test_a_conditional_model_trains_under_fsdp_as_in_one_process_and_its_checkpo
     assert list(fsdp_state["extra_emas"]) == ["ema_0.5"]
     for name, value in single_state["extra_emas"]["ema_0.5"].items():
         torch.testing.assert_close(fsdp_state["extra_emas"]["ema_0.5"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    # so do the post-hoc profiles, in the checkpoint and in the snapshots rank 0 writes of them
+    assert list(fsdp_state["post_hoc_emas"]) == ["sigma_rel_0.05", "sigma_rel_0.2"]
+    snapshots = {name: [(s.sigma_rel, s.step, s.path.relative_to(tmp_path / name)) for s in
+                        list_snapshots(tmp_path / name / "post_hoc_ema")] for name in ("single", "fsdp")}
+    assert snapshots["fsdp"] == snapshots["single"] and [step for _, step, _ in snapshots["fsdp"]] == [2, 2, 4, 4]
+    for _, _, path in snapshots["fsdp"]:
+        expected = torch.load(tmp_path / "single" / path, weights_only=True)
+        for name, value in torch.load(tmp_path / "fsdp" / path, weights_only=True).items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=f"{path}: {name}")
     again = train(tmp_path / "fsdp", repeated_image, *conditional[1:], "train.steps=5")
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stderr and sorted(losses(tmp_path / "fsdp")) == [1, 2, 3, 4, 5]
+    assert [s.step for s in list_snapshots(tmp_path / "fsdp" / "post_hoc_ema")] == [2, 2, 4, 4, 5, 5]
 
 
 def test_gradient_accumulation_follows_the_same_trajectory(tmp_path, repeated_image, single_process):

@@ -53,26 +53,36 @@ def test_decays_are_checked():
         small_config("train.extra_ema_decays=[1.5]")
 
 
-def test_sample_takes_an_ema_by_name_and_the_default_is_the_main_one(tmp_path, shapes16):
+def test_sample_takes_an_ema_by_name_or_a_post_hoc_length_and_the_default_is_the_main_one(tmp_path, shapes16):
+    """Names pick the main, an extra or a post-hoc profile's EMA; a number synthesizes that post-hoc length from
+    the snapshots up to the checkpoint (here at steps 2 and 3), so an earlier checkpoint gets an earlier EMA."""
     import numpy as np
 
     from engine.config import ConfigError
     from engine.run_dir import load_run
 
     run_dir = tmp_path / "run"
-    result = train(run_dir, shapes16, "train.steps=2", "train.ema_decay=0.9", "train.extra_ema_decays=[0.5]",
-                   "train.ema_warmup=false")
+    result = train(run_dir, shapes16, "train.steps=3", "train.ema_decay=0.9", "train.extra_ema_decays=[0.5]",
+                   "train.ema_warmup=false", "train.post_hoc_ema_sigma_rels=[0.05,0.2]", "train.checkpoint_every=2")
     assert result.returncode == 0, result.stderr
-    sampled = run("engine.sample", run_dir, "--ema", "ema_0.5", "--num", 2, "--npz", tmp_path / "s.npz",
+    sampled = run("engine.sample", run_dir, "--ema", "0.1", "--num", 2, "--npz", tmp_path / "s.npz",
                   "--out", tmp_path / "s.png")
     assert sampled.returncode == 0, sampled.stderr
+    assert "post-hoc EMA sigma_rel 0.1 at step 3, synthesized from 4 snapshots of sigma_rel 0.05, 0.2" in sampled.stderr
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 16, 16, 3)
     cpu = torch.device("cpu")
-    models = {name: load_run(run_dir, cpu, ema=name)[0].state_dict() for name in ("ema_0.5", "ema_0.9")}
+    models = {name: load_run(run_dir, cpu, ema=name)[0].state_dict()
+              for name in ("ema_0.5", "ema_0.9", "sigma_rel_0.05", "0.05", "0.1")}
     default = load_run(run_dir, cpu)[0].state_dict()
     assert all(torch.equal(default[key], value) for key, value in models["ema_0.9"].items())  # the main EMA
     assert any(not torch.equal(models["ema_0.5"][key], value) for key, value in models["ema_0.9"].items())
-    with pytest.raises(ConfigError, match="has no EMA 'ema_0.7'; it has ema_0.9, ema_0.5"):
+    for key, value in models["sigma_rel_0.05"].items():  # synthesizing a tracked length gives it back
+        torch.testing.assert_close(models["0.05"][key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(models["0.1"][key], value) for key, value in models["0.05"].items())
+    early, _, step = load_run(run_dir / "checkpoints" / "step-00000002.pt", cpu, ema="0.05")
+    assert step == 2 and any(not torch.allclose(early.state_dict()[key], value)
+                             for key, value in models["0.05"].items())
+    with pytest.raises(ConfigError, match="has no EMA 'ema_0.7'; it has ema_0.9, ema_0.5, sigma_rel_0.05, sigma_rel_0.2"):
         load_run(run_dir, cpu, ema="ema_0.7")
 
 

@@ -381,7 +381,7 @@ def test_a_conditional_run_is_evaluated_at_its_guidance_and_the_cli_sweeps_scale
     run_dir = tmp_path / "run"
     result = train(run_dir, shapes16, "train.steps=3", "model.num_classes=4", "model.label_dropout=0.2",
                    "eval.every=3", "eval.num_images=8", "eval.batch_size=8", "eval.steps=2", "eval.guidance=2",
-                   f"eval.inception={inception}", *TRAINED)
+                   f"eval.inception={inception}", "train.post_hoc_ema_sigma_rels=[0.05,0.2]", *TRAINED)
     assert result.returncode == 0, result.stderr
     logged = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "fid" in line)
     assert logged["eval_guidance"] == 2.0 and "at guidance 2" in result.stderr
@@ -396,6 +396,14 @@ def test_a_conditional_run_is_evaluated_at_its_guidance_and_the_cli_sweeps_scale
                                                               f"FID {min(fids):.2f}"
     # the same weights, images and classes as training's evaluation at the end
     assert fids[1] == pytest.approx(logged["fid"], rel=1e-3)
+    # post-hoc EMA lengths are swept as the scales are (EDM2's choice of the EMA after training)
+    assert main([*cli, "--guidance", "2", "--ema", "0.05,0.1", "--json", str(tmp_path / "ema.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["ema 0.05, guidance 2", "ema 0.1, guidance 2"]
+    emas = json.loads((tmp_path / "ema.json").read_text())
+    assert [(r["ema"], r["step"]) for r in emas["results"]] == [("0.05", 3), ("0.1", 3)]
+    assert lines[2].startswith(f"best: ema {emas['best']['ema']}, guidance 2, FID ")
+    assert len({r["fid"] for r in emas["results"]}) == 2
     assert main([*cli[2:], "--run", str(tmp_path / "missing")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("evaluate: error: run directory") and "missing does not exist" in error

@@ -176,8 +176,10 @@ def run_steps(trainer, batches, steps):
 
 
 def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exactly(monkeypatch):
-    batches, smaller = fixed_batches(), ("model.channel_mult=[1]", "model.attention_resolutions=[]")
-    eager = run_steps(build_trainer(small_config("model.dropout=0.0", *smaller), CPU), batches, range(20))
+    batches = fixed_batches()
+    smaller = ("model.channel_mult=[1]", "model.attention_resolutions=[]", "train.post_hoc_ema_sigma_rels=[0.05,0.2]")
+    eager_trainer = build_trainer(small_config("model.dropout=0.0", *smaller), CPU)
+    eager = run_steps(eager_trainer, batches, range(20))
     trainer = step_scope_trainer(monkeypatch, *smaller)
     assert trainer.compiled_update is not None and isinstance(trainer.optimizer.param_groups[0]["lr"], torch.Tensor)
     compiled = run_steps(trainer, batches, range(10))
@@ -185,6 +187,8 @@ def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exac
     torch.save(trainer.state_dict(), saved)  # a checkpoint at step 10, as training writes it
     compiled += run_steps(trainer, batches, range(10, 20))
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+    for a, b in zip(trainer.post_hoc_emas[0.2].ema_model.parameters(), eager_trainer.post_hoc_emas[0.2].ema_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # updated after the compiled graph, as eagerly
     # a resume at step 10 continues bit for bit
     saved.seek(0)
     state = torch.load(saved, weights_only=True)
@@ -192,6 +196,8 @@ def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exac
     resumed.load_state_dict(state, state["lr_schedule"], state["scaler"])
     assert run_steps(resumed, batches, range(10, 20)) == compiled[10:]
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.ema_model.parameters(), trainer.ema.ema_model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.post_hoc_emas[0.05].ema_model.parameters(),
+                                                 trainer.post_hoc_emas[0.05].ema_model.parameters()))
 
 
 def test_the_step_scope_refuses_what_it_cannot_compile():

@@ -80,14 +80,17 @@ def test_two_ranks_each_with_every_other_image_sum_to_the_single_process_loss(he
 def test_a_run_logs_a_falling_validation_loss_plots_it_and_keeps_the_best_checkpoint(tmp_path, shapes16, held_out):
     run_dir = tmp_path / "run"
     options = ["optim.lr=2e-3", "optim.warmup_steps=0", "eval.val_every=12", f"eval.val_data={held_out}",
-               "eval.val_timesteps=4", "train.log_every=12", "train.keep_best=val_loss_ema", "train.extra_ema_decays=[0.5]"]
+               "eval.val_timesteps=4", "train.log_every=12", "train.keep_best=val_loss_ema", "train.extra_ema_decays=[0.5]",
+               "train.post_hoc_ema_sigma_rels=[0.05,0.2]", "train.post_hoc_ema_every=12"]
     result = train(run_dir, shapes16, "train.steps=24", *options)
     assert result.returncode == 0, result.stderr
     assert "validation: the loss every 12 steps on 24 held-out images" in result.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     validation = {r["step"]: r for r in records if "val_loss" in r}
     assert sorted(validation) == [12, 24]
-    assert {f"val_loss_ema_t{t}" for t in validation_timesteps(50, 4)} | {"val_loss_ema_0.5"} <= set(validation[24])
+    assert {f"val_loss_ema_t{t}" for t in validation_timesteps(50, 4)} | {"val_loss_ema_0.5", "val_loss_sigma_rel_0.05",
+                                                                         "val_loss_sigma_rel_0.2"} <= set(validation[24])
+    assert "post-hoc EMA: sigma_rel 0.05, 0.2, snapshotted every 12 steps" in result.stderr
     assert validation[24]["val_loss"] < validation[12]["val_loss"]
     assert (run_dir / "loss.png").is_file()
     # the best by val_loss_ema, beside the newest checkpoints, with its score; engine.sample takes it
@@ -123,3 +126,29 @@ def test_a_held_out_set_of_another_size_is_one_clear_line(tmp_path, shapes16):
     prepare("shapes", other, shard_size=8, num=8, image_size=8, channels=3, seed=7, progress=False)
     result = train(tmp_path / "run", shapes16, "eval.val_every=5", f"eval.val_data={other}", "--dry-run")
     assert result.returncode == 2 and "has image_size 8 but the training data set has 16" in result.stderr
+
+
+def test_val_shards_hold_out_the_last_shards_of_the_training_set_which_training_never_reads(held_out):
+    """eval.val_shards=1 of held_out's 3 shards of 8: validation gets the last 8 images, the device cache and the
+    streamed loader the other 16 (every image once between them)."""
+    from engine.config import ConfigError
+    from engine.data import build_train_loader, load_device_cache
+    from engine.train import check_data
+    from engine.validation import training_shards
+
+    config = small_config("model.channel_mult=[1]", "model.attention_resolutions=[]", f"data.path={held_out}",
+                          "eval.val_every=1", "eval.val_shards=1", "eval.val_timesteps=1")
+    validation = ValidationLoss(config, CPU, build_trainer(config, CPU))
+    assert validation.num_images == 8 and validation.source == f"the last 1 shards of {held_out}"
+    options = {"image_size": 16, "channels": 3, "num_workers": 0}
+    rows = lambda images: {bytes(image.flatten().tolist()) for image in images}  # noqa: E731
+    everything = rows(load_device_cache(held_out, device="cpu", **options).images)
+    cached = rows(load_device_cache(held_out, device="cpu", shard_slice=training_shards(config), **options).images)
+    assert len(cached) == 16 and not cached & rows(validation.images) and cached | rows(validation.images) == everything
+    stream = iter(build_train_loader(held_out, batch_size=8, shard_slice=training_shards(config), **options))
+    assert set().union(*(rows(next(stream)["image"]) for _ in range(6))) <= cached  # three passes: never held out
+    check_data(config)
+    with pytest.raises(ConfigError, match="eval.val_shards is 3 but the data set in .* has 3 shards"):
+        check_data(small_config(f"data.path={held_out}", "eval.val_every=1", "eval.val_shards=3"))
+    with pytest.raises(ConfigError, match="eval.val_shards holds out part of data.path: set it or eval.val_data"):
+        small_config(f"eval.val_data={held_out}", "eval.val_shards=1")

@@ -385,7 +385,8 @@ def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: in
 
 def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, channels: int, num_workers: int = 2,
                        shuffle_buffer: int = 1000, seed: int = 0, resample: bool = True, rank: int = 0,
-                       world_size: int = 1, pin_memory: bool = False, start: list[int] | None = None) -> Iterable[dict]:
+                       world_size: int = 1, pin_memory: bool = False, start: list[int] | None = None,
+                       shard_slice: slice | None = None) -> Iterable[dict]:
     """Batches {"image": uint8 (B, C, H, W), "label": int64 (B,), "skipped": int} from a prepared data set.
 
     `path` is the folder written by `python -m engine.data.prepare`, in either shard format (the
@@ -395,6 +396,7 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
     Every batch also names its `worker` and that worker's `position` (samples taken from its stream
     so far). `start`, one position per worker (as a checkpoint recorded them), resumes each worker's
     stream there: with the same seed, rank, world size and worker count the batches continue exactly.
+    `shard_slice` selects some of the manifest's shards, in its order (training leaves eval.val_shards out).
     """
     if start is not None and len(start) != max(num_workers, 1):
         raise DataError(f"a resume position needs one entry per loader worker ({max(num_workers, 1)}), got {len(start)}")
@@ -402,6 +404,10 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
     _check_request(manifest, path, image_size=image_size, channels=channels, batch_size=batch_size, rank=rank,
                    world_size=world_size)
     shards = _shard_paths(path, manifest)
+    if shard_slice is not None:
+        shards = dict(list(shards.items())[shard_slice])
+        if not shards:
+            raise DataError(f"no shards of {path} remain in {shard_slice} of its {len(manifest['shards'])}")
     if not resample:
         _check_finite_split(len(shards), world_size, num_workers)
     dataset = _build_pipeline(shards, shard_format=manifest["shard_format"], batch_size=batch_size,
