@@ -84,6 +84,17 @@ def test_sample_takes_an_ema_by_name_or_a_post_hoc_length_and_the_default_is_the
                              for key, value in models["0.05"].items())
     with pytest.raises(ConfigError, match="has no EMA 'ema_0.7'; it has ema_0.9, ema_0.5, sigma_rel_0.05, sigma_rel_0.2"):
         load_run(run_dir, cpu, ema="ema_0.7")
+    # killed after step 3's snapshots, before its checkpoint: the resume from step 2 writes them again, the same
+    snapshot = run_dir / "post_hoc_ema" / "sigma_rel_0.2" / "step-00000003.pt"
+    before = torch.load(snapshot, weights_only=True)
+    (run_dir / "checkpoints" / "step-00000003.pt").unlink()
+    (run_dir / "checkpoints" / "latest").unlink()
+    again = train(run_dir, shapes16, "train.steps=3", "train.ema_decay=0.9", "train.extra_ema_decays=[0.5]",
+                  "train.ema_warmup=false", "train.post_hoc_ema_sigma_rels=[0.05,0.2]", "train.checkpoint_every=2")
+    assert again.returncode == 0, again.stderr
+    assert "removed 2 post-hoc EMA snapshots after step 2" in again.stderr
+    after = torch.load(snapshot, weights_only=True)
+    assert all(torch.equal(after[name], value) for name, value in before.items())
 
 
 def test_raw_and_ema_exclude_each_other(capsys):
