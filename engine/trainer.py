@@ -27,9 +27,9 @@ from engine.distributed import DistributedContext, compute_dtype
 from engine.ema import (advance_ema_counters, build_ema, ema_decay, ema_name, ema_state, load_ema_state,
                         load_extra_ema_states, load_post_hoc_ema_states, update_ema)
 from engine.loss_weighting import weights_from_config
-from engine.post_hoc_ema import post_hoc_name, update_post_hoc_emas
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
+from engine.post_hoc_ema import post_hoc_name, update_post_hoc_emas
 from engine.schedule import NoiseSchedule, schedule_from_config
 from engine.unet import build_unet
 from kernels.noise import noise_keys
