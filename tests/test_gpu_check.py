@@ -39,3 +39,13 @@ def test_a_part_that_overruns_its_box_is_stopped_and_the_next_one_runs(tmp_path)
     assert second["status"] == "passed" and "done" in (tmp_path / second["log"]).read_text()
     failing = run_part(Part("bad", 30.0, [(python("-c", "raise SystemExit(3)"), 1.0)]), tmp_path)
     assert failing["status"] == "failed (exit 3)"
+
+
+def test_only_the_command_a_box_ends_on_purpose_counts_a_stop_as_success(tmp_path):
+    """Training's run is stopped on time and the next command goes on; a later command stopped by the box (the
+    plot, the samples) is a time-out, not a pass with its output missing."""
+    sleep, say = python("-c", "import time; time.sleep(60)"), python("-c", "print('after the stop')")
+    part = Part("training", 4.0, [(sleep, 0.25), (say, 1.0), (sleep, 1.0)], stops_on_time=(0,))
+    result = run_part(part, tmp_path)
+    assert result["status"] == "timed out" and result["seconds"] < 30
+    assert "after the stop" in (tmp_path / result["log"]).read_text()
