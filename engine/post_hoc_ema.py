@@ -28,6 +28,7 @@ from ema_pytorch.post_hoc_ema import sigma_rel_to_gamma, solve_weights
 from engine.atomic_files import atomic_write, remove_stale_temporaries
 from engine.checkpoint import CheckpointError
 from engine.parallel import full_model_state
+from engine.progress import progress_bar
 
 SNAPSHOT_DIR = "post_hoc_ema"
 MAX_SIGMA_REL = 12 ** -0.5  # gamma = 0, the plain average of all steps; longer profiles do not exist
@@ -122,9 +123,11 @@ def synthesis_weights(snapshots: list[Snapshot], sigma_rel: float, step: int) ->
     return weights.squeeze(-1).tolist()
 
 
-def synthesize(folder: Path, sigma_rel: float, step: int) -> tuple[dict[str, torch.Tensor], int, list[Snapshot]]:
+def synthesize(folder: Path, sigma_rel: float, step: int,
+               progress: bool = False) -> tuple[dict[str, torch.Tensor], int, list[Snapshot]]:
     """(weights, the step they are for, the snapshots used): the EMA of `sigma_rel` at the latest snapshot
-    step at or before `step`, from the snapshots up to it. Raises ValueError when there are none."""
+    step at or before `step`, from the snapshots up to it (a bar with `progress`: each is one weight copy to
+    read). Raises ValueError when there are none."""
     power_gamma(sigma_rel)  # checks the range
     snapshots = [snapshot for snapshot in list_snapshots(folder) if snapshot.step <= step]
     if not snapshots:
@@ -133,7 +136,8 @@ def synthesize(folder: Path, sigma_rel: float, step: int) -> tuple[dict[str, tor
     at = snapshots[-1].step
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for snapshot, weight in zip(snapshots, synthesis_weights(snapshots, sigma_rel, at)):
+    weighted = zip(snapshots, synthesis_weights(snapshots, sigma_rel, at))
+    for snapshot, weight in progress_bar(weighted, total=len(snapshots), desc="post-hoc EMA", disable=not progress):
         for name, value in torch.load(snapshot.path, map_location="cpu", weights_only=True).items():
             dtypes[name] = value.dtype
             if name in total:  # summed in float64: the weights are large and of both signs

@@ -85,12 +85,13 @@ def checkpoint_weights(state: dict, path: Path, config: Config, use_ema: bool,
         return ema_weights(state["ema"]) if use_ema else state["model"], step
     if (sigma_rel := parse_sigma_rel(ema)) is not None:
         folder = RunDir(path.parent.parent).post_hoc_ema  # the checkpoint is RUN_DIR/checkpoints/<name>.pt
+        is_main = rank_and_world_size()[0] == 0
         try:
-            weights, at, used = synthesize(folder, sigma_rel, step)
+            weights, at, used = synthesize(folder, sigma_rel, step, progress=is_main)
         except ValueError as error:
             raise ConfigError(f"--ema {ema}: {error}") from None
         profiles = ", ".join(f"{s:g}" for s in sorted({snapshot.sigma_rel for snapshot in used}))
-        if rank_and_world_size()[0] == 0:
+        if is_main:
             print(f"post-hoc EMA sigma_rel {sigma_rel:g} at step {at}, synthesized from {len(used)} snapshots of "
                   f"sigma_rel {profiles} in {folder}", file=sys.stderr)
         return weights, at
