@@ -324,9 +324,11 @@ class TrainingRun:
                                      if self.peak_flops else ""))
         if trainer.post_hoc_emas:
             megabytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**20
+            snapshots = len(trainer.post_hoc_emas) * -(-cfg_train.steps // self.post_hoc_every)
             self.log(f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in trainer.post_hoc_emas)}, snapshotted every "
-                     f"{self.post_hoc_every} steps to {self.layout.post_hoc_ema} ({megabytes:.0f} MiB per profile and "
-                     f"snapshot); --ema SIGMA_REL synthesizes any length")
+                     f"{self.post_hoc_every} steps to {self.layout.post_hoc_ema} ({megabytes:.0f} MiB each, "
+                     f"{snapshots * megabytes / 1024:.1f} GiB by step {cfg_train.steps}); --ema SIGMA_REL synthesizes "
+                     f"any length")
 
     def setup_maintenance(self) -> None:
         """What runs between steps, built once: the sampler (compiled once), evaluation, stop requests."""
