@@ -13,7 +13,7 @@ from engine.config import Config, ConfigError, config_from_dict
 from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
 from engine.distributed import rank_and_world_size
 from engine.ema import ema_name
-from engine.post_hoc_ema import SNAPSHOT_DIR, parse_sigma_rel, synthesize
+from engine.post_hoc_ema import MAX_SIGMA_REL, SNAPSHOT_DIR, parse_sigma_rel, synthesize
 from engine.unet import build_unet
 
 
@@ -89,7 +89,8 @@ def checkpoint_weights(state: dict, path: Path, config: Config, use_ema: bool,
         try:
             weights, at, used = synthesize(folder, sigma_rel, step, progress=is_main)
         except ValueError as error:
-            raise ConfigError(f"--ema {ema}: {error}") from None
+            named = f" (an EMA decay goes by its name: --ema ema_{ema})" if sigma_rel >= MAX_SIGMA_REL else ""
+            raise ConfigError(f"--ema {ema}: {error}{named}") from None
         profiles = ", ".join(f"{s:g}" for s in sorted({snapshot.sigma_rel for snapshot in used}))
         if is_main:
             print(f"post-hoc EMA sigma_rel {sigma_rel:g} at step {at}, synthesized from {len(used)} snapshots of "

@@ -84,6 +84,9 @@ def test_sample_takes_an_ema_by_name_or_a_post_hoc_length_and_the_default_is_the
                              for key, value in models["0.05"].items())
     with pytest.raises(ConfigError, match="has no EMA 'ema_0.7'; it has ema_0.9, ema_0.5, sigma_rel_0.05, sigma_rel_0.2"):
         load_run(run_dir, cpu, ema="ema_0.7")
+    with pytest.raises(ConfigError, match=r"--ema 0.9: sigma_rel must be in .* \(an EMA decay goes by its name: "
+                                          r"--ema ema_0.9\)"):
+        load_run(run_dir, cpu, ema="0.9")
     # killed after step 3's snapshots, before its checkpoint: the resume from step 2 writes them again, the same
     snapshot = run_dir / "post_hoc_ema" / "sigma_rel_0.2" / "step-00000003.pt"
     before = torch.load(snapshot, weights_only=True)
