@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuntimeError) as error:  # DiffusersFormatError is a ConfigError
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for load_state_dict's
         return 2
-    print(f"wrote {out} (diffusers DDPMPipeline, step {step}, {'raw' if args.raw else 'EMA'} weights)")
+    print(f"wrote {out} (diffusers DDPMPipeline, step {step}, {'raw' if args.raw else f'EMA {args.ema}' if args.ema else 'EMA'} weights)")
     return 0
 
 

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         guided = f", classes {options.classes or 'all'}, guidance {options.guidance:g}" if config.model.num_classes else ""
         print(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s) on "
               f"{context.world_size} x {device.type}, {options.sampler}{guided}, step {step}, "
-              f"{'EMA' if options.use_ema else 'raw'} weights")
+              f"{f'EMA {args.ema}' if args.ema else 'EMA' if options.use_ema else 'raw'} weights")
         write_outputs(args, config, images)
     shutdown_distributed()
     return 0
