@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A configuration mistake, reported to the user as one line (exit status 2)."""
 
 
+# the longest post-hoc EMA profile (engine/post_hoc_ema.py): gamma = 0, the plain average of all steps
+MAX_SIGMA_REL = 12 ** -0.5
+
+
 @dataclass
 class ModelConfig:
     base_channels: int = 128  # `ch` in the DDPM code
@@ -489,7 +493,7 @@ def _check_ema(config: Config, require) -> None:
             f"must be empty or at least two different lengths (the synthesis combines them), e.g. [0.05,0.1]; "
             f"got {sigma_rels}")
     for sigma_rel in sigma_rels:
-        require(0.0 < sigma_rel < 12 ** -0.5, "train.post_hoc_ema_sigma_rels",
+        require(0.0 < sigma_rel < MAX_SIGMA_REL, "train.post_hoc_ema_sigma_rels",
                 f"must be in (0, 0.288) (0.288: the plain average of all steps), got {sigma_rel}")
     require(train.post_hoc_ema_every >= 0, "train.post_hoc_ema_every",
             f"must be >= 0 (0 = at every checkpoint), got {train.post_hoc_ema_every}")

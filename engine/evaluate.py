@@ -65,11 +65,12 @@ from engine.atomic_files import atomic_write
 from engine.config import Config, ConfigError
 from engine.data import DataError
 from engine.data.image_sets import ImageInput, image_batches, open_images, read_npz
+from engine.diffusers_format import is_diffusers_folder
 from engine.distributed import (all_gather_objects, init_distributed, is_distributed, rank_and_world_size,
                                 shutdown_distributed)
 from engine.progress import progress_bar
 from engine.progress import write as progress_write
-from engine.run_dir import EMA_HELP, load_run
+from engine.run_dir import EMA_HELP, load_run, read_run_checkpoint
 from engine.sample import evaluation_config, generate_batches
 from engine.schedule import schedule_from_config
 from kernels.registry import KernelError, resolve_kernels_from_config
@@ -671,12 +672,16 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
                   device: torch.device) -> None:
     """FID/KID of images drawn from a run for each EMA asked for (--ema 0.05,0.1,0.15: EDM2's sweep of post-hoc
     lengths) at each guidance scale (one set each, shared by the ranks); the lines and JSON name the best."""
-    results = []
+    # several EMAs of one run: its checkpoint read once (a diffusers folder holds one set of weights)
+    checkpoint = read_run_checkpoint(args.run) if len(args.ema or []) > 1 and not is_diffusers_folder(args.run) else None
+    results, kernels = [], None
     for ema in args.ema or [None]:
-        model, config, step = load_run(args.run, device, use_ema=False if args.raw else None, ema=ema)
+        model, config, step = load_run(args.run, device, use_ema=False if args.raw else None, ema=ema,
+                                       checkpoint=checkpoint)
         if args.guidance and not config.model.num_classes:
             raise EvaluationError(f"--guidance needs a class-conditional model; {args.run} is unconditional")
-        results += _evaluate_model(args, model, config, step, stats, net, is_main, device, ema)
+        kernels = kernels or resolve_kernels_from_config(config, device)  # checked once: the same for every EMA
+        results += _evaluate_model(args, model, config, step, kernels, stats, net, is_main, device, ema)
     best = min(results, key=lambda result: result["fid"])
     if is_main and len(results) > 1:
         print(f"best: {_label(best)}, FID {best['fid']:.2f}")
@@ -684,11 +689,11 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
         _write_json(args, {"run": str(args.run), "step": results[-1]["step"], "best": best, "results": results}, net)
 
 
-def _evaluate_model(args: argparse.Namespace, model: torch.nn.Module, config: Config, step: int,
+def _evaluate_model(args: argparse.Namespace, model: torch.nn.Module, config: Config, step: int, kernels,
                     stats: ReferenceStats, net: FeatureNetwork, is_main: bool, device: torch.device,
                     ema: str | None) -> list[dict]:
     """One result per guidance scale of `model` (weights `ema`, None for the default choice)."""
-    kernels, schedule = resolve_kernels_from_config(config, device), schedule_from_config(config.diffusion).to(device)
+    schedule = schedule_from_config(config.diffusion).to(device)
     rank, world_size = rank_and_world_size()
     results = []
     for scale in args.guidance or [None]:

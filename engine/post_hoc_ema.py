@@ -26,14 +26,13 @@ import torch
 from ema_pytorch.post_hoc_ema import sigma_rel_to_gamma, solve_weights
 
 from engine.atomic_files import atomic_write, remove_stale_temporaries
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, checkpoint_name, checkpoint_step
+from engine.config import MAX_SIGMA_REL
 from engine.parallel import full_model_state
 from engine.progress import progress_bar
 
 SNAPSHOT_DIR = "post_hoc_ema"
-MAX_SIGMA_REL = 12 ** -0.5  # gamma = 0, the plain average of all steps; longer profiles do not exist
 _FOLDER = re.compile(r"^sigma_rel_([0-9.e+-]+)$")
-_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 
 
 def post_hoc_name(sigma_rel: float) -> str:
@@ -77,7 +76,7 @@ class Snapshot:
 
 
 def snapshot_path(folder: Path, sigma_rel: float, step: int) -> Path:
-    return Path(folder) / post_hoc_name(sigma_rel) / f"step-{step:08d}.pt"
+    return Path(folder) / post_hoc_name(sigma_rel) / checkpoint_name(step)  # named as the checkpoints are
 
 
 def save_snapshots(folder: Path, emas: dict[float, object], step: int, is_main: bool) -> None:
@@ -101,8 +100,8 @@ def list_snapshots(folder: Path) -> list[Snapshot]:
     found = []
     for profile in Path(folder).iterdir() if Path(folder).is_dir() else ():
         if profile.is_dir() and (name := _FOLDER.match(profile.name)):
-            found += [Snapshot(float(name.group(1)), int(step.group(1)), file) for file in profile.iterdir()
-                      if (step := _FILE.match(file.name))]
+            found += [Snapshot(float(name.group(1)), step, file) for file in profile.iterdir()
+                      if (step := checkpoint_step(file.name)) is not None]
     return sorted(found, key=lambda snapshot: (snapshot.step, snapshot.sigma_rel))
 
 

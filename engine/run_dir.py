@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint
-from engine.config import Config, ConfigError, config_from_dict
+from engine.config import MAX_SIGMA_REL, Config, ConfigError, config_from_dict
 from engine.diffusers_format import config_with_diffusers, is_diffusers_folder, read_diffusers_folder
 from engine.distributed import rank_and_world_size
 from engine.ema import ema_name
-from engine.post_hoc_ema import MAX_SIGMA_REL, SNAPSHOT_DIR, parse_sigma_rel, synthesize
+from engine.post_hoc_ema import SNAPSHOT_DIR, parse_sigma_rel, synthesize
 from engine.unet import build_unet
 
 
@@ -41,12 +41,13 @@ EMA_HELP = ("one of the run's EMAs by name: ema_0.999 (train.ema_decay's or an e
 
 
 def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = None,
-             ema: str | None = None) -> tuple[torch.nn.Module, Config, int]:
+             ema: str | None = None, checkpoint: tuple[dict, Path] | None = None) -> tuple[torch.nn.Module, Config, int]:
     """The model of a run's latest checkpoint, its config and step.
 
     EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A checkpoint file (e.g.
     checkpoints/best.pt) works too, and so does a diffusers folder (pipeline or bare UNet): its weights,
-    with its settings over the defaults, at step 0.
+    with its settings over the defaults, at step 0. `checkpoint`: `read_run_checkpoint`'s, read once for
+    several EMAs of one run.
     """
     run_dir = Path(run_dir)
     if is_diffusers_folder(run_dir):  # e.g. engine.export's output, or a model saved by diffusers
@@ -60,19 +61,29 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
         model = build_unet(config, device)
         model.load_state_dict(found.state_dict)
         return model, config, 0
-    if run_dir.is_file() and run_dir.suffix == ".pt":  # one checkpoint, e.g. RUN_DIR/checkpoints/best.pt
-        state, path = torch.load(run_dir, map_location="cpu", weights_only=True), run_dir
-    elif not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
-    elif (loaded := load_latest_checkpoint(run_dir, map_location="cpu")) is None:
-        raise ConfigError(f"{run_dir} has no checkpoint yet; train first with python -m engine.train")
-    else:
-        state, path = loaded
+    state, path = checkpoint or read_run_checkpoint(run_dir)
     config = config_from_dict(state["config"], where=str(path))
     model = build_unet(config, device)
     weights, step = checkpoint_weights(state, path, config, config.sample.use_ema if use_ema is None else use_ema, ema)
     model.load_state_dict(weights)
     return model, config, step
+
+
+def read_run_checkpoint(run_dir: str | Path) -> tuple[dict, Path]:
+    """(state, path) of a run's latest checkpoint, or of one checkpoint file (e.g. RUN_DIR/checkpoints/best.pt)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".pt":
+        return torch.load(run_dir, map_location="cpu", weights_only=True), run_dir
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    if (loaded := load_latest_checkpoint(run_dir, map_location="cpu")) is None:
+        raise ConfigError(f"{run_dir} has no checkpoint yet; train first with python -m engine.train")
+    return loaded
+
+
+def weights_label(use_ema: bool, ema: str | None) -> str:
+    """What the sample and export lines say of the weights: "raw", "EMA" or "EMA 0.1"."""
+    return f"EMA {ema}" if ema else "EMA" if use_ema else "raw"
 
 
 def checkpoint_weights(state: dict, path: Path, config: Config, use_ema: bool,

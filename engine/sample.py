@@ -30,7 +30,7 @@ from engine.distributed import (all_gather_objects, compute_dtype, gather_to_mai
                                 rank_and_world_size, shutdown_distributed)
 from engine.images import class_rows, save_grid, save_image, to_uint8
 from engine.progress import progress_bar
-from engine.run_dir import EMA_HELP, RunDir, load_run
+from engine.run_dir import EMA_HELP, RunDir, load_run, weights_label
 from engine.schedule import NoiseSchedule, schedule_from_config
 from kernels.registry import KernelError, Kernels, resolve_kernels_from_config
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         guided = f", classes {options.classes or 'all'}, guidance {options.guidance:g}" if config.model.num_classes else ""
         print(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s) on "
               f"{context.world_size} x {device.type}, {options.sampler}{guided}, step {step}, "
-              f"{f'EMA {args.ema}' if args.ema else 'EMA' if options.use_ema else 'raw'} weights")
+              f"{weights_label(options.use_ema, args.ema)} weights")
         write_outputs(args, config, images)
     shutdown_distributed()
     return 0
