@@ -53,8 +53,15 @@ class DiffusionConfig:
     schedule: Literal["linear", "cosine", "squaredcos_cap_v2", "scaled_linear"] = "linear"
     beta_start: float = 1e-4  # linear and scaled_linear only
     beta_end: float = 0.02
-    target: Literal["eps", "x0", "v"] = "eps"  # what the network predicts
-    timestep_sampling: Literal["uniform", "antithetic"] = "uniform"
+    # what the network predicts: eps (the paper), x0, v, or edm: EDM's preconditioning (Karras et al. 2022, Table 1;
+    # engine/preconditioning.py): input c_in x, output F with D = c_skip x + c_out F, lambda-weighted loss
+    target: Literal["eps", "x0", "v", "edm"] = "eps"
+    sigma_data: float = 0.5  # edm: the data's standard deviation (0.5 for images in [-1, 1]; 1 makes edm equal -v)
+    # uniform, antithetic (t and T-1-t in one batch), or lognormal: EDM's ln(sigma) ~ N(lognormal_mean,
+    # lognormal_std^2) (P_mean, P_std), each mapped onto the timestep of the nearest noise level
+    timestep_sampling: Literal["uniform", "antithetic", "lognormal"] = "uniform"
+    lognormal_mean: float = -1.2
+    lognormal_std: float = 1.2
     # Each timestep's loss weighted (engine/loss_weighting.py): none (the paper), min_snr (Hang et al. 2023:
     # min(SNR, min_snr_gamma) on the x0 error) or p2 (Choi et al. 2022: 1 / (p2_k + SNR)^p2_gamma on the eps error)
     loss_weighting: Literal["none", "min_snr", "p2"] = "none"
@@ -82,7 +89,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup_steps: int = 5000  # linear warmup, then constant (as in the DDPM code)
+    warmup_steps: int = 5000  # linear warmup, then lr_schedule (the DDPM code: constant)
+    # after the warmup: constant; cosine (to 0 at train.steps); inverse_sqrt (EDM2: lr / sqrt(max(step / lr_ref_steps, 1)))
+    lr_schedule: Literal["constant", "cosine", "inverse_sqrt"] = "constant"
+    lr_ref_steps: int = 70_000  # inverse_sqrt: EDM2's t_ref, the step where the decay starts
+    # lr is the rate at reference_batch_size; at another train.batch_size it is scaled by the ratio (linear) or
+    # its square root (sqrt, the usual rule for Adam), so one preset serves any number of GPUs
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch_size: int = 128
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 
@@ -155,6 +169,10 @@ class SampleConfig:
     num_images: int = 64  # images in the grid written during training
     batch_size: int = 64
     use_ema: bool = True
+    # which EMA engine.sample, engine.evaluate --run and engine.export use by default: "" = train.ema_decay's; a name
+    # (ema_0.999, sigma_rel_0.05) or a post-hoc length, e.g. "0.1" (synthesized); training's own grids and FID use
+    # train.ema_decay's
+    ema: str = ""
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: Optional[bool] = None  # compile the denoising step (CUDA graphs on CUDA); None = on CUDA, unsharded models
@@ -365,6 +383,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a finite number, got {value}")
         return float(value)
     if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `ema: 0.1` or `wandb_name: 2024` as numbers; the text is what was meant
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, got {_describe(value)}")
         return value
@@ -421,6 +441,8 @@ def _check_diffusion(config: Config, require) -> None:
     require(diffusion.min_snr_gamma > 0, "diffusion.min_snr_gamma", f"must be > 0, got {diffusion.min_snr_gamma}")
     require(diffusion.p2_k > 0, "diffusion.p2_k", f"must be > 0, got {diffusion.p2_k}")
     require(diffusion.p2_gamma >= 0, "diffusion.p2_gamma", f"must be >= 0, got {diffusion.p2_gamma}")
+    require(diffusion.sigma_data > 0, "diffusion.sigma_data", f"must be > 0, got {diffusion.sigma_data}")
+    require(diffusion.lognormal_std > 0, "diffusion.lognormal_std", f"must be > 0, got {diffusion.lognormal_std}")
     if diffusion.timestep_sampling == "antithetic":
         require(train.batch_size % 2 == 0, "train.batch_size", f"must be even for antithetic timestep sampling, got {train.batch_size}")
 
@@ -454,6 +476,12 @@ def _check_optim(config: Config, require) -> None:
     require(optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {optim.weight_decay}")
     require(optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {optim.warmup_steps}")
     require(optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {optim.grad_clip}")
+    require(optim.lr_ref_steps > 0, "optim.lr_ref_steps", f"must be positive, got {optim.lr_ref_steps}")
+    require(optim.reference_batch_size > 0, "optim.reference_batch_size",
+            f"must be positive, got {optim.reference_batch_size}")
+    if optim.lr_schedule == "cosine":
+        require(optim.warmup_steps < config.train.steps, "optim.warmup_steps",
+                f"({optim.warmup_steps}) must be below train.steps ({config.train.steps}) for the cosine schedule")
 
 
 def _check_train(config: Config, require) -> None:
@@ -497,6 +525,25 @@ def _check_ema(config: Config, require) -> None:
                 f"must be in (0, 0.288) (0.288: the plain average of all steps), got {sigma_rel}")
     require(train.post_hoc_ema_every >= 0, "train.post_hoc_ema_every",
             f"must be >= 0 (0 = at every checkpoint), got {train.post_hoc_ema_every}")
+    _check_sample_ema(config, require)
+
+
+def _check_sample_ema(config: Config, require) -> None:
+    """sample.ema names an EMA the run keeps, or a post-hoc length it can synthesize."""
+    train, choice = config.train, config.sample.ema
+    if not choice:
+        return
+    names = [f"ema_{decay:g}" for decay in (train.ema_decay, *train.extra_ema_decays)]
+    names += [f"sigma_rel_{sigma_rel:g}" for sigma_rel in train.post_hoc_ema_sigma_rels]
+    try:
+        sigma_rel = float(choice)
+    except ValueError:
+        require(choice in names, "sample.ema", f"must be one of the run's EMAs ({', '.join(names)}) or a post-hoc "
+                                               f"sigma_rel, got {choice!r}")
+        return
+    require(bool(train.post_hoc_ema_sigma_rels), "sample.ema",
+            f"{choice} is a post-hoc EMA length: it needs train.post_hoc_ema_sigma_rels")
+    require(0.0 < sigma_rel < MAX_SIGMA_REL, "sample.ema", f"as a post-hoc length must be in (0, 0.288), got {choice}")
 
 
 def _check_sample(config: Config, require) -> None:

@@ -281,6 +281,11 @@ def _schedule_fields(diffusion: dict[str, Any], scheduler: str) -> dict[str, Any
     if schedule not in SCHEDULE_TO_BETA_SCHEDULE:
         raise DiffusersFormatError(f"diffusion.schedule={schedule!r} has no {scheduler} beta_schedule "
                                    f"(it has {', '.join(sorted(set(SCHEDULE_TO_BETA_SCHEDULE.values())))})")
+    if diffusion["target"] == "edm":
+        raise DiffusersFormatError(f"diffusion.target='edm' (EDM's preconditioning, diffusion.sigma_data="
+                                   f"{diffusion.get('sigma_data', 0.5):g}) feeds the network c_in(t) x_t, which UNet2DModel "
+                                   f"and {scheduler} cannot express; diffusion.target=v is its sigma_data=1 case and "
+                                   f"exports")
     if diffusion["target"] not in TARGET_TO_PREDICTION:
         raise DiffusersFormatError(f"diffusion.target={diffusion['target']!r} has no {scheduler} prediction_type "
                                    f"(it has {', '.join(TARGET_TO_PREDICTION.values())})")

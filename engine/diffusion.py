@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine import solvers
+from engine import preconditioning, solvers
+from engine.preconditioning import TARGETS
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule
 from kernels import ddim_step as ddim_step_op
@@ -25,9 +26,9 @@ from kernels.noise import noise_keys, randn
 from kernels.reference import extract
 from kernels.registry import Kernels
 
-TARGETS = ("eps", "x0", "v")
+TIMESTEP_SAMPLING = ("uniform", "antithetic", "lognormal")
 Denoiser = Callable[..., torch.Tensor]  # (x_t, t) or, class-conditional, (x_t, t, class_labels) -> model output
-__all__ = ["extract"]  # re-exported: the per-sample coefficient gather every formula uses
+__all__ = ["extract", "TARGETS"]  # re-exported: the per-sample coefficient gather every formula uses; the targets
 
 
 # ----------------------------------------------------------------------------- forward process
@@ -48,45 +49,77 @@ def sample_timesteps(batch_size: int, num_timesteps: int, mode: str, *, generato
             raise ValueError(f"antithetic timestep sampling needs an even batch size, got {batch_size}")
         half = torch.randint(0, num_timesteps, (batch_size // 2,), generator=generator, device=device)
         return torch.cat([half, num_timesteps - 1 - half])
-    raise ValueError(f"unknown timestep sampling {mode!r}; choose uniform or antithetic")
+    raise ValueError(f"unknown timestep sampling {mode!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}")
 
 
-def training_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, target: str) -> torch.Tensor:
-    """What the network is trained to predict: eps (the paper), x0, or v = sqrt(abar) eps - sqrt(1-abar) x0."""
-    if target == "eps":
-        return noise
-    if target == "x0":
-        return x0
-    if target == "v":  # Salimans & Ho 2022
-        return extract(schedule.sqrt_alphas_cumprod, t, x0) * noise - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-    raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+def log_sigma_edges(schedule: NoiseSchedule) -> torch.Tensor:
+    """(T-1,) the midpoints between consecutive timesteps' ln sigma (sigma = sqrt((1 - abar) / abar), ascending in
+    t), in float64: a noise level maps onto the timestep whose ln sigma is nearest."""
+    log_sigma = preconditioning.vp_sigma(schedule.alphas_cumprod).log()
+    return (log_sigma[1:] + log_sigma[:-1]) / 2
 
 
-def loss_coefficients(schedule: NoiseSchedule, target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise_coef, x0_coef) with training_target = noise_coef[t] eps + x0_coef[t] x0, as the fused loss takes it."""
-    ones, zeros = torch.ones_like(schedule.betas), torch.zeros_like(schedule.betas)
-    if target == "eps":
-        return ones, zeros
-    if target == "x0":
-        return zeros, ones
-    if target == "v":
-        return schedule.sqrt_alphas_cumprod, -schedule.sqrt_one_minus_alphas_cumprod
-    raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+def lognormal_timesteps(batch_size: int, edges: torch.Tensor, mean: float, std: float, *,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """EDM's noise levels (Karras et al. 2022, sec. 5): ln sigma ~ N(mean, std^2) (P_mean, P_std), each mapped
+    onto the timestep of the nearest ln sigma (`log_sigma_edges`); beyond the schedule's ends, its first or last
+    timestep. On the device: no host sync."""
+    log_sigma = mean + std * torch.randn(batch_size, generator=generator, device=edges.device, dtype=torch.float64)
+    return torch.bucketize(log_sigma, edges)
+
+
+def timestep_sampler(diffusion_config, schedule: NoiseSchedule) -> Callable[..., torch.Tensor]:
+    """(batch_size, generator) -> timesteps on the schedule's device, as `diffusion.timestep_sampling` says."""
+    mode, num_timesteps = diffusion_config.timestep_sampling, schedule.num_timesteps
+    device = schedule.alphas_cumprod.device
+    if mode == "lognormal":
+        edges = log_sigma_edges(schedule).to(device)
+        mean, std = diffusion_config.lognormal_mean, diffusion_config.lognormal_std
+        return lambda batch_size, generator: lognormal_timesteps(batch_size, edges, mean, std, generator=generator)
+    sample_timesteps(2, num_timesteps, mode)  # an unknown mode fails here, not at the first step
+    return lambda batch_size, generator: sample_timesteps(batch_size, num_timesteps, mode, generator=generator,
+                                                          device=device)
+
+
+def training_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, target: str,
+                    sigma_data: float = 0.5) -> torch.Tensor:
+    """What the network is trained to predict: eps (the paper), x0, v = sqrt(abar) eps - sqrt(1-abar) x0, or EDM's
+    F = (x0 - c_skip x) / c_out (engine/preconditioning.py)."""
+    noise_coef, x0_coef = loss_coefficients(schedule, target, sigma_data)
+    return extract(noise_coef.to(x0.dtype), t, x0) * noise + extract(x0_coef.to(x0.dtype), t, x0) * x0
+
+
+def loss_coefficients(schedule: NoiseSchedule, target: str, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise_coef, x0_coef) with training_target = noise_coef[t] eps + x0_coef[t] x0, as the fused loss takes it,
+    in the schedule's dtype and device."""
+    return tuple(c.to(schedule.alphas_cumprod) for c in preconditioning.target_coefficients(
+        schedule.alphas_cumprod, target, sigma_data))
+
+
+def noising_tables(schedule: NoiseSchedule, target: str, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q_sample coefficients of the network's input: (sqrt(abar), sqrt(1 - abar)) times its input scale (1,
+    or EDM's c_in / sqrt(abar)), so that the fused noising op hands the network c_in x at no extra pass."""
+    scale = preconditioning.input_scales(schedule.alphas_cumprod, target, sigma_data).to(schedule.alphas_cumprod)
+    return schedule.sqrt_alphas_cumprod * scale, schedule.sqrt_one_minus_alphas_cumprod * scale
 
 
 def training_loss(model: Denoiser, kernels: Kernels, schedule: NoiseSchedule, images: torch.Tensor, flip: torch.Tensor,
                   t: torch.Tensor, keys: torch.Tensor, *, target: str = "eps",
                   coefficients: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  class_labels: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+                  class_labels: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                  noising: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The simplified objective L_simple (eq. 14) from the loader's uint8 batch, in fp32, per sample (B,).
 
     x_t is built straight from the uint8 images (scaled, flipped where `flip` is set) with noise drawn
     from the counters (keys, t), and the loss recomputes that noise, so it never exists as a tensor.
     A class-conditional model also takes `class_labels` (the "no class" index where a label was dropped).
     `weights` (T,), e.g. `loss_weighting.loss_weights`, scales each sample's loss by its timestep's entry.
+    `coefficients` and `noising` (`loss_coefficients`, `noising_tables`) default to those of `target` with
+    sigma_data 0.5; pass both for another sigma_data.
     """
-    x_t = kernels.q_sample_uint8(images, flip, t, keys, schedule.sqrt_alphas_cumprod,
-                                 schedule.sqrt_one_minus_alphas_cumprod, torch.float32)
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = noising or noising_tables(schedule, target)
+    x_t = kernels.q_sample_uint8(images, flip, t, keys, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                                 torch.float32)
     prediction = predict(model, x_t, t, class_labels)
     noise_coef, x0_coef = coefficients or loss_coefficients(schedule, target)
     x0 = None if target == "eps" else q_sample_op.images_to_unit_range(images, flip, torch.float32)
@@ -133,7 +166,8 @@ def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Ten
     return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t)
 
 
-def eps_from_model_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, target: str) -> torch.Tensor:
+def eps_from_model_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, target: str,
+                          sigma_data: float = 0.5) -> torch.Tensor:
     """Whatever the network predicts, the samplers work with its implied eps."""
     if target == "eps":
         return output
@@ -141,7 +175,21 @@ def eps_from_model_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.T
         return predict_eps_from_x0(schedule, x_t, t, output)
     if target == "v":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
         return extract(schedule.sqrt_alphas_cumprod, t, x_t) * output + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+    if target == "edm":  # eps = (x_t - sqrt(abar) D) / sqrt(1 - abar), D = c_skip x_t / sqrt(abar) + c_out F
+        sigma = preconditioning.vp_sigma(schedule.alphas_cumprod)
+        c_skip, c_out, _ = preconditioning.edm_scalings(sigma, sigma_data)
+        x_t_coef = ((1.0 - c_skip) / schedule.sqrt_one_minus_alphas_cumprod.double()).to(x_t.dtype)
+        output_coef = (-c_out / sigma).to(x_t.dtype)
+        return extract(x_t_coef.to(x_t.device), t, x_t) * x_t + extract(output_coef.to(x_t.device), t, x_t) * output
     raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def scaled_input(model: Denoiser, scales: torch.Tensor) -> Denoiser:
+    """The network fed scales[t] * x_t (EDM's c_in, `noising_tables`' factor) in place of x_t."""
+    def scaled(x: torch.Tensor, t: torch.Tensor, *class_labels: torch.Tensor) -> torch.Tensor:
+        return model(x * extract(scales, t, x).to(x.dtype), t, *class_labels)
+
+    return scaled
 
 
 def q_posterior_mean(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -219,7 +267,7 @@ Step = Callable[..., torch.Tensor]  # (x_t, t, t_prev, keys[, class_labels]) -> 
 def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *, sampler: str = "ddpm", eta: float = 0.0,
                    variance: str = "fixed_large", clip_denoised: bool = True, use_clipped_model_output: bool = False,
                    thresholding: str = "static", dynamic_thresholding_ratio: float = 0.995, target: str = "eps",
-                   unipc_order: int = 2, dtype: torch.dtype = torch.float32,
+                   sigma_data: float = 0.5, unipc_order: int = 2, dtype: torch.dtype = torch.float32,
                    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Step | solvers.SolverStep:
     """One reverse step, the network and the update kernel, as a function of tensors only.
 
@@ -234,9 +282,13 @@ def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *
     guides them).
     The fast solvers' step (`solvers.solver_step`: its own signature, with the solver's history; on_step
     sees x_0 instead of eps) ignores eta, variance and use_clipped_model_output.
+    With `target="edm"` the network is fed EDM's c_in x (`scaled_input`) and its output read with `sigma_data`.
     """
     if thresholding not in ("static", "dynamic"):
         raise ValueError(f"unknown thresholding {thresholding!r}; choose static or dynamic")
+    if target == "edm":
+        model = scaled_input(model, preconditioning.input_scales(schedule.alphas_cumprod, target, sigma_data).to(
+            schedule.alphas_cumprod))
     if sampler in solvers.SOLVERS:
         return solvers.solver_step(model, kernels, sampler, clip_denoised=clip_denoised, thresholding=thresholding,
                                    dynamic_thresholding_ratio=dynamic_thresholding_ratio, unipc_order=unipc_order,
@@ -248,7 +300,7 @@ def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *
 
     def step(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, keys: torch.Tensor,
              class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        eps = eps_from_model_output(schedule, x, t, predict(model, x, t, class_labels).to(dtype), target)
+        eps = eps_from_model_output(schedule, x, t, predict(model, x, t, class_labels).to(dtype), target, sigma_data)
         if on_step is not None:
             on_step(int(t[0]), x, eps)
         if dynamic:
@@ -299,7 +351,7 @@ def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tu
         step = denoising_step(model, schedule, kernels, sampler=sampler, dtype=dtype, **step_options)
     if sampler in solvers.SOLVERS:
         plan = solvers.solver_plan(schedule, sampler, steps, spacing=timestep_spacing, karras=karras_sigmas,
-                                   target=step_options.get("target", "eps"),
+                                   target=step_options.get("target", "eps"), sigma_data=step_options.get("sigma_data", 0.5),
                                    unipc_order=step_options.get("unipc_order", 2), lower_order_final=lower_order_final)
         return solvers.solve(step, plan, x, keys, dtype=dtype, progress=progress, class_labels=class_labels)
     pairs = sampling_timesteps(schedule.num_timesteps, sampler, steps, timestep_spacing)

@@ -18,7 +18,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.diffusers_format import check_destination, write_diffusers_folder
-from engine.run_dir import EMA_HELP, load_run, weights_label
+from engine.run_dir import EMA_HELP, chosen_ema, load_run, weights_label
 
 FORMATS = ("diffusers",)
 
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuntimeError) as error:  # DiffusersFormatError is a ConfigError
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for load_state_dict's
         return 2
-    print(f"wrote {out} (diffusers DDPMPipeline, step {step}, {weights_label(not args.raw, args.ema)} weights)")
+    print(f"wrote {out} (diffusers DDPMPipeline, step {step}, "
+          f"{weights_label(not args.raw, chosen_ema(config, not args.raw, args.ema))} weights)")
     return 0
 
 

@@ -44,7 +44,8 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
              ema: str | None = None, checkpoint: tuple[dict, Path] | None = None) -> tuple[torch.nn.Module, Config, int]:
     """The model of a run's latest checkpoint, its config and step.
 
-    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. A checkpoint file (e.g.
+    EMA weights when `use_ema` is true; None follows the run's `sample.use_ema`. `ema` names one (see
+    `checkpoint_weights`); None takes the run's `sample.ema` (by default train.ema_decay's). A checkpoint file (e.g.
     checkpoints/best.pt) works too, and so does a diffusers folder (pipeline or bare UNet): its weights,
     with its settings over the defaults, at step 0. `checkpoint`: `read_run_checkpoint`'s, read once for
     several EMAs of one run.
@@ -64,7 +65,8 @@ def load_run(run_dir: str | Path, device: torch.device, use_ema: bool | None = N
     state, path = checkpoint or read_run_checkpoint(run_dir)
     config = config_from_dict(state["config"], where=str(path))
     model = build_unet(config, device)
-    weights, step = checkpoint_weights(state, path, config, config.sample.use_ema if use_ema is None else use_ema, ema)
+    use_ema = config.sample.use_ema if use_ema is None else use_ema
+    weights, step = checkpoint_weights(state, path, config, use_ema, chosen_ema(config, use_ema, ema))
     model.load_state_dict(weights)
     return model, config, step
 
@@ -79,6 +81,13 @@ def read_run_checkpoint(run_dir: str | Path) -> tuple[dict, Path]:
     if (loaded := load_latest_checkpoint(run_dir, map_location="cpu")) is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; train first with python -m engine.train")
     return loaded
+
+
+def chosen_ema(config: Config, use_ema: bool, ema: str | None) -> str | None:
+    """The EMA asked for (--ema), else the run's `sample.ema` when EMA weights are used; None: train.ema_decay's."""
+    if ema is not None or not use_ema:
+        return ema
+    return config.sample.ema or None
 
 
 def weights_label(use_ema: bool, ema: str | None) -> str:

@@ -30,7 +30,7 @@ from engine.distributed import (all_gather_objects, compute_dtype, gather_to_mai
                                 rank_and_world_size, shutdown_distributed)
 from engine.images import class_rows, save_grid, save_image, to_uint8
 from engine.progress import progress_bar
-from engine.run_dir import EMA_HELP, RunDir, load_run, weights_label
+from engine.run_dir import EMA_HELP, RunDir, chosen_ema, load_run, weights_label
 from engine.schedule import NoiseSchedule, schedule_from_config
 from kernels.registry import KernelError, Kernels, resolve_kernels_from_config
 
@@ -41,14 +41,14 @@ def step_options(config: Config) -> dict:
     return dict(eta=options.eta, variance=options.variance, clip_denoised=options.clip_denoised,
                 use_clipped_model_output=options.use_clipped_model_output, thresholding=options.thresholding,
                 dynamic_thresholding_ratio=options.dynamic_thresholding_ratio, target=config.diffusion.target,
-                unipc_order=options.unipc_order)
+                sigma_data=config.diffusion.sigma_data, unipc_order=options.unipc_order)
 
 
 def plan_options(config: Config) -> dict:
     """What `diffusion.sample` needs besides a prebuilt step: the solvers' noise levels and weights."""
     options = config.sample
     return dict(karras_sigmas=options.karras_sigmas, lower_order_final=options.lower_order_final,
-                target=config.diffusion.target, unipc_order=options.unipc_order)
+                target=config.diffusion.target, sigma_data=config.diffusion.sigma_data, unipc_order=options.unipc_order)
 
 
 def sampling_step(model: torch.nn.Module, config: Config, schedule: NoiseSchedule, kernels: Kernels,
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         guided = f", classes {options.classes or 'all'}, guidance {options.guidance:g}" if config.model.num_classes else ""
         print(f"sampled {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s) on "
               f"{context.world_size} x {device.type}, {options.sampler}{guided}, step {step}, "
-              f"{weights_label(options.use_ema, args.ema)} weights")
+              f"{weights_label(options.use_ema, chosen_ema(config, options.use_ema, args.ema))} weights")
         write_outputs(args, config, images)
     shutdown_distributed()
     return 0

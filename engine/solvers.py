@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine import preconditioning
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule
 from kernels.registry import Kernels
@@ -105,16 +106,9 @@ def log_snr(sigma: float) -> float:
     return -math.log(sigma) if sigma > 0 else math.inf
 
 
-def x0_weights(sigma: float, target: str) -> tuple[float, float]:
+def x0_weights(sigma: float, target: str, sigma_data: float = 0.5) -> tuple[float, float]:
     """(a, b) with x_0 = a x_t + b output for the network's target at noise level sigma."""
-    alpha, sigma_t = alpha_sigma(sigma)
-    if target == "eps":  # x_0 = (x_t - sigma_t eps) / alpha_t
-        return 1.0 / alpha, -sigma_t / alpha
-    if target == "x0":
-        return 0.0, 1.0
-    if target == "v":  # x_0 = alpha_t x_t - sigma_t v
-        return alpha, -sigma_t
-    raise ValueError(f"unknown target {target!r}; choose eps, x0 or v")
+    return preconditioning.x0_coefficients(sigma, target, sigma_data)
 
 
 # ----------------------------------------------------------------------------- the papers' equations
@@ -241,7 +235,7 @@ def step_orders(solver: str, steps: int, unipc_order: int = 2, lower_order_final
 
 
 def solver_plan(schedule: NoiseSchedule, solver: str, steps: int | None = None, *, spacing: str = "linspace",
-                karras: bool = False, target: str = "eps", unipc_order: int = 2,
+                karras: bool = False, target: str = "eps", sigma_data: float = 0.5, unipc_order: int = 2,
                 lower_order_final: bool = True) -> SolverPlan:
     """Every step's weights for the op, in float64, from the papers' equations."""
     steps = steps or DEFAULT_STEPS
@@ -253,7 +247,7 @@ def solver_plan(schedule: NoiseSchedule, solver: str, steps: int | None = None, 
             update = unipc_weights(sigmas, i, orders[i], orders[i - 1] if i else 0)
         else:
             update = dpm_solver_weights(sigmas, i, orders[i], sde=solver == "dpm++2m-sde")
-        rows.append(np.concatenate([x0_weights(sigmas[i], target), update]))
+        rows.append(np.concatenate([x0_weights(sigmas[i], target, sigma_data), update]))
     weights = torch.tensor(np.array(rows), dtype=torch.float64)
     if not torch.isfinite(weights).all():
         raise ValueError(f"{solver} at {steps} steps has non-finite weights (repeated noise levels?); "

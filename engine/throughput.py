@@ -101,6 +101,26 @@ def peak_bf16_flops(device: torch.device | str) -> float | None:
 # ----------------------------------------------------------------------------- utilisation
 
 
+# A rank's micro-batch below this many pixels (64 images of 32x32) leaves a GPU's kernels too small to fill it:
+# the DDPM paper's batch of 128 over 8 GPUs is 16 CIFAR-10 images each (benchmarks/RECIPE.md, the batch policy)
+BUSY_PIXELS_PER_MICRO_BATCH = 64 * 32 * 32
+
+
+def small_micro_batch_warning(config: Config, device_type: str, world_size: int) -> str | None:
+    """On CUDA, what to say when each rank's micro-batch is too small to keep its GPU busy; None otherwise."""
+    train, size = config.train, config.data.image_size
+    micro_batch = train.batch_size // (world_size * train.grad_accum_steps)
+    if device_type != "cuda" or micro_batch * size * size >= BUSY_PIXELS_PER_MICRO_BATCH:
+        return None
+    wanted = -(-BUSY_PIXELS_PER_MICRO_BATCH // (size * size))
+    suggested = wanted * world_size * train.grad_accum_steps
+    preset = " or the configs/cifar-fast.yaml preset (batch 512, its learning rate scaled by batch)" if size == 32 else ""
+    return (f"train.batch_size={train.batch_size} over {world_size} ranks x {train.grad_accum_steps} micro-batches is "
+            f"{micro_batch} images of {size}x{size} per GPU per micro-batch, too little work to keep a GPU busy (at "
+            f"least {wanted}): use train.batch_size={suggested} with optim.lr_scaling=sqrt{preset}")
+
+
+
 def mfu(flops_per_image: float, images_per_sec_global: float, world_size: int,
         peak_flops_per_device: float) -> float:
     """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s over the peak of all `world_size` devices."""

@@ -32,6 +32,7 @@ from engine.evaluate import (EvaluationError, evaluate, inception_path, load_fea
                              save_reference)
 from engine.evaluate import summary as evaluation_summary
 from engine.images import make_grid, save_grid, to_uint8
+from engine.lr_schedule import describe as describe_lr
 from engine.metrics import MetricsLog, plot_loss_curve, start_wandb, tensorboard_writer_class, wandb_module
 from engine.post_hoc_ema import post_hoc_name, remove_snapshots_after, save_snapshots
 from engine.preemption import StopRequest, agreed_stop
@@ -39,7 +40,8 @@ from engine.progress import progress_bar, write
 from engine.rng import restore_rng_state, rng_state
 from engine.run_dir import RunDir
 from engine.sample import evaluation_config, generate, generate_batches, grid_images, sampling_step
-from engine.throughput import interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields
+from engine.throughput import (interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields,
+                               small_micro_batch_warning)
 from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
 from engine.unet import build_unet, count_parameters
 from engine.validation import ValidationLoss, training_shards, validation_record
@@ -106,6 +108,7 @@ def dry_run(config: Config) -> int:
     model = build_unet(config, "cpu")
     parameters = count_parameters(model)
     print(f"# model: {parameters / 1e6:.1f}M parameters ({parameters:,}), attention backend {model.attention_backend}")
+    print(f"# {describe_lr(config)}")
     requested = config.train.device
     on_cuda = requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
     # Names, plugins and dotted paths only: the conformance checks run when training starts, on its device.
@@ -319,6 +322,9 @@ class TrainingRun:
                  f"{', compiled' if cfg_train.compile else ''}), {images:,} images, global batch "
                  f"{cfg_train.batch_size} = {context.world_size} ranks x {cfg_train.grad_accum_steps} micro-batches "
                  f"x {trainer.micro_batch}")
+        self.log(describe_lr(config))
+        if (warning := small_micro_batch_warning(config, context.device.type, context.world_size)) is not None:
+            self.log(f"warning: {warning}")
         self.log(f"kernels: {trainer.kernels.describe()}; model: {self.flops_per_image / 1e9:.1f} GFLOP per image per "
                  f"training step" + (f", peak {self.peak_flops / 1e12:.0f} TFLOP/s bf16 per device"
                                      if self.peak_flops else ""))

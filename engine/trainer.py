@@ -27,6 +27,7 @@ from engine.distributed import DistributedContext, compute_dtype
 from engine.ema import (advance_ema_counters, build_ema, ema_decay, ema_name, ema_state, load_ema_state,
                         load_extra_ema_states, load_post_hoc_ema_states, update_ema)
 from engine.loss_weighting import weights_from_config
+from engine.lr_schedule import lr_lambda, peak_lr
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.post_hoc_ema import post_hoc_name, update_post_hoc_emas
@@ -74,6 +75,8 @@ class Trainer:
     micro_batch: int  # per rank and micro-batch
     generator: torch.Generator  # timesteps and flips, reseeded from (seed, step) every step
     loss_coefficients: tuple[torch.Tensor, torch.Tensor]  # the target as noise_coef[t] eps + x0_coef[t] x0
+    noising: tuple[torch.Tensor, torch.Tensor]  # q_sample's tables for the network's input (EDM's c_in folded in)
+    sample_timesteps: Callable[[int, torch.Generator], torch.Tensor]  # diffusion.timestep_sampling's draw
     loss_weights: torch.Tensor | None  # (T,) each timestep's loss weight (diffusion.loss_weighting); None: all 1
     sample_offsets: torch.Tensor  # 0 .. micro_batch-1 on the device, for the noise keys
     compiled_update: Callable | None = None  # train.compile_scope=step: (loss, EMA decay) -> (grad norm, finite)
@@ -125,11 +128,6 @@ def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int
     return batch_size // (world_size * accumulation)
 
 
-def warmup_then_constant(warmup_steps: int):
-    """The DDPM learning-rate schedule: linear warmup, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
 def step_seed(seed: int, step: int) -> int:
     """A seed of its own for every (run seed, step)."""
     return seed * 1_000_003 + step
@@ -172,11 +170,12 @@ def build_optimizer(config: Config, model: nn.Module, sharded: bool, compiled_up
         implementation = {"fused": None, "foreach": True, "capturable": True}
     else:
         implementation = {"fused": None, "foreach": True} if sharded else {"fused": True, "foreach": None}
-    lr = torch.tensor(optim.lr, device=next(model.parameters()).device) if compiled_update else optim.lr
+    lr = peak_lr(config)  # optim.lr scaled to the batch by optim.lr_scaling
+    lr = torch.tensor(lr, device=next(model.parameters()).device) if compiled_update else lr
     optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=lr, betas=tuple(optim.betas), eps=optim.eps,
                                 weight_decay=optim.weight_decay, **implementation)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, config.train.steps))
     return optimizer, lr_schedule, implementation
 
 
@@ -195,6 +194,7 @@ def build_trainer(config: Config, context: DistributedContext,
                           "with train.parallel=fsdp use train.compile_scope=model or blocks")
     optimizer, lr_schedule, implementation = build_optimizer(config, model, sharded, compiled_update=step_scope)
     schedule = schedule_from_config(config.diffusion).to(device)
+    target, sigma_data = config.diffusion.target, config.diffusion.sigma_data
     compiled = compile_update(optimizer, ema, config.optim.grad_clip, config.train.compile_mode) if step_scope else None
     return Trainer(config=config, context=context, model=model, train_model=train_model, ema=ema,
                    extra_emas={ema_name(decay): e for decay, e in zip(extra_decays, emas)},
@@ -203,7 +203,9 @@ def build_trainer(config: Config, context: DistributedContext,
                    adam_implementation=implementation,
                    kernels=resolve_kernels_from_config(config, device, check=check_kernels),
                    schedule=schedule, dtype=dtype, micro_batch=micro_batch, generator=torch.Generator(device=device),
-                   loss_coefficients=diffusion.loss_coefficients(schedule, config.diffusion.target),
+                   loss_coefficients=diffusion.loss_coefficients(schedule, target, sigma_data),
+                   noising=diffusion.noising_tables(schedule, target, sigma_data),
+                   sample_timesteps=diffusion.timestep_sampler(config.diffusion, schedule),
                    loss_weights=weights_from_config(config.diffusion, schedule),
                    sample_offsets=torch.arange(micro_batch, device=device), compiled_update=compiled,
                    ema_decay=torch.zeros((), device=device) if step_scope else None)
@@ -247,8 +249,7 @@ def step_inputs(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor
     config, device = trainer.config, trainer.device
     trainer.generator.manual_seed(step_seed(config.train.seed, step))
     batch_size = config.train.batch_size
-    t = diffusion.sample_timesteps(batch_size, trainer.schedule.num_timesteps, config.diffusion.timestep_sampling,
-                                   generator=trainer.generator, device=device)
+    t = trainer.sample_timesteps(batch_size, trainer.generator)
     flip = (random_flip_mask(batch_size, generator=trainer.generator, device=device) if config.data.random_flip
             else torch.zeros(batch_size, dtype=torch.bool, device=device))
     dropout = config.model.label_dropout
@@ -288,7 +289,8 @@ def train_step(trainer: Trainer, step: int, next_batch: Callable[[], dict]) -> S
                 losses = diffusion.training_loss(trainer.train_model, trainer.kernels, trainer.schedule, images,
                                                  flip_global[index], t_global[index], keys,
                                                  target=config.diffusion.target, coefficients=trainer.loss_coefficients,
-                                                 class_labels=labels, weights=trainer.loss_weights)
+                                                 class_labels=labels, weights=trainer.loss_weights,
+                                                 noising=trainer.noising)
             loss = losses.mean()
             trainer.scaler.scale(loss / accumulation).backward()
         step_loss += loss.detach() / accumulation

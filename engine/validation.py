@@ -74,7 +74,7 @@ class ValidationLoss:
                         losses = diffusion.training_loss(
                             model, trainer.kernels, trainer.schedule, self.images[batch], self.no_flip[batch], timesteps,
                             self.keys[batch], target=self.config.diffusion.target, coefficients=trainer.loss_coefficients,
-                            class_labels=labels)
+                            class_labels=labels, noising=trainer.noising)
                     sums[position] += losses.double().sum()
         finally:
             model.train(was_training)

@@ -5,6 +5,7 @@ The data set holds one image repeated, so the loss does not depend on which rank
 shard; timesteps, flips and noise come from counters over the global batch, so they match too.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from PIL import Image
 from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.post_hoc_ema import list_snapshots
-from test_train_cli import ROOT, SMALL, losses, train, train_until_killed
+from test_train_cli import RECIPE_OPTIONS, ROOT, SMALL, losses, train, train_until_killed
 
 # torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
 # --standalone: a free port of its own, so that torchrun tests running at the same time (make test runs two
@@ -119,6 +120,23 @@ def test_gradient_accumulation_follows_the_same_trajectory(tmp_path, repeated_im
     result = train(run_dir, repeated_image, *STEPS, "train.grad_accum_steps=2")
     assert result.returncode == 0, result.stderr
     _assert_same_trajectory(losses(run_dir), single_process)
+
+
+def test_the_recipe_options_train_under_fsdp_with_gradient_accumulation_as_in_one_process(tmp_path, repeated_image):
+    """EDM's preconditioning, log-normal noise levels, min-SNR and the scaled, decaying rate (issue 26) are functions
+    of the step and the sample index, so 2 FSDP ranks with 2 micro-batches each follow one process; and resume."""
+    single = train(tmp_path / "single", repeated_image, *STEPS, *RECIPE_OPTIONS)
+    assert single.returncode == 0, single.stderr
+    result = train(tmp_path / "fsdp", repeated_image, *STEPS, *RECIPE_OPTIONS, "train.parallel=fsdp",
+                   "train.grad_accum_steps=2", launcher=TORCHRUN)
+    assert result.returncode == 0, result.stderr
+    _assert_same_trajectory(losses(tmp_path / "fsdp"), tmp_path / "single")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] > lrs[-1] > 0  # the rate decays (inverse_sqrt from step 3)
+    again = train(tmp_path / "fsdp", repeated_image, *STEPS[1:], *RECIPE_OPTIONS, "train.steps=6",
+                  "train.parallel=fsdp", "train.grad_accum_steps=2", launcher=TORCHRUN)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and sorted(losses(tmp_path / "fsdp")) == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_compiled_model_follows_the_eager_trajectory(tmp_path, repeated_image, single_process):

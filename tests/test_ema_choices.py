@@ -47,6 +47,13 @@ def test_an_extra_ema_is_the_ema_its_decay_would_give_as_the_main_one_and_resume
 def test_decays_are_checked():
     from engine.config import ConfigError
 
+    with pytest.raises(ConfigError, match=r"sample.ema 0.1 is a post-hoc EMA length: it needs train.post_hoc_ema_sigma_rels"):
+        small_config("sample.ema=0.1")
+    with pytest.raises(ConfigError, match=r"sample.ema must be one of the run's EMAs \(ema_0.995, sigma_rel_0.05, "
+                                          r"sigma_rel_0.1\) or a post-hoc sigma_rel, got 'ema_0.7'"):
+        small_config("sample.ema=ema_0.7", "train.post_hoc_ema_sigma_rels=[0.05,0.1]")
+    small_config("sample.ema=sigma_rel_0.1", "train.post_hoc_ema_sigma_rels=[0.05,0.1]")
+
     with pytest.raises(ConfigError, match="train.extra_ema_decays must differ"):
         small_config("train.ema_decay=0.9", "train.extra_ema_decays=[0.9]")
     with pytest.raises(ConfigError, match=r"train.extra_ema_decays must be decays in \[0, 1\)"):
@@ -82,6 +89,15 @@ def test_sample_takes_an_ema_by_name_or_a_post_hoc_length_and_the_default_is_the
     early, _, step = load_run(run_dir / "checkpoints" / "step-00000002.pt", cpu, ema="0.05")
     assert step == 2 and any(not torch.allclose(early.state_dict()[key], value)
                              for key, value in models["0.05"].items())
+    # sample.ema: the run's own default (configs/cifar-fast.yaml's post-hoc length); --raw still means raw
+    state = torch.load(run_dir / "checkpoints" / "step-00000003.pt", weights_only=True)
+    state["config"]["sample"]["ema"] = "0.1"
+    torch.save(state, run_dir / "checkpoints" / "with-sample-ema.pt")
+    chosen = load_run(run_dir / "checkpoints" / "with-sample-ema.pt", cpu)[0].state_dict()
+    assert all(torch.equal(chosen[key], value) for key, value in models["0.1"].items())
+    raw = load_run(run_dir / "checkpoints" / "with-sample-ema.pt", cpu, use_ema=False)[0].state_dict()
+    assert all(torch.equal(raw[key], value) for key, value in state["model"].items())
+    (run_dir / "checkpoints" / "with-sample-ema.pt").unlink()
     with pytest.raises(ConfigError, match="has no EMA 'ema_0.7'; it has ema_0.9, ema_0.5, sigma_rel_0.05, sigma_rel_0.2"):
         load_run(run_dir, cpu, ema="ema_0.7")
     with pytest.raises(ConfigError, match=r"--ema 0.9: sigma_rel must be in .* \(an EMA decay goes by its name: "

@@ -26,6 +26,13 @@ SMALL = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.attention_
          "train.checkpoint_every=3", "train.sample_every=0", "sample.num_images=4", "sample.batch_size=4",
          "sample.sampler=ddim", "sample.steps=4", "data.num_workers=0", "data.shuffle_buffer=16"]
 
+# Issue 26's recipe options all at once (what configs/cifar-fast.yaml combines), for the tests that hold every
+# option to DDP/FSDP, gradient accumulation, compile and exact resume
+RECIPE_OPTIONS = ["diffusion.target=edm", "diffusion.sigma_data=0.5", "diffusion.timestep_sampling=lognormal",
+                  "diffusion.loss_weighting=min_snr", "optim.lr_schedule=inverse_sqrt", "optim.lr_ref_steps=3",
+                  "optim.warmup_steps=2", "optim.lr_scaling=sqrt", "optim.reference_batch_size=32",
+                  "optim.betas=[0.9,0.99]"]
+
 
 def run(module, *args, timeout=300, launcher=None):
     command = [*(launcher or [sys.executable, "-m"]), module, *map(str, args)]
@@ -101,7 +108,8 @@ def test_torchrun_with_one_process_trains_the_same_as_python_m(tmp_path, shapes1
 
 
 @pytest.mark.parametrize("preset, size, channels, expected", [
-    ("cifar", 32, 3, "35.7M parameters"), ("tiny", 16, 3, "1.1M parameters"), ("mnist", 28, 1, "parameters")])
+    ("cifar", 32, 3, "35.7M parameters"), ("cifar-fast", 32, 3, "35.7M parameters"), ("tiny", 16, 3, "1.1M parameters"),
+    ("mnist", 28, 1, "parameters")])
 def test_dry_run_validates_each_preset_and_prints_the_parameter_count(tmp_path, preset, size, channels, expected):
     data = tmp_path / "data"
     prepare("shapes", data, shard_size=8, num=8, image_size=size, channels=channels, progress=False)
@@ -280,9 +288,10 @@ def train_until_killed(run_dir, data, kill_after_step: int, *overrides, launcher
 
 def test_kill_9_twice_then_the_same_command_reproduces_the_uninterrupted_losses_bit_for_bit(tmp_path, shapes16):
     """Streaming loader with 2 workers and dropout; both kills within the first epoch (64 images, 8 per
-    step): after them the losses equal an uninterrupted run's, at every step."""
+    step): after them the losses equal an uninterrupted run's, at every step. With the recipe options of
+    issue 26 (EDM's preconditioning, log-normal noise levels, min-SNR, the inverse-sqrt decay of a scaled rate)."""
     exact = ["train.steps=20", "model.dropout=0.1", "train.log_every=1", "train.checkpoint_every=2",
-             "data.num_workers=2"]
+             "data.num_workers=2", *RECIPE_OPTIONS]
     straight = train(tmp_path / "straight", shapes16, *exact)
     assert straight.returncode == 0, straight.stderr
     train_until_killed(tmp_path / "killed", shapes16, 3, *exact)

@@ -13,7 +13,7 @@ from benchmarks import test_bench_train_step
 from engine.config import load_config
 from engine.distributed import DistributedContext
 from engine.trainer import IntervalStats, StepStats, TrainState, add_by_noise_level, build_trainer, noise_level_names, train_step
-from test_train_cli import ROOT, SMALL
+from test_train_cli import RECIPE_OPTIONS, ROOT, SMALL
 
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -175,9 +175,12 @@ def run_steps(trainer, batches, steps):
     return [float(train_step(trainer, step, lambda: {"image": batches[step], "skipped": 0}).loss) for step in steps]
 
 
-def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exactly(monkeypatch):
+@pytest.mark.parametrize("recipe", [(), tuple(RECIPE_OPTIONS)], ids=["default", "recipe-options"])
+def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exactly(monkeypatch, recipe):
+    """Also with issue 26's recipe options: the decaying rate is a device tensor the compiled graph reads."""
     batches = fixed_batches()
-    smaller = ("model.channel_mult=[1]", "model.attention_resolutions=[]", "train.post_hoc_ema_sigma_rels=[0.05,0.2]")
+    smaller = ("model.channel_mult=[1]", "model.attention_resolutions=[]", "train.post_hoc_ema_sigma_rels=[0.05,0.2]",
+               *recipe)
     eager_trainer = build_trainer(small_config("model.dropout=0.0", *smaller), CPU)
     eager = run_steps(eager_trainer, batches, range(20))
     trainer = step_scope_trainer(monkeypatch, *smaller)
