@@ -55,7 +55,7 @@ def sample_timesteps(batch_size: int, num_timesteps: int, mode: str, *, generato
 def log_sigma_edges(schedule: NoiseSchedule) -> torch.Tensor:
     """(T-1,) the midpoints between consecutive timesteps' ln sigma (sigma = sqrt((1 - abar) / abar), ascending in
     t), in float64: a noise level maps onto the timestep whose ln sigma is nearest."""
-    log_sigma = preconditioning.vp_sigma(schedule.alphas_cumprod).log()
+    log_sigma = preconditioning.vp_sigma(schedule).log()
     return (log_sigma[1:] + log_sigma[:-1]) / 2
 
 
@@ -92,14 +92,13 @@ def training_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tens
 def loss_coefficients(schedule: NoiseSchedule, target: str, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise_coef, x0_coef) with training_target = noise_coef[t] eps + x0_coef[t] x0, as the fused loss takes it,
     in the schedule's dtype and device."""
-    return tuple(c.to(schedule.alphas_cumprod) for c in preconditioning.target_coefficients(
-        schedule.alphas_cumprod, target, sigma_data))
+    return tuple(c.to(schedule.alphas_cumprod) for c in preconditioning.target_coefficients(schedule, target, sigma_data))
 
 
 def noising_tables(schedule: NoiseSchedule, target: str, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The q_sample coefficients of the network's input: (sqrt(abar), sqrt(1 - abar)) times its input scale (1,
     or EDM's c_in / sqrt(abar)), so that the fused noising op hands the network c_in x at no extra pass."""
-    scale = preconditioning.input_scales(schedule.alphas_cumprod, target, sigma_data).to(schedule.alphas_cumprod)
+    scale = preconditioning.input_scales(schedule, target, sigma_data).to(schedule.alphas_cumprod)
     return schedule.sqrt_alphas_cumprod * scale, schedule.sqrt_one_minus_alphas_cumprod * scale
 
 
@@ -176,7 +175,7 @@ def eps_from_model_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.T
     if target == "v":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
         return extract(schedule.sqrt_alphas_cumprod, t, x_t) * output + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
     if target == "edm":  # eps = (x_t - sqrt(abar) D) / sqrt(1 - abar), D = c_skip x_t / sqrt(abar) + c_out F
-        sigma = preconditioning.vp_sigma(schedule.alphas_cumprod)
+        sigma = preconditioning.vp_sigma(schedule)
         c_skip, c_out, _ = preconditioning.edm_scalings(sigma, sigma_data)
         x_t_coef = ((1.0 - c_skip) / schedule.sqrt_one_minus_alphas_cumprod.double()).to(x_t.dtype)
         output_coef = (-c_out / sigma).to(x_t.dtype)
@@ -287,8 +286,7 @@ def denoising_step(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, *
     if thresholding not in ("static", "dynamic"):
         raise ValueError(f"unknown thresholding {thresholding!r}; choose static or dynamic")
     if target == "edm":
-        model = scaled_input(model, preconditioning.input_scales(schedule.alphas_cumprod, target, sigma_data).to(
-            schedule.alphas_cumprod))
+        model = scaled_input(model, preconditioning.input_scales(schedule, target, sigma_data).to(schedule.alphas_cumprod))
     if sampler in solvers.SOLVERS:
         return solvers.solver_step(model, kernels, sampler, clip_denoised=clip_denoised, thresholding=thresholding,
                                    dynamic_thresholding_ratio=dynamic_thresholding_ratio, unipc_order=unipc_order,

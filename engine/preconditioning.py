@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.schedule import NoiseSchedule
+
 TARGETS = ("eps", "x0", "v", "edm")
 
 
@@ -33,10 +35,10 @@ def _check(target: str) -> None:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
 
 
-def vp_sigma(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sigma_t = sqrt((1 - abar_t) / abar_t): the noise level of x_t / sqrt(abar_t), in float64."""
-    alphas_cumprod = alphas_cumprod.double()
-    return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+def vp_sigma(schedule: NoiseSchedule) -> torch.Tensor:
+    """(T,) sigma_t = sqrt((1 - abar_t) / abar_t), the noise level of x_t / sqrt(abar_t), in float64; from the square
+    roots the schedule computed in float64 (1 - abar itself would lose digits near t = 0 in a float32 schedule)."""
+    return schedule.sqrt_one_minus_alphas_cumprod.double() / schedule.sqrt_alphas_cumprod.double()
 
 
 def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,27 +52,27 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma.square() + sigma_data ** 2) / (sigma * sigma_data).square()
 
 
-def input_scales(alphas_cumprod: torch.Tensor, target: str, sigma_data: float) -> torch.Tensor:
+def input_scales(schedule: NoiseSchedule, target: str, sigma_data: float) -> torch.Tensor:
     """(T,) the factor on x_t of the network's input: c_in / sqrt(abar) = 1 / sqrt(1 - abar + abar sd^2) for edm."""
     _check(target)
-    alphas_cumprod = alphas_cumprod.double()
+    alpha, noise = schedule.sqrt_alphas_cumprod.double(), schedule.sqrt_one_minus_alphas_cumprod.double()
     if target != "edm":
-        return torch.ones_like(alphas_cumprod)
-    return (1.0 - alphas_cumprod + alphas_cumprod * sigma_data ** 2).rsqrt()
+        return torch.ones_like(alpha)
+    return (noise.square() + alpha.square() * sigma_data ** 2).rsqrt()
 
 
-def target_coefficients(alphas_cumprod: torch.Tensor, target: str, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+def target_coefficients(schedule: NoiseSchedule, target: str, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise_coef, x0_coef), (T,) each: the network's training target is noise_coef[t] eps + x0_coef[t] x0."""
     _check(target)
-    alphas_cumprod = alphas_cumprod.double()
-    ones, zeros = torch.ones_like(alphas_cumprod), torch.zeros_like(alphas_cumprod)
+    alpha, noise = schedule.sqrt_alphas_cumprod.double(), schedule.sqrt_one_minus_alphas_cumprod.double()
+    ones, zeros = torch.ones_like(alpha), torch.zeros_like(alpha)
     if target == "eps":
         return ones, zeros
     if target == "x0":
         return zeros, ones
     if target == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
-        return alphas_cumprod.sqrt(), -(1.0 - alphas_cumprod).sqrt()
-    sigma = vp_sigma(alphas_cumprod)
+        return alpha, -noise
+    sigma = vp_sigma(schedule)
     c_skip, c_out, _ = edm_scalings(sigma, sigma_data)
     # F = (x0 - c_skip (x0 + sigma eps)) / c_out
     return -c_skip * sigma / c_out, (1.0 - c_skip) / c_out

@@ -56,7 +56,7 @@ def test_edm_denoiser_is_table_1_and_its_lambda_weighted_loss_is_the_plain_loss_
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
     x = x_t / per_sample(abar.sqrt())
     torch.testing.assert_close(x, x0 + per_sample(sigma) * eps, rtol=1e-9, atol=1e-9)  # the VE form of x_t
-    scale = preconditioning.input_scales(schedule.alphas_cumprod, "edm", sigma_data)[t]
+    scale = preconditioning.input_scales(schedule, "edm", sigma_data)[t]
     torch.testing.assert_close(per_sample(scale) * x_t, per_sample(c_in) * x, rtol=1e-12, atol=1e-12)
     goal = diffusion.training_target(schedule, x0, eps, t, "edm", sigma_data)
     torch.testing.assert_close(goal, (x0 - per_sample(c_skip) * x) / per_sample(c_out), rtol=1e-9, atol=1e-9)
@@ -71,13 +71,23 @@ def test_edm_with_sigma_data_1_is_v_prediction(schedule):
     edm, v = (diffusion.loss_coefficients(schedule, target, 1.0) for target in ("edm", "v"))
     for got, expected in zip(edm, v):
         torch.testing.assert_close(got, -expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(preconditioning.input_scales(schedule.alphas_cumprod, "edm", 1.0),
+    torch.testing.assert_close(preconditioning.input_scales(schedule, "edm", 1.0),
                                torch.ones(T, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     for sigma in (0.01, 0.5, 3.0, 150.0):
         a_edm, b_edm = preconditioning.x0_coefficients(sigma, "edm", 1.0)
         a_v, b_v = preconditioning.x0_coefficients(sigma, "v", 1.0)
         assert a_edm == pytest.approx(a_v, rel=1e-12) and b_edm == pytest.approx(-b_v, rel=1e-12)
     torch.testing.assert_close(loss_weights(schedule, "edm", "min_snr", sigma_data=1.0), loss_weights(schedule, "v", "min_snr"))
+
+
+def test_edm_tables_of_a_float32_schedule_keep_float32_precision_near_t_0(schedule):
+    """The trainer and the samplers hold the schedule in float32: its tables come from the square roots computed in
+    float64, not from 1 - abar in float32, which keeps 3 digits at t = 0."""
+    fp32 = schedule.to("cpu", torch.float32)
+    for got, expected in zip(diffusion.loss_coefficients(fp32, "edm", 0.5), diffusion.loss_coefficients(schedule, "edm", 0.5)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(preconditioning.input_scales(fp32, "edm", 0.5), preconditioning.input_scales(schedule, "edm", 0.5),
+                               rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("target, sigma_data", [("eps", 0.5), ("x0", 0.5), ("v", 0.5), ("edm", 0.5), ("edm", 2.0)])
@@ -88,7 +98,7 @@ def test_each_target_maps_back_to_eps_and_x0_and_its_error_factor_holds(schedule
     output = diffusion.training_target(schedule, x0, eps, t, target, sigma_data)
     torch.testing.assert_close(diffusion.eps_from_model_output(schedule, x_t, t, output, target, sigma_data), eps,
                                rtol=1e-7, atol=1e-7)
-    sigmas = preconditioning.vp_sigma(schedule.alphas_cumprod)[t]
+    sigmas = preconditioning.vp_sigma(schedule)[t]
     for i, sigma in enumerate(sigmas.tolist()):
         a, b = preconditioning.x0_coefficients(sigma, target, sigma_data)
         torch.testing.assert_close(a * x_t[i] + b * output[i], x0[i], rtol=1e-7, atol=1e-7)
@@ -143,8 +153,8 @@ def test_every_sampler_reads_an_edm_network_as_its_denoiser(schedule, sampler, o
     denoiser D(x_t) = c_skip x_t / sqrt(abar) + c_out F(c_in x_t / sqrt(abar)) and sampled as an x0 predictor."""
     sigma_data = 0.5
     fp64 = schedule.to("cpu", torch.float64)
-    scales = preconditioning.input_scales(schedule.alphas_cumprod, "edm", sigma_data)
-    sigma = preconditioning.vp_sigma(schedule.alphas_cumprod)
+    scales = preconditioning.input_scales(schedule, "edm", sigma_data)
+    sigma = preconditioning.vp_sigma(schedule)
     c_skip, c_out, _ = preconditioning.edm_scalings(sigma, sigma_data)
     sqrt_abar = schedule.sqrt_alphas_cumprod
 
@@ -177,7 +187,7 @@ def test_lognormal_timesteps_follow_the_normal_in_log_sigma(name, mean, std):
     CDF at the edge between k and k+1 (Dvoretzky-Kiefer-Wolfowitz: 0.004 at 400,000 draws is a 1e-6 chance)."""
     schedule = NoiseSchedule.create(name, T)
     edges = diffusion.log_sigma_edges(schedule)
-    log_sigma = preconditioning.vp_sigma(schedule.alphas_cumprod).log()
+    log_sigma = preconditioning.vp_sigma(schedule).log()
     torch.testing.assert_close(edges, (log_sigma[1:] + log_sigma[:-1]) / 2)
     draws = diffusion.lognormal_timesteps(400_000, edges, mean, std, generator=torch.Generator().manual_seed(0))
     assert draws.dtype == torch.long and 0 <= int(draws.min()) and int(draws.max()) <= T - 1
@@ -193,7 +203,7 @@ def test_the_trainer_draws_lognormal_timesteps_with_the_configured_mean_and_std(
                                                "diffusion.lognormal_std=0.3", "train.batch_size=4096", "train.device=cpu"])
     trainer = build_trainer(config, DistributedContext(0, 0, 1, torch.device("cpu")), check_kernels=False)
     t, _, _ = step_inputs(trainer, step=3)
-    log_sigma = preconditioning.vp_sigma(trainer.schedule.alphas_cumprod.double()).log()[t]
+    log_sigma = preconditioning.vp_sigma(trainer.schedule).log()[t]
     assert float(log_sigma.mean()) == pytest.approx(0.5, abs=0.03) and float(log_sigma.std()) == pytest.approx(0.3, abs=0.03)
     assert torch.equal(step_inputs(trainer, step=3)[0], t)  # from (seed, step): a resume draws the same
 
