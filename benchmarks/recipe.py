@@ -22,12 +22,15 @@ against 5,000 held-out images. The parts (`--parts`):
   paper's final FD (the mean over seeds), interpolated in log(images) between budgets;
 - ema: the last checkpoints of paper and fast (seed 0) with the raw weights, the run's own EMA and, where the run
   tracks post-hoc profiles, a sweep of post-hoc lengths (how fast's `sample.ema` is chosen, as EDM2 does);
-- ablation: fast with one group of its recipe keys set back to the paper's at a time (seed 0);
+- ablation: fast with one group of its recipe keys set back to the paper's at a time (seed 0), up to the scale's
+  `ablation_budgets` (a run's first budgets are the same run however long it goes on: every duration is set by
+  the scale, not the run's length); a group that only chooses the weights sampled (the EMA) is fast's own run
+  scored with the paper's choice;
 - samplers: the last checkpoints of paper and fast (seed 0) through DDIM, DPM-Solver++(2M, 3M) and UniPC
-  (orders 2, 3) at 10, 20 and 50 steps, linspace and trailing spacing.
+  (orders 2, 3) at 10 and 20 steps with linspace and trailing spacing, and at 50 with trailing.
 
-The batch policy is the ablation's last two rows: fast at the paper's batch and at four times its own, the learning
-rate by fast's rule.
+The batch policy is the ablation's batch row against fast: fast at the paper's batch of 128 (B) and its own 512 (4B)
+at equal images, the learning rate by fast's rule.
 OUT gets recipe.md (the tables), recipe.json, recipe.png (FD against images), the runs and their samples; an
 interrupted benchmark resumes (training resumes its runs; finished scores are kept in scores.json). Needs
 ../shared/data/cifar10-train.tar.gz (or --cifar); `--jobs` runs that many trainings or samplings at once, one
@@ -52,6 +55,7 @@ import numpy as np
 from benchmarks.sample_quality import (DEFAULT_CACHE, DEFAULT_CIFAR, QualityMeasure, feature_net, load_cifar, split,
                                        write_engine_data)
 from engine.config import Config, load_config
+from engine.ema import ema_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"paper": ROOT / "configs" / "cifar.yaml", "fast": ROOT / "configs" / "cifar-fast.yaml"}
@@ -72,6 +76,8 @@ RECIPE_GROUPS = {
 POST_HOC_SWEEP = (0.03, 0.05, 0.08, 0.1, 0.13, 0.16, 0.2)  # sigma_rel
 PARTS = ["main", "ema", "ablation", "samplers"]
 SAMPLERS = [("ddim", {}), ("dpm++2m", {}), ("dpm++3m", {}), ("unipc", {"unipc_order": 2}), ("unipc", {"unipc_order": 3})]
+# (steps, spacings): at 50 steps the spacing moves little (the grids nearly agree), so trailing only
+SAMPLER_GRID = [(10, ("linspace", "trailing")), (20, ("linspace", "trailing")), (50, ("trailing",))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +90,7 @@ class Scale:
     batch_divisor: int = 1  # the preset's batch / this
     num_images: int = 500  # generated per score
     ddim_steps: int = 50
+    ablation_budgets: int | None = None  # the ablation's runs stop here (None: at the last budget)
 
     @property
     def images(self) -> int:
@@ -95,12 +102,12 @@ SMALL_UNET = ("model.base_channels=32", "model.channel_mult=[1,2,2]", "model.num
 PROTOCOL_UNET = ("model.base_channels=32", "model.channel_mult=[1,2,2,2]", "model.num_res_blocks=2",
                  "model.attention_resolutions=[16]", "model.dropout=0.1")  # issue 12's protocol
 SCALES = {
-    "quick": Scale(16, SMALL_UNET, first_budget=6144, budgets=6, seeds=(0, 1)),
+    "quick": Scale(16, SMALL_UNET, first_budget=6144, budgets=6, seeds=(0, 1), ablation_budgets=5),
     "protocol": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=5, seeds=(0,)),
     # tests/test_recipe_benchmark.py's: seconds
     "test": Scale(16, ("model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
                        "model.attention_resolutions=[]", "model.dropout=0.0"), first_budget=256, budgets=2,
-                  seeds=(0,), batch_divisor=16, num_images=64, ddim_steps=5),
+                  seeds=(0,), batch_divisor=16, num_images=64, ddim_steps=5, ablation_budgets=1),
 }
 
 
@@ -137,8 +144,8 @@ def formatted(value) -> str:
 
 
 def ablation_recipes() -> list[Recipe]:
-    """fast with each group of recipe keys in which it differs from paper set back to paper's; and fast at four
-    times its batch (with the batch group at the paper's, the batch policy: B, 4B and 16B at equal images)."""
+    """fast with each group of recipe keys in which it differs from paper set back to paper's (the batch group's is
+    the batch policy: the paper's batch and fast's, the learning rate by fast's rule)."""
     fast, paper = Recipe("fast", "fast").config(), Recipe("paper", "paper").config()
     recipes = []
     for group, keys in RECIPE_GROUPS.items():
@@ -146,9 +153,19 @@ def ablation_recipes() -> list[Recipe]:
         if differing:
             changes = tuple(f"{key}={formatted(setting(paper, key))}" for key in differing)
             recipes.append(Recipe(f"fast, paper's {group}", "fast", changes))
-    fast_batch = fast.train.batch_size
-    recipes.append(Recipe(f"fast at batch {4 * fast_batch}", "fast", (f"train.batch_size={4 * fast_batch}",)))
     return recipes
+
+
+def sampled_weights(recipe: Recipe, run_config: Config) -> tuple[str, ...] | None:
+    """`engine.sample`'s options for a recipe that differs from fast only in the weights it samples (the same
+    training, the same EMA decay tracked), to score fast's run `run_config` as it; None: the recipe trains."""
+    changed = {change.split("=", 1)[0] for change in recipe.changes}
+    if recipe.preset != "fast" or not changed or not changed <= set(RECIPE_GROUPS["ema"]) - {"train.ema_decay"}:
+        return None
+    config = recipe.config()
+    if not config.sample.use_ema:
+        return ("--raw",)
+    return ("--ema", config.sample.ema or ema_name(run_config.train.ema_decay))
 
 
 def ema_decay_at_scale(decay: float, full_batch: int, batch: int, shrink: float) -> float:
@@ -206,12 +223,16 @@ def run_name(recipe: Recipe, seed: int) -> str:
     return f"{recipe.name.replace(' ', '_').replace(',', '').replace(chr(39), '')}-seed{seed}"
 
 
-def train_run(bench: Bench, recipe: Recipe, seed: int) -> Path:
-    """`python -m engine.train PRESET` at the scale, a checkpoint at every multiple of the first budget (resumes)."""
+def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = None) -> Path:
+    """`python -m engine.train PRESET` at the scale, a checkpoint at every multiple of the first budget (resumes);
+    with `budgets`, it stops at that many (the same run as the whole one up to there)."""
     scale, run_dir = bench.scale, bench.out / "runs" / run_name(recipe, seed)
     overrides = scaled_overrides(recipe, scale)
     batch = int(next(o for o in overrides if o.startswith("train.batch_size=")).split("=")[1])
     every = scale.first_budget // batch
+    if budgets:
+        overrides = [o for o in overrides if not o.startswith("train.steps=")]
+        overrides.append(f"train.steps={every * 2 ** (budgets - 1)}")
     command = [sys.executable, "-m", "engine.train", str(PRESETS[recipe.preset]), *overrides,
                f"data.path={bench.data}", f"train.run_dir={run_dir}", f"train.seed={seed}", "train.device=cpu",
                "data.cache=device", f"train.checkpoint_every={every}", "train.keep_checkpoints=100000",
@@ -264,11 +285,11 @@ def score(bench: Bench, checkpoint: Path, sampler: str = "ddim", steps: int | No
     return fd
 
 
-def curve(bench: Bench, run_dir: Path) -> list[tuple[int, float]]:
-    """(images seen, FD) at every budget of a run."""
-    budgets = budget_checkpoints(run_dir)
+def curve(bench: Bench, run_dir: Path, options: tuple[str, ...] = (), budgets: int | None = None) -> list[tuple[int, float]]:
+    """(images seen, FD) at every budget of a run (the first `budgets`), `options` to `engine.sample`."""
+    budgets = budget_checkpoints(run_dir)[:budgets]
     with ThreadPoolExecutor(bench.jobs) as pool:
-        fds = list(pool.map(lambda item: score(bench, item[1]), budgets))
+        fds = list(pool.map(lambda item: score(bench, item[1], options=options), budgets))
     return [(images, fd) for (images, _), fd in zip(budgets, fds)]
 
 
@@ -284,21 +305,38 @@ def images_to_reach(points: list[tuple[int, float]], target: float) -> float | N
 # ----------------------------------------------------------------------------- the parts
 
 
-def train_all(bench: Bench, runs: list[tuple[Recipe, int]]) -> dict[tuple[str, int], Path]:
-    """Every (recipe, seed) trained, `bench.jobs` at a time."""
+def train_all(bench: Bench, runs: list[tuple[Recipe, int]], budgets: int | None = None) -> dict[tuple[str, int], Path]:
+    """Every (recipe, seed) trained (to `budgets`), `bench.jobs` at a time."""
     with ThreadPoolExecutor(bench.jobs) as pool:
-        run_dirs = list(pool.map(lambda run: train_run(bench, *run), runs))
+        run_dirs = list(pool.map(lambda run: train_run(bench, *run, budgets=budgets), runs))
     return {(recipe.name, seed): run_dir for (recipe, seed), run_dir in zip(runs, run_dirs)}
 
 
-def curves(bench: Bench, recipes: list[Recipe], seeds: tuple[int, ...]) -> dict[str, dict[int, list]]:
-    """recipe -> seed -> [(images, FD)] at every budget."""
-    run_dirs = train_all(bench, [(recipe, seed) for recipe in recipes for seed in seeds])
+def curves(bench: Bench, recipes: list[Recipe], seeds: tuple[int, ...],
+           budgets: int | None = None) -> dict[str, dict[int, list]]:
+    """recipe -> seed -> [(images, FD)] at every budget (the first `budgets`)."""
+    run_dirs = train_all(bench, [(recipe, seed) for recipe in recipes for seed in seeds], budgets)
     found: dict[str, dict[int, list]] = {}
     for (name, seed), run_dir in run_dirs.items():
-        found.setdefault(name, {})[seed] = curve(bench, run_dir)
+        found.setdefault(name, {})[seed] = curve(bench, run_dir, budgets=budgets)
         print(f"{name}, seed {seed}: {found[name][seed]}", flush=True)
     return found
+
+
+def ablation(bench: Bench) -> dict[str, dict[int, list]]:
+    """fast, one group set back at a time (seed 0, to the scale's ablation budgets): the groups that change only
+    the weights sampled are fast's run scored as they say, the others trained."""
+    budgets, fast_run = bench.scale.ablation_budgets, bench.out / "runs" / run_name(Recipe("fast", "fast"), 0)
+    if not (fast_run / "config.yaml").exists():
+        train_run(bench, Recipe("fast", "fast"), 0)
+    run_config = load_config(fast_run / "config.yaml")
+    recipes = ablation_recipes()
+    trained = [recipe for recipe in recipes if sampled_weights(recipe, run_config) is None]
+    found = curves(bench, trained, (0,), budgets)
+    for recipe in recipes:
+        if (options := sampled_weights(recipe, run_config)) is not None:
+            found[recipe.name] = {0: curve(bench, fast_run, options, budgets)}
+    return {recipe.name: found[recipe.name] for recipe in recipes}
 
 
 def sampler_table(bench: Bench, recipes: list[Recipe]) -> dict[str, dict[str, float]]:
@@ -308,8 +346,8 @@ def sampler_table(bench: Bench, recipes: list[Recipe]) -> dict[str, dict[str, fl
         _, last = budget_checkpoints(bench.out / "runs" / run_name(recipe, 0))[-1]
         for sampler, extra in SAMPLERS:
             label = sampler + (f"-{extra['unipc_order']}" if extra else "")
-            for steps in (10, 20, 50):
-                for spacing in ("linspace", "trailing"):
+            for steps, spacings in SAMPLER_GRID:
+                for spacing in spacings:
                     options = (f"sample.timestep_spacing={spacing}", *(f"sample.{k}={v}" for k, v in extra.items()))
                     tasks.append((recipe.name, f"{label}|{steps}|{spacing}", last, sampler, steps, options))
     with ThreadPoolExecutor(bench.jobs) as pool:
@@ -363,10 +401,10 @@ def run(scale: Scale, out: Path, cifar: Path, cache: Path, parts: list[str], ext
         results["curves"] = curves(bench, main_recipes, scale.seeds)
     if extra:
         results["curves"].update(curves(bench, extra, scale.seeds[:1]))
-    if "ablation" in parts:
-        results["ablation"] = curves(bench, ablation_recipes(), scale.seeds[:1])
     if "ema" in parts:
         results["ema"] = ema_table(bench, main_recipes + extra)
+    if "ablation" in parts:
+        results["ablation"] = ablation(bench)
     if "samplers" in parts:
         results["samplers"] = sampler_table(bench, main_recipes)
     return results
@@ -424,8 +462,31 @@ def markdown(results: dict) -> str:
         spread = "-" if got["spread"] is None else f"{_images(got['spread'][0])}-{_images(got['spread'][1])}"
         share = "-" if got["mean"] is None else f"{got['mean'] / found['paper_images']:.2f}"
         lines.append(f"| {name} | {per_seed} | {_images(got['mean'])} | {spread} | {share} |")
-    lines += ema_markdown(results.get("ema", {})) + sampler_markdown(results["samplers"])
+    lines += ablation_markdown(results) + ema_markdown(results.get("ema", {})) + sampler_markdown(results["samplers"])
     return "\n".join(lines) + "\n"
+
+
+def ablation_markdown(results: dict) -> list[str]:
+    """Each group set back against fast (seed 0) at the ablation's last budget; the batch row at every budget."""
+    if not results["ablation"] or "fast" not in results["curves"]:
+        return []
+    fast = dict(results["curves"]["fast"][0])
+    at = min(points[-1][0] for seeds in results["ablation"].values() for points in seeds.values())
+    changes = {recipe.name: ", ".join(recipe.changes) for recipe in ablation_recipes()}
+    lines = ["", f"## Ablation: fast with one group set back to the paper's (seed 0), FD at {_images(at)} images", "",
+             f"| recipe | set back | FD | FD - fast's ({fast[at]:.2f}) |", "|---|---|---|---|"]
+    for name, seeds in results["ablation"].items():
+        fd = dict(seeds[0])[at]
+        lines.append(f"| {name} | {changes.get(name, '')} | {fd:.2f} | {fd - fast[at]:+.2f} |")
+    for name, seeds in results["ablation"].items():
+        if name.endswith("paper's batch"):
+            small = dict(seeds[0])
+            lines += ["", f"## Batch policy: fast at the paper's batch and its own, equal images (seed 0): FD", "",
+                      "| images | " + " | ".join(_images(images) for images in small) + " |",
+                      "|---|" + "---|" * len(small),
+                      f"| {name} | " + " | ".join(f"{fd:.2f}" for fd in small.values()) + " |",
+                      "| fast | " + " | ".join(f"{fast[images]:.2f}" for images in small) + " |"]
+    return lines
 
 
 def ema_markdown(emas: dict) -> list[str]:
@@ -440,11 +501,12 @@ def sampler_markdown(samplers: dict) -> list[str]:
     lines = []
     for name, table in samplers.items():
         lines += ["", f"## Samplers on {name}'s last checkpoint (seed 0): FD", "",
-                  "| sampler | 10 linspace | 10 trailing | 20 linspace | 20 trailing | 50 linspace | 50 trailing |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| sampler | " + " | ".join(f"{steps} {spacing}" for steps, spacings in SAMPLER_GRID
+                                              for spacing in spacings) + " |",
+                  "|---|" + "---|" * sum(len(spacings) for _, spacings in SAMPLER_GRID)]
         for label in dict.fromkeys(key.split("|")[0] for key in table):
-            cells = [f"{table[f'{label}|{steps}|{spacing}']:.2f}" for steps in (10, 20, 50)
-                     for spacing in ("linspace", "trailing")]
+            cells = [f"{table[f'{label}|{steps}|{spacing}']:.2f}" for steps, spacings in SAMPLER_GRID
+                     for spacing in spacings]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

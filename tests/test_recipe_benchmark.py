@@ -44,16 +44,43 @@ def test_the_ablation_sets_back_one_group_of_keys_at_a_time():
     fast, paper = bench_recipe.Recipe("fast", "fast").config(), bench_recipe.Recipe("paper", "paper").config()
     recipes = bench_recipe.ablation_recipes()
     assert len(recipes) > 1, "the fast preset differs from the paper's"
-    *set_back, larger = recipes
-    assert larger.name == f"fast at batch {4 * fast.train.batch_size}"
-    assert larger.config().train.batch_size == 4 * fast.train.batch_size  # the batch policy's 4x
-    for recipe in set_back:
+    batch = next(recipe for recipe in recipes if recipe.name == "fast, paper's batch").config()
+    assert batch.train.batch_size * 4 == fast.train.batch_size  # the batch policy: B and 4B
+    for recipe in recipes:
         config = recipe.config()
         group = recipe.name.removeprefix("fast, paper's ")
         for name, keys in bench_recipe.RECIPE_GROUPS.items():
             for key in keys:
                 expected = bench_recipe.setting(paper if name == group else fast, key)
                 assert bench_recipe.setting(config, key) == expected, (recipe.name, key)
+
+
+def test_an_ablation_that_only_chooses_the_weights_is_scored_on_fasts_own_run():
+    run_config = load_config(bench_recipe.PRESETS["fast"], ["train.ema_decay=0.95"])
+    by_name = {recipe.name: recipe for recipe in bench_recipe.ablation_recipes()}
+    assert bench_recipe.sampled_weights(by_name["fast, paper's ema"], run_config) == ("--ema", "ema_0.95")
+    raw = bench_recipe.Recipe("raw", "fast", ("sample.use_ema=false",))
+    assert bench_recipe.sampled_weights(raw, run_config) == ("--raw",)
+    for name, recipe in by_name.items():  # every other group changes the training
+        if name != "fast, paper's ema":
+            assert bench_recipe.sampled_weights(recipe, run_config) is None, name
+    other_decay = bench_recipe.Recipe("decay", "fast", ("train.ema_decay=0.999",))
+    assert bench_recipe.sampled_weights(other_decay, run_config) is None  # fast's run does not track it
+
+
+def test_the_report_gives_the_ablation_against_fast_and_the_batch_table():
+    fast_curve = [(6144, 9.0), (12288, 5.0), (24576, 3.0)]
+    samplers = {"fast": {f"{name}|{steps}|{spacing}": 4.0 for name in ("ddim", "unipc-3")
+                         for steps, spacings in bench_recipe.SAMPLER_GRID for spacing in spacings}}
+    results = {"scale": vars(bench_recipe.SCALES["test"]), "floor": 0.1, "samplers": samplers,
+               "curves": {"paper": {0: [(6144, 20.0), (12288, 10.0), (24576, 6.0)]}, "fast": {0: fast_curve}},
+               "ablation": {"fast, paper's target": {0: [(6144, 10.0), (12288, 6.5)]},
+                            "fast, paper's batch": {0: [(6144, 8.0), (12288, 5.5)]}}}
+    text = bench_recipe.markdown(results)
+    assert "FD at 12k images" in text and "| fast, paper's target | diffusion.target=eps | 6.50 | +1.50 |" in text
+    assert "| fast, paper's batch | 8.00 | 5.50 |" in text and "| fast | 9.00 | 5.00 |" in text
+    assert "| sampler | 10 linspace | 10 trailing | 20 linspace | 20 trailing | 50 trailing |" in text
+    assert "| unipc-3 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 |" in text
 
 
 class PixelMeans:
