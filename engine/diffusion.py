@@ -68,6 +68,23 @@ def lognormal_timesteps(batch_size: int, edges: torch.Tensor, mean: float, std: 
     return torch.bucketize(log_sigma, edges)
 
 
+def untrained_start_warning(diffusion_config, schedule: NoiseSchedule) -> str | None:
+    """Why lognormal noise levels with an eps target give noise images: the top tenth of the timesteps, where every
+    sampler starts, is almost never drawn, and an untrained eps there is amplified by 1 / sqrt(abar_t) in x0
+    (measured in benchmarks/RECIPE.md's ablation). None when the combination is fine."""
+    if diffusion_config.timestep_sampling != "lognormal" or diffusion_config.target != "eps":
+        return None
+    first = int(0.9 * schedule.num_timesteps)
+    edge = float(log_sigma_edges(schedule)[first - 1])
+    drawn = 0.5 * math.erfc((edge - diffusion_config.lognormal_mean) / (diffusion_config.lognormal_std * math.sqrt(2)))
+    if drawn >= 1e-3:
+        return None
+    return (f"diffusion.timestep_sampling=lognormal with diffusion.target=eps draws the timesteps from {first} up, "
+            f"where sampling starts, with probability {drawn:.1e}; an untrained eps there is amplified "
+            f"{1 / float(schedule.alphas_cumprod[-1]) ** 0.5:.0f}x in x0 and the samples come out as noise: use "
+            f"diffusion.target=v (or edm), or a larger diffusion.lognormal_mean or lognormal_std")
+
+
 def timestep_sampler(diffusion_config, schedule: NoiseSchedule) -> Callable[..., torch.Tensor]:
     """(batch_size, generator) -> timesteps on the schedule's device, as `diffusion.timestep_sampling` says."""
     mode, num_timesteps = diffusion_config.timestep_sampling, schedule.num_timesteps

@@ -27,6 +27,7 @@ from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_nam
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, read_manifest
 from engine.diffusers_format import init_state_dict
+from engine.diffusion import untrained_start_warning
 from engine.distributed import DistributedContext, all_gather_objects, init_distributed, shutdown_distributed
 from engine.evaluate import (EvaluationError, evaluate, inception_path, load_feature_network, load_reference,
                              save_reference)
@@ -323,8 +324,10 @@ class TrainingRun:
                  f"{cfg_train.batch_size} = {context.world_size} ranks x {cfg_train.grad_accum_steps} micro-batches "
                  f"x {trainer.micro_batch}")
         self.log(describe_lr(config))
-        if (warning := small_micro_batch_warning(config, context.device.type, context.world_size)) is not None:
-            self.log(f"warning: {warning}")
+        for warning in (small_micro_batch_warning(config, context.device.type, context.world_size),
+                        untrained_start_warning(config.diffusion, trainer.schedule)):
+            if warning is not None:
+                self.log(f"warning: {warning}")
         self.log(f"kernels: {trainer.kernels.describe()}; model: {self.flops_per_image / 1e9:.1f} GFLOP per image per "
                  f"training step" + (f", peak {self.peak_flops / 1e12:.0f} TFLOP/s bf16 per device"
                                      if self.peak_flops else ""))
