@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.sample_quality import (DEFAULT_CACHE, DEFAULT_CIFAR, QualityMeasure, feature_net, load_cifar, split,
-                                       write_engine_data)
+from benchmarks.sample_quality import (DEFAULT_CACHE, DEFAULT_CIFAR, QualityMeasure, cifar_missing, feature_net,
+                                       load_cifar, split, write_engine_data)
 from engine.config import Config, load_config
 from engine.ema import ema_name
 
@@ -238,7 +238,7 @@ def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = Non
                "data.cache=device", f"train.checkpoint_every={every}", "train.keep_checkpoints=100000",
                f"train.post_hoc_ema_every={every}", f"train.log_every={every}", "train.sample_every=0",
                "eval.every=0", "eval.val_every=0", "sample.num_images=16", "sample.batch_size=16",
-               "sample.sampler=ddim", "sample.steps=10", "sample.timestep_spacing=linspace"]  # scored the same way
+               "sample.sampler=ddim", "sample.steps=10", "sample.timestep_spacing=linspace"]  # every score's, whatever the preset says
     run_dir.mkdir(parents=True, exist_ok=True)
     recorded, resolved = run_dir / "benchmark-config.json", load_config(command[3], command[4:]).to_dict()
     if recorded.exists() and json.loads(recorded.read_text()) != resolved:  # a preset changed since: not this run
@@ -483,7 +483,7 @@ def ablation_markdown(results: dict) -> list[str]:
     for name, seeds in results["ablation"].items():
         if name.endswith("paper's batch"):
             small = dict(seeds[0])
-            lines += ["", f"## Batch policy: fast at the paper's batch and its own, equal images (seed 0): FD", "",
+            lines += ["", "## Batch policy: fast at the paper's batch and its own, equal images (seed 0): FD", "",
                       "| images | " + " | ".join(_images(images) for images in small) + " |",
                       "|---|" + "---|" * len(small),
                       f"| {name} | " + " | ".join(f"{fd:.2f}" for fd in small.values()) + " |",
@@ -549,8 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="downsampled data, the classifier")
     parser.add_argument("--jobs", type=int, default=2, help="trainings or samplings at once (one thread each)")
     args = parser.parse_args(argv)
-    if not args.cifar.exists():
-        print(f"error: {args.cifar} not found (pass --cifar PATH to the CIFAR-10 image-folder tar.gz)", file=sys.stderr)
+    if cifar_missing(args.cifar):
         return 2
     out = args.out or ROOT / "runs" / f"recipe-{args.scale}"
     scale = SCALES[args.scale]

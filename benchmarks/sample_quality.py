@@ -497,6 +497,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cifar_missing(path: Path) -> bool:
+    """True, with the one-line error, when the CIFAR-10 archive is not at `path`."""
+    if path.exists():
+        return False
+    print(f"error: {path} not found (pass --cifar PATH to the CIFAR-10 image-folder tar.gz)", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sample_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -510,8 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="training steps of both models (a longer budget)")
     parser.add_argument("--no-step-by-step", action="store_true", help="skip the step-by-step comparison")
     args = parser.parse_args(argv)
-    if not args.cifar.exists():
-        print(f"error: {args.cifar} not found (pass --cifar PATH to the CIFAR-10 image-folder tar.gz)", file=sys.stderr)
+    if cifar_missing(args.cifar):
         return 2
     out = args.out or ROOT / "runs" / f"sample-quality-{args.preset}"
     preset = PRESETS[args.preset]

@@ -83,6 +83,13 @@ def test_the_report_gives_the_ablation_against_fast_and_the_batch_table():
     assert "| unipc-3 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 |" in text
 
 
+def test_a_missing_cifar_archive_is_one_line_and_status_2(tmp_path, capsys):
+    missing = tmp_path / "cifar.tar.gz"
+    assert bench_recipe.main(["--cifar", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {missing} not found (pass --cifar PATH to the CIFAR-10 image-folder tar.gz)"
+    assert not (tmp_path / "out").exists()
+
+
 class PixelMeans:
     """A stand-in for the classifier's FD: the distance of the images' channel means from a grey target."""
 
