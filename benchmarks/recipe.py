@@ -176,11 +176,14 @@ def ema_decay_at_scale(decay: float, full_batch: int, batch: int, shrink: float)
     return 0.5 ** (batch / half_life_images)
 
 
+def scaled_batch(config: Config, scale: Scale) -> int:
+    return config.train.batch_size // scale.batch_divisor
+
+
 def scaled_overrides(recipe: Recipe, scale: Scale) -> list[str]:
     """The overrides that train `recipe` at `scale`: its model and size, its batch, its durations shrunk."""
     config = recipe.config()
-    full_batch = config.train.batch_size
-    batch = full_batch // scale.batch_divisor
+    full_batch, batch = config.train.batch_size, scaled_batch(config, scale)
     if scale.first_budget % batch:
         raise ValueError(f"{recipe.name}: batch {batch} does not divide the first budget ({scale.first_budget} images)")
     shrink = scale.images / PAPER_IMAGES
@@ -223,13 +226,21 @@ def run_name(recipe: Recipe, seed: int) -> str:
     return f"{recipe.name.replace(' ', '_').replace(',', '').replace(chr(39), '')}-seed{seed}"
 
 
+def run_path(bench: Bench, recipe: Recipe, seed: int = 0) -> Path:
+    return bench.out / "runs" / run_name(recipe, seed)
+
+
+def last_checkpoint(bench: Bench, recipe: Recipe) -> Path:
+    """The last budget's checkpoint of the recipe's seed-0 run."""
+    return budget_checkpoints(run_path(bench, recipe))[-1][1]
+
+
 def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = None) -> Path:
     """`python -m engine.train PRESET` at the scale, a checkpoint at every multiple of the first budget (resumes);
     with `budgets`, it stops at that many (the same run as the whole one up to there)."""
-    scale, run_dir = bench.scale, bench.out / "runs" / run_name(recipe, seed)
+    scale, run_dir = bench.scale, run_path(bench, recipe, seed)
     overrides = scaled_overrides(recipe, scale)
-    batch = int(next(o for o in overrides if o.startswith("train.batch_size=")).split("=")[1])
-    every = scale.first_budget // batch
+    every = scale.first_budget // scaled_batch(recipe.config(), scale)
     if budgets:
         overrides = [o for o in overrides if not o.startswith("train.steps=")]
         overrides.append(f"train.steps={every * 2 ** (budgets - 1)}")
@@ -287,10 +298,10 @@ def score(bench: Bench, checkpoint: Path, sampler: str = "ddim", steps: int | No
 
 def curve(bench: Bench, run_dir: Path, options: tuple[str, ...] = (), budgets: int | None = None) -> list[tuple[int, float]]:
     """(images seen, FD) at every budget of a run (the first `budgets`), `options` to `engine.sample`."""
-    budgets = budget_checkpoints(run_dir)[:budgets]
+    checkpoints = budget_checkpoints(run_dir)[:budgets]
     with ThreadPoolExecutor(bench.jobs) as pool:
-        fds = list(pool.map(lambda item: score(bench, item[1], options=options), budgets))
-    return [(images, fd) for (images, _), fd in zip(budgets, fds)]
+        fds = list(pool.map(lambda item: score(bench, item[1], options=options), checkpoints))
+    return [(images, fd) for (images, _), fd in zip(checkpoints, fds)]
 
 
 def images_to_reach(points: list[tuple[int, float]], target: float) -> float | None:
@@ -326,36 +337,41 @@ def curves(bench: Bench, recipes: list[Recipe], seeds: tuple[int, ...],
 def ablation(bench: Bench) -> dict[str, dict[int, list]]:
     """fast, one group set back at a time (seed 0, to the scale's ablation budgets): the groups that change only
     the weights sampled are fast's run scored as they say, the others trained."""
-    budgets, fast_run = bench.scale.ablation_budgets, bench.out / "runs" / run_name(Recipe("fast", "fast"), 0)
+    budgets, fast_run = bench.scale.ablation_budgets, run_path(bench, Recipe("fast", "fast"))
     if not (fast_run / "config.yaml").exists():
         train_run(bench, Recipe("fast", "fast"), 0)
     run_config = load_config(fast_run / "config.yaml")
     recipes = ablation_recipes()
-    trained = [recipe for recipe in recipes if sampled_weights(recipe, run_config) is None]
-    found = curves(bench, trained, (0,), budgets)
-    for recipe in recipes:
-        if (options := sampled_weights(recipe, run_config)) is not None:
-            found[recipe.name] = {0: curve(bench, fast_run, options, budgets)}
+    sampled = {recipe.name: sampled_weights(recipe, run_config) for recipe in recipes}
+    found = curves(bench, [recipe for recipe in recipes if sampled[recipe.name] is None], (0,), budgets)
+    found.update({name: {0: curve(bench, fast_run, options, budgets)}
+                  for name, options in sampled.items() if options is not None})
     return {recipe.name: found[recipe.name] for recipe in recipes}
+
+
+def scored_table(bench: Bench, tasks: list[tuple[str, str, Path, dict]]) -> dict[str, dict[str, float]]:
+    """(recipe, label, checkpoint, `score`'s keyword arguments) -> recipe -> label -> FD, `bench.jobs` at a time."""
+    with ThreadPoolExecutor(bench.jobs) as pool:
+        fds = list(pool.map(lambda task: score(bench, task[2], **task[3]), tasks))
+    table: dict[str, dict[str, float]] = {}
+    for (name, label, *_), fd in zip(tasks, fds):
+        table.setdefault(name, {})[label] = fd
+    return table
 
 
 def sampler_table(bench: Bench, recipes: list[Recipe]) -> dict[str, dict[str, float]]:
     """recipe -> "sampler|steps|spacing" -> FD, on each recipe's last checkpoint of seed 0."""
     tasks = []
     for recipe in recipes:
-        _, last = budget_checkpoints(bench.out / "runs" / run_name(recipe, 0))[-1]
+        last = last_checkpoint(bench, recipe)
         for sampler, extra in SAMPLERS:
             label = sampler + (f"-{extra['unipc_order']}" if extra else "")
             for steps, spacings in SAMPLER_GRID:
                 for spacing in spacings:
                     options = (f"sample.timestep_spacing={spacing}", *(f"sample.{k}={v}" for k, v in extra.items()))
-                    tasks.append((recipe.name, f"{label}|{steps}|{spacing}", last, sampler, steps, options))
-    with ThreadPoolExecutor(bench.jobs) as pool:
-        fds = list(pool.map(lambda task: score(bench, *task[2:]), tasks))
-    table: dict[str, dict[str, float]] = {}
-    for (name, label, *_), fd in zip(tasks, fds):
-        table.setdefault(name, {})[label] = fd
-    return table
+                    tasks.append((recipe.name, f"{label}|{steps}|{spacing}", last,
+                                  {"sampler": sampler, "steps": steps, "options": options}))
+    return scored_table(bench, tasks)
 
 
 def ema_table(bench: Bench, recipes: list[Recipe]) -> dict[str, dict[str, float]]:
@@ -363,17 +379,12 @@ def ema_table(bench: Bench, recipes: list[Recipe]) -> dict[str, dict[str, float]
     where the run tracks post-hoc profiles, a sweep of lengths (EDM2's choice of the EMA after training)."""
     tasks = []
     for recipe in recipes:
-        _, last = budget_checkpoints(bench.out / "runs" / run_name(recipe, 0))[-1]
+        last = last_checkpoint(bench, recipe)
         choices = {"raw": ("--raw",), "default (sample.ema)": ()}
         if recipe.config().train.post_hoc_ema_sigma_rels:
             choices.update({f"sigma_rel {s:g}": ("--ema", f"{s:g}") for s in POST_HOC_SWEEP})
-        tasks += [(recipe.name, label, last, options) for label, options in choices.items()]
-    with ThreadPoolExecutor(bench.jobs) as pool:
-        fds = list(pool.map(lambda task: score(bench, task[2], options=task[3]), tasks))
-    table: dict[str, dict[str, float]] = {}
-    for (name, label, *_), fd in zip(tasks, fds):
-        table.setdefault(name, {})[label] = fd
-    return table
+        tasks += [(recipe.name, label, last, {"options": options}) for label, options in choices.items()]
+    return scored_table(bench, tasks)
 
 
 def prepare_bench(scale: Scale, out: Path, cifar: Path, cache: Path, jobs: int) -> Bench:
@@ -480,14 +491,14 @@ def ablation_markdown(results: dict) -> list[str]:
     for name, seeds in results["ablation"].items():
         fd = dict(seeds[0])[at]
         lines.append(f"| {name} | {changes.get(name, '')} | {fd:.2f} | {fd - fast[at]:+.2f} |")
-    for name, seeds in results["ablation"].items():
-        if name.endswith("paper's batch"):
-            small = dict(seeds[0])
-            lines += ["", "## Batch policy: fast at the paper's batch and its own, equal images (seed 0): FD", "",
-                      "| images | " + " | ".join(_images(images) for images in small) + " |",
-                      "|---|" + "---|" * len(small),
-                      f"| {name} | " + " | ".join(f"{fd:.2f}" for fd in small.values()) + " |",
-                      "| fast | " + " | ".join(f"{fast[images]:.2f}" for images in small) + " |"]
+    batch_row = next((name for name in results["ablation"] if name.endswith("paper's batch")), None)
+    if batch_row is not None:
+        small = dict(results["ablation"][batch_row][0])
+        lines += ["", "## Batch policy: fast at the paper's batch and its own, equal images (seed 0): FD", "",
+                  "| images | " + " | ".join(_images(images) for images in small) + " |",
+                  "|---|" + "---|" * len(small),
+                  f"| {batch_row} | " + " | ".join(f"{fd:.2f}" for fd in small.values()) + " |",
+                  "| fast | " + " | ".join(f"{fast[images]:.2f}" for images in small) + " |"]
     return lines
 
 
