@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 import engine
+from engine import memory
 from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_name, load_latest_checkpoint,
                               save_best_checkpoint, save_checkpoint)
 from engine.config import Config, ConfigError, load_config
@@ -110,6 +111,9 @@ def dry_run(config: Config) -> int:
     parameters = count_parameters(model)
     print(f"# model: {parameters / 1e6:.1f}M parameters ({parameters:,}), attention backend {model.attention_backend}")
     print(f"# {describe_lr(config)}")
+    estimate = memory.estimate_memory(config)
+    for line in memory.describe(estimate, memory.per_gpu_batch(config), config.model.activation_checkpointing):
+        print(f"# {line}")
     requested = config.train.device
     on_cuda = requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
     # Names, plugins and dotted paths only: the conformance checks run when training starts, on its device.

@@ -109,7 +109,8 @@ def test_torchrun_with_one_process_trains_the_same_as_python_m(tmp_path, shapes1
 
 @pytest.mark.parametrize("preset, size, channels, expected", [
     ("cifar", 32, 3, "35.7M parameters"), ("cifar-fast", 32, 3, "35.7M parameters"), ("tiny", 16, 3, "1.1M parameters"),
-    ("mnist", 28, 1, "parameters")])
+    ("mnist", 28, 1, "parameters"), ("celeba64", 64, 3, "78.7M parameters (78,700,803)"),
+    ("ddpm-256", 256, 3, "113.7M parameters (113,673,219)")])
 def test_dry_run_validates_each_preset_and_prints_the_parameter_count(tmp_path, preset, size, channels, expected):
     data = tmp_path / "data"
     prepare("shapes", data, shard_size=8, num=8, image_size=size, channels=channels, progress=False)
