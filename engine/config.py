@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from engine.data.remote import is_url, url_problem
 from kernels.registry import OPS as KERNEL_OPS
 
 
@@ -72,7 +73,9 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/shapes"  # a folder written by `python -m engine.data.prepare`
+    # a folder written by `python -m engine.data.prepare`, or its URL: https://host/set, s3://bucket/set (any
+    # fsspec scheme, with its package), or pipe:COMMAND writing file {} to stdout (pipe:aws s3 cp s3://b/set/{} -)
+    path: str = "data/shapes"
     image_size: int = 32
     channels: int = 3
     random_flip: bool = True
@@ -80,6 +83,7 @@ class DataConfig:
     num_workers: int = 2
     max_bad_fraction: float = 0.05  # more skipped (unreadable) samples than this stops the run: no trickle training
     cache: Literal["none", "device"] = "none"  # device: hold this rank's slice of the set on the GPU, no loader
+    cache_dir: str = ""  # a folder keeping the shards read from a URL path, for later reads and runs ("" = off)
 
 
 @dataclass
@@ -189,14 +193,17 @@ class EvalConfig:
     sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddim"
     steps: Optional[int] = 100  # ddim or solver steps
     guidance: Optional[float] = None  # class-conditional models: the guidance scale; None = sample.guidance
-    reference: str = ""  # precomputed statistics (.npz) or a data set; "" = data.path, its statistics cached in the run
+    # precomputed statistics (.npz) or a data set (folder or URL, as data.path); "" = data.path, statistics
+    # cached in the run
+    reference: str = ""
     inception: str = ""  # the FID Inception file; "" = $DDPM_INCEPTION or ~/.cache/ddpm-engine/inception-2015-12-05.pt
     kid_subset_size: int = 1000
     seed: int = 1  # keys the evaluation images (other than the sample grids') and the validation noise
     # The validation loss (engine/validation.py): the raw and EMA weights' loss on held-out images at
     # val_timesteps fixed timesteps with fixed noise, every val_every steps (0 = never)
     val_every: int = 0
-    val_data: str = ""  # a prepared held-out set, e.g. `python -m engine.data.prepare cifar10.tar.gz out --split test`
+    # a prepared held-out set (folder or URL, as data.path): `python -m engine.data.prepare SRC out --split test`
+    val_data: str = ""
     val_shards: int = 0  # or: hold out the last val_shards shards of data.path (training then never reads them)
     val_images: int = 1000  # at most this many of it
     val_timesteps: int = 8
@@ -464,6 +471,15 @@ def _check_data(config: Config, require) -> None:
     require(0.0 <= data.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {data.max_bad_fraction}")
     require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     require(bool(data.path), "data.path", "must name a prepared data folder")
+    _check_url(data.path, "data.path", require)
+    require(not is_url(data.cache_dir), "data.cache_dir", f"must be a local folder, not {data.cache_dir}")
+
+
+def _check_url(location: str, key: str, require) -> None:
+    """A URL's form and the package or program that reads it, without touching the network."""
+    if is_url(location):
+        problem = url_problem(location)
+        require(problem is None, key, f"{location}: {problem}")
 
 
 def _check_optim(config: Config, require) -> None:
@@ -587,6 +603,10 @@ def _check_eval(config: Config, require) -> None:
         _check_guidance(config, evaluation.guidance, "eval.guidance", require)
     require(evaluation.val_every >= 0, "eval.val_every", f"must be >= 0 (0 = never), got {evaluation.val_every}")
     require(evaluation.val_shards >= 0, "eval.val_shards", f"must be >= 0, got {evaluation.val_shards}")
+    _check_url(evaluation.val_data, "eval.val_data", require)
+    _check_url(evaluation.reference, "eval.reference", require)
+    require(not (is_url(evaluation.reference) and evaluation.reference.endswith(".npz")), "eval.reference",
+            f"{evaluation.reference}: a statistics .npz must be a local file (a URL may name a prepared data set)")
     require(not (evaluation.val_data and evaluation.val_shards), "eval.val_shards",
             f"holds out part of data.path: set it or eval.val_data ({evaluation.val_data}), not both")
     if evaluation.val_every:

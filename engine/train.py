@@ -27,6 +27,7 @@ from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_nam
                               save_best_checkpoint, save_checkpoint)
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, read_manifest
+from engine.data.remote import is_url
 from engine.diffusers_format import init_state_dict
 from engine.diffusion import untrained_start_warning
 from engine.distributed import DistributedContext, all_gather_objects, init_distributed, shutdown_distributed
@@ -97,7 +98,9 @@ def check_extras(config: Config) -> dict[str, torch.Tensor] | None:
         if not inception.is_file():  # load_feature_network says the same, with where to get the file
             load_feature_network(inception)
         reference = config.eval.reference or config.data.path
-        if not Path(reference).exists():
+        if is_url(reference):  # a data set at a URL: its manifest must be there (DataError naming the URL)
+            read_manifest(reference)
+        elif not Path(reference).exists():
             raise ConfigError(f"eval.reference: {reference} does not exist (a statistics .npz from "
                               f"python -m engine.evaluate --save-reference, or a data set)")
     if config.train.init_from:
@@ -139,13 +142,14 @@ def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, sche
     if not options.every:
         return None
     feature_net = load_feature_network(options.inception or None, context.device)
-    source = Path(options.reference or config.data.path)
-    cached = RunDir(run_dir).fid_reference
-    if source.suffix != ".npz" and cached.is_file():
+    source = options.reference or config.data.path
+    source = source if is_url(source) else Path(source)  # a Path would fold a URL's // into /
+    cached, is_statistics = RunDir(run_dir).fid_reference, str(source).endswith(".npz")
+    if not is_statistics and cached.is_file():
         source = cached
     log(f"evaluation: FID/KID every {options.every} steps on {options.num_images:,} images, reference {source}")
     reference = load_reference(source, feature_net, device=context.device, progress=context.is_main)
-    if source.suffix != ".npz" and context.is_main:
+    if not is_statistics and context.is_main:
         save_reference(reference, cached)
     eval_config = evaluation_config(config)
     step_fn = sampling_step(model, eval_config, schedule, kernels, context.device)
@@ -298,7 +302,7 @@ class TrainingRun:
             cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
                                       shard_slice=training_shards(self.config),
                                       device=context.device, rank=context.rank, world_size=context.world_size,
-                                      num_workers=cfg_data.num_workers)
+                                      num_workers=cfg_data.num_workers, cache_dir=cfg_data.cache_dir)
             self.log(f"data: {cache.describe()} (rank 0)")
             self.state.skipped_samples = cache.skipped  # the set's unreadable samples, counted once per load
             batches = cache.batches(micro_batch, seed=cfg_train.seed,
@@ -312,7 +316,8 @@ class TrainingRun:
                 cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
                 num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer, seed=loader_seed,
                 start=start, resample=True, rank=context.rank, world_size=context.world_size,
-                pin_memory=context.device.type == "cuda", shard_slice=training_shards(self.config)))
+                pin_memory=context.device.type == "cuda", shard_slice=training_shards(self.config),
+                cache_dir=cfg_data.cache_dir))
         # Samples each of this rank's loader workers has taken from its stream, for exact resumes.
         self.stream_positions = list(start) if start else [0] * max(cfg_data.num_workers, 1)
         return batches

@@ -69,20 +69,21 @@ def _check_fits(path, manifest: dict, device: torch.device, world_size: int) -> 
 
 def load_device_cache(path: str | Path, *, image_size: int, channels: int, device: torch.device | str,
                       rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                      shard_slice: slice | None = None) -> "DeviceCache":
+                      shard_slice: slice | None = None, cache_dir: str = "") -> "DeviceCache":
     """Reads this rank's shards of the prepared data set at `path` once and holds them on `device`.
 
     Rank `rank` of `world_size` gets the shards a finite pass of the streaming loader deals it (no
     process group needed); samples that do not decode are skipped and counted in `skipped`, as the
     loader counts them. Raises DataError before reading anything if the set plainly does not fit
-    into the device's free memory, and if this rank receives no images. `shard_slice`: as the loader's.
+    into the device's free memory, and if this rank receives no images. `path` may be a URL, whose
+    shards are streamed; `shard_slice` and `cache_dir`: as the loader's.
     """
     device = torch.device(device)
     manifest = read_manifest(path)
     _check_fits(path, manifest, device, world_size)
     loader = build_train_loader(path, batch_size=_LOAD_BATCH, image_size=image_size, channels=channels,
                                 num_workers=num_workers, shuffle_buffer=0, resample=False, rank=rank,
-                                world_size=world_size, shard_slice=shard_slice)
+                                world_size=world_size, shard_slice=shard_slice, cache_dir=cache_dir)
     images, labels, skipped = [], [], 0
     for batch in loader:
         # clone: a worker's batch lives in shared memory, and holding thousands of them would

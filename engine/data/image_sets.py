@@ -1,9 +1,9 @@
 """Any image source read as uint8 (B, C, H, W) batches, for evaluation and the FID reference.
 
 `open_images` reads an `.npz` of images (`arr_0`, (N, H, W, C), as `engine.sample --npz` writes it),
-a data set prepared by `engine.data.prepare` (a folder with manifest.json), a folder of image files
-(any layout, sorted by path; which files count is `engine.data.sources.is_image_path`), a .tar/.tar.gz
-of one, the CIFAR-10 python archive, or `shapes`. `image_batches` cuts images in memory (numpy or
+a data set prepared by `engine.data.prepare` (a folder with manifest.json, or its URL), a folder of
+image files (any layout, sorted by path; which files count is `engine.data.sources.is_image_path`), a
+.tar/.tar.gz of one, the CIFAR-10 python archive, or `shapes`. `image_batches` cuts images in memory (numpy or
 torch, one array or a stream of batches) into the same batches. Files that do not decode are skipped
 with a warning; every other problem is a DataError.
 """
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from engine.data import DataError
 from engine.data.prepare import MANIFEST_NAME, read_manifest
+from engine.data.remote import is_url
 from engine.data.sources import IMAGE_EXTENSIONS, TAR_SUFFIXES, decode_image, is_image_path, open_source
 from engine.images import unit_range_to_uint8
 
@@ -136,7 +137,7 @@ def _npz_images(path: Path, num: int | None) -> ImageSet:
     return ImageSet(len(images), read, str(path))
 
 
-def _prepared_images(path: Path, num: int | None) -> ImageSet:
+def _prepared_images(path: str | Path, num: int | None) -> ImageSet:
     from engine.data.loader import build_train_loader  # webdataset and the DataLoader: only when needed
 
     manifest = read_manifest(path)
@@ -189,12 +190,15 @@ def _archive_images(source: str | Path, num: int | None) -> ImageSet:
 
 
 def open_images(source: str | Path, *, num: int | None = None) -> ImageSet:
-    """The images of `source`: an `.npz` (arr_0), a prepared data set folder (manifest.json), a folder
+    """The images of `source`: an `.npz` (arr_0), a prepared data set folder (manifest.json) or its URL
+    (http(s)://, s3:// and other fsspec schemes, pipe:COMMAND: see engine.data.remote), a folder
     of image files (any layout, sorted by path, `is_image_path` deciding which files count), a
     .tar/.tar.gz of an image folder, the CIFAR-10 python archive, or `shapes`. `num` keeps the first
     `num` images."""
     if num is not None and num < 1:
         raise DataError(f"the number of images must be at least 1, not {num}")
+    if is_url(source):  # only a prepared set is read from a URL: its shards stream through the loader
+        return _prepared_images(source, num)
     path = Path(source)
     if str(source) == "shapes" or path.name.lower().endswith(TAR_SUFFIXES):
         return _archive_images(source, num)

@@ -52,6 +52,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from engine.data import DataError
 from engine.data.prepare import read_manifest
+from engine.data.remote import ShardOpener, is_url, join
 from engine.data.sources import IMAGE_EXTENSIONS, decode_image
 
 _IMAGE_MEMBERS = sorted(set(IMAGE_EXTENSIONS.values()) | {"jpeg"})
@@ -137,26 +138,27 @@ def _split_by_rank(urls, rank: int, world_size: int):
     yield from islice(urls, rank, None, world_size)
 
 
-def _shard_members(url: str, skips: _SkipCounter):
-    """The tar members of one shard grouped by key, via webdataset's tar reader; read errors warn."""
+def _shard_members(url: str, opener: ShardOpener, skips: _SkipCounter):
+    """The tar members of one shard (a path or URL) grouped by key, via webdataset's tar reader; read
+    errors warn (the callers count what a shard failed to deliver)."""
 
     def tar_error(exn: Exception) -> bool:  # a webdataset handler: warn and go on
         skips.warn(f"shard {url}: {exn.args[0] if exn.args else repr(exn)}")
         return True
 
     try:
-        with open(url, "rb") as stream:  # closed as soon as the shard is read
+        with opener.open(url) as stream:  # closed as soon as the shard is read
             files = tar_file_expander([{"url": url, "stream": stream}], handler=tar_error)
             yield from group_by_keys(files, handler=tar_error)
-    except OSError as exn:
+    except OSError as exn:  # also a broken download, or curl's or a pipe: command's failing exit status
         skips.warn(f"shard {url}: {exn}")
 
 
-def _read_encoded_shards(shards, num_samples: dict[str, int], skips: _SkipCounter):
+def _read_encoded_shards(shards, num_samples: dict[str, int], opener: ShardOpener, skips: _SkipCounter):
     """Samples (one image each) of png shards; what a shard lacks is counted as skipped."""
     for shard in shards:
         url, read = shard["url"], 0
-        for sample in _shard_members(url, skips):
+        for sample in _shard_members(url, opener, skips):
             read += 1
             yield sample
         if read < num_samples[url]:
@@ -192,13 +194,13 @@ def _load_block(block: dict, image_size: int, channels: int, skips: _SkipCounter
     return images, labels.astype(np.int64)
 
 
-def _read_array_shards(shards, num_samples: dict[str, int], image_size: int, channels: int,
-                       skips: _SkipCounter):
+def _read_array_shards(shards, num_samples: dict[str, int], opener: ShardOpener, image_size: int,
+                       channels: int, skips: _SkipCounter):
     """(uint8 (C, H, W) image, label) per image of array shards. Images a shard delivers short of the
     manifest's count (bad blocks, truncation) are counted as skipped when the shard ends."""
     for shard in shards:
         url, delivered = shard["url"], 0
-        for block in _shard_members(url, skips):
+        for block in _shard_members(url, opener, skips):
             loaded = _load_block(block, image_size, channels, skips)
             if loaded is None:
                 continue
@@ -310,13 +312,16 @@ class _Batches:
 # ----------------------------------------------------------------------------- building
 
 
-def _shard_paths(path: str | Path, manifest: dict) -> dict[str, int]:
-    """{absolute shard path: number of samples} from the manifest."""
+def _shard_paths(path: str | Path, manifest: dict) -> dict[str, dict]:
+    """{shard location (absolute path, or URL): its manifest entry}. A URL's shards are not looked for
+    here: one that cannot be read counts its samples as skipped when the loader gets to it."""
+    if not manifest["shards"]:
+        raise DataError(f"the manifest of {path} lists no shards; prepare the data set again")
+    if is_url(path):
+        return {join(path, shard["name"]): shard for shard in manifest["shards"]}
     directory = Path(path)
     directory = directory.parent if directory.suffix == ".json" else directory
-    if not manifest["shards"]:
-        raise DataError(f"the manifest of {directory} lists no shards; prepare the data set again")
-    shards = {os.path.abspath(directory / shard["name"]): shard["num_samples"] for shard in manifest["shards"]}
+    shards = {os.path.abspath(directory / shard["name"]): shard for shard in manifest["shards"]}
     missing = [shard for shard in shards if not os.path.isfile(shard)]
     if missing:
         raise DataError(f"{len(missing)} shards listed in the manifest of {directory} are missing, "
@@ -357,20 +362,20 @@ def _shard_stages(urls: list[str], *, resample: bool, seed: int, rank: int, worl
 
 def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: int, image_size: int, channels: int,
                     shuffle_buffer: int, seed: int, resample: bool, rank: int, world_size: int,
-                    start: list[int] | None = None) -> wds.DataPipeline:
-    """The per-worker pipeline over {shard path: number of samples} in `shard_format` ("png" or
-    "array"), yielding batch dicts (see build_train_loader)."""
+                    opener: ShardOpener, start: list[int] | None = None) -> wds.DataPipeline:
+    """The per-worker pipeline over {shard location: number of samples} in `shard_format` ("png" or
+    "array"), yielding batch dicts (see build_train_loader); `opener` opens the shards."""
     skips, position = _SkipCounter(), _Position(start)
     stages = _shard_stages(list(shards), resample=resample, seed=seed, rank=rank, world_size=world_size)
     shuffle = functools.partial(_seeded_shuffle, size=shuffle_buffer, seed=seed, rank=rank)
     if shard_format == "array":
-        stages.append(functools.partial(_read_array_shards, num_samples=shards, image_size=image_size,
-                                        channels=channels, skips=skips))
+        stages.append(functools.partial(_read_array_shards, num_samples=shards, opener=opener,
+                                        image_size=image_size, channels=channels, skips=skips))
         if shuffle_buffer > 1:
             stages.append(shuffle)
         stages.append(functools.partial(_resume_at, position=position))
     else:
-        stages.append(functools.partial(_read_encoded_shards, num_samples=shards, skips=skips))
+        stages.append(functools.partial(_read_encoded_shards, num_samples=shards, opener=opener, skips=skips))
         if shuffle_buffer > 1:  # shuffle before decoding: the buffer then holds small encoded images
             stages.append(shuffle)
         stages.append(functools.partial(_resume_at, position=position))
@@ -386,12 +391,14 @@ def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: in
 def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, channels: int, num_workers: int = 2,
                        shuffle_buffer: int = 1000, seed: int = 0, resample: bool = True, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False, start: list[int] | None = None,
-                       shard_slice: slice | None = None) -> Iterable[dict]:
+                       shard_slice: slice | None = None, cache_dir: str = "") -> Iterable[dict]:
     """Batches {"image": uint8 (B, C, H, W), "label": int64 (B,), "skipped": int} from a prepared data set.
 
     `path` is the folder written by `python -m engine.data.prepare`, in either shard format (the
-    manifest says which); `batch_size` is per rank. resample=True streams forever (training);
-    resample=False reads every sample once over all ranks.
+    manifest says which), or its URL (engine.data.remote: http(s)://, s3:// and other fsspec schemes,
+    pipe:COMMAND), whose shards are streamed and, with `cache_dir`, also kept there for later reads.
+    `batch_size` is per rank. resample=True streams forever (training); resample=False reads every
+    sample once over all ranks.
 
     Every batch also names its `worker` and that worker's `position` (samples taken from its stream
     so far). `start`, one position per worker (as a checkpoint recorded them), resumes each worker's
@@ -410,9 +417,11 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
             raise DataError(f"no shards of {path} remain in {shard_slice} of its {len(manifest['shards'])}")
     if not resample:
         _check_finite_split(len(shards), world_size, num_workers)
-    dataset = _build_pipeline(shards, shard_format=manifest["shard_format"], batch_size=batch_size,
+    num_samples = {location: shard["num_samples"] for location, shard in shards.items()}
+    dataset = _build_pipeline(num_samples, shard_format=manifest["shard_format"], batch_size=batch_size,
                               image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer, seed=seed,
-                              resample=resample, rank=rank, world_size=world_size, start=start)
+                              resample=resample, rank=rank, world_size=world_size,
+                              opener=ShardOpener(shards, cache_dir), start=start)
     # batch_size=None: the workers already batch; collating single samples here would be far slower
     # Its own generator: the DataLoader's per-iterator seed must not come from (and move) the global
     # generator that dropout draws from, or a resumed run's dropout would drift from the original's.

@@ -1,14 +1,17 @@
 """Readers of source data sets: each gives its class names and a stream of encoded, labelled images.
 
-Sources:
-- an image folder `root/<class name>/<image>` (png, jpg, jpeg, bmp, webp), or a `.tar`, `.tar.gz` or
-  `.tgz` of one, possibly under one top-level folder (`train/<class>/<image>`). An image's class is
-  its parent folder; classes sorted by name give the label indices. The images come in a seeded
-  random order, so that every shard holds a mix of classes (the files are sorted by class).
-- the official CIFAR-10 python archive `cifar-10-python.tar.gz`, recognised by its member names;
-- `shapes`, the procedural data set of `engine.data.shapes`.
+Sources (SOURCE_KINDS; `open_source` detects the kind, or checks the one it is given):
+- folder: an image folder `root/<class name>/<image>` (png, jpg, jpeg, bmp, webp); tar: a `.tar`,
+  `.tar.gz` or `.tgz` of one; zip: a `.zip` of one. Archives may hold it under one top-level
+  folder (`train/<class>/<image>`). An image's class is its parent folder; classes sorted by name
+  give the label indices. A flat layout, every image directly in the root, is one class named
+  after the folder (or the archive, less its suffix); images both in the root and in folders are an
+  error. The images come in a seeded random order, so that every shard holds a mix of classes.
+- cifar10: the official CIFAR-10 python archive `cifar-10-python.tar.gz`, recognised by its members;
+- lmdb, hf, parquet: encoded images as records of a database or table (engine.data.table_sources);
+- shapes: the procedural data set of `engine.data.shapes`.
 
-Image files keep their original bytes; `prepare` checks that each one decodes.
+Samples carry the encoded bytes as stored; `prepare` decodes, converts and resizes them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pickle
 import posixpath
 import re
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -31,6 +35,8 @@ from engine.data.shapes import SHAPE_CLASSES, iter_shapes
 # file suffix -> the extension a sample is stored under
 IMAGE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".bmp": "bmp", ".webp": "webp"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+ZIP_SUFFIX = ".zip"
+SOURCE_KINDS = ("folder", "tar", "zip", "cifar10", "lmdb", "hf", "parquet", "shapes")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 DEFAULT_SHAPES = {"num": 10_000, "image_size": 32, "channels": 3}
 
@@ -38,17 +44,19 @@ DEFAULT_SHAPES = {"num": 10_000, "image_size": 32, "channels": 3}
 class SourceSample(NamedTuple):
     key: str  # unique; only [A-Za-z0-9_-], since webdataset cuts member names at the first dot
     data: bytes  # the encoded image
-    ext: str  # png, jpg, bmp or webp
+    ext: str  # the file's extension (png, jpg, bmp or webp); "" for records of a table or database
     label: int
     origin: str  # where the image came from, for messages
 
 
 @dataclass
 class Source:
-    kind: str  # "shapes", "image-folder", "image-folder-tar" or "cifar10-python"
+    kind: str  # "shapes", "image-folder", "image-folder-tar", "image-folder-zip", "cifar10-python", "lmdb",
+    # "hf-arrow" or "parquet"
     classes: list[str]
     samples: Iterable[SourceSample]  # yields `total` samples, once
     total: int
+    channels: int | None = None  # what the images are made as (shapes, CIFAR-10); None: found by prepare
 
 
 # ----------------------------------------------------------------------------- images
@@ -82,7 +90,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _safe_key(text: str, taken: set[str]) -> str:
+def safe_key(text: str, taken: set[str]) -> str:
     # a leading underscore could read as webdataset metadata (__key__, __url__)
     key = re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("_") or "sample"
     unique, number = key, 1
@@ -96,30 +104,96 @@ def _safe_key(text: str, taken: set[str]) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def open_source(source: str | Path, *, num: int | None = None, image_size: int | None = None,
-                channels: int | None = None, seed: int = 0, split: str | None = None) -> Source:
-    """The data set at `source`: a folder, a tar(.gz) archive, or the word `shapes`.
+_WHAT = {"folder": "an image folder", "tar": "a .tar/.tar.gz/.tgz of an image folder",
+         "zip": "a .zip of an image folder", "cifar10": "the CIFAR-10 python archive",
+         "lmdb": "an LMDB folder (data.mdb)", "hf": "a Hugging Face save_to_disk folder (*.arrow, state.json)",
+         "parquet": "a .parquet file or a folder of them", "shapes": "the word 'shapes'"}
+_EXPECTED = "expected " + ", ".join(_WHAT.values())
 
-    `num` limits how many samples are read (for `shapes`: how many are made); `seed` drives the
-    shapes and the order of image-folder samples; `split` (train or test) picks the CIFAR-10 split.
-    `image_size` and `channels` configure `shapes`; for files, `prepare` checks them.
+
+def _is_hf_folder(path: Path) -> bool:
+    return ((path / "state.json").is_file() or (path / "dataset_info.json").is_file()) and any(path.glob("*.arrow"))
+
+
+def _is_kind(kind: str, path: Path) -> bool:
+    """Whether `path` has the layout of `kind` (a cifar10 archive is told from a tar by its members, later)."""
+    name = path.name.lower()
+    if path.is_dir():
+        if kind == "lmdb":
+            return (path / "data.mdb").is_file()
+        if kind == "hf":
+            return _is_hf_folder(path)
+        return kind == "folder" or (kind == "parquet" and any(path.glob("*.parquet")))
+    if kind in ("tar", "cifar10"):
+        return name.endswith(TAR_SUFFIXES)
+    return name.endswith({"zip": ZIP_SUFFIX, "parquet": ".parquet"}.get(kind, "/"))
+
+
+def detect_source_kind(path: Path) -> str:
+    """The kind (SOURCE_KINDS) of an existing `path`; a tar that holds CIFAR-10 is reported as tar."""
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise DataError(f"{path} holds the splits {', '.join(splits)} of a Hugging Face data set; "
+                        f"prepare one of them: {path / (splits[0] if splits else 'train')}")
+    for kind in ("lmdb", "hf", "parquet", "folder", "tar", "zip"):
+        if _is_kind(kind, path):
+            return kind
+    raise DataError(f"unknown source format: {path} ({_EXPECTED})")
+
+
+def open_source(source: str | Path, *, num: int | None = None, image_size: int | None = None,
+                channels: int | None = None, seed: int = 0, split: str | None = None, kind: str | None = None,
+                image_column: str | None = None, label_column: str | None = None) -> Source:
+    """The data set at `source`: a folder, an archive, a table, an LMDB or the word `shapes`.
+
+    `kind` (one of SOURCE_KINDS) names the source's kind instead of detecting it; a source of another
+    kind is then an error. `num` limits how many samples are read (for `shapes`: how many are made);
+    `seed` drives the shapes and the order of the samples; `split` (train or test) picks the
+    CIFAR-10 split. `image_size` and `channels` configure `shapes`. `image_column` and `label_column`
+    pick the columns of a table (engine.data.table_sources).
     """
     if num is not None and num < 1:
         raise DataError(f"--num must be at least 1, not {num}")
-    if str(source) == "shapes":
-        if split is not None:
-            raise DataError("--split applies to the CIFAR-10 python archive only, not to shapes")
+    if kind is not None and kind not in SOURCE_KINDS:
+        raise DataError(f"--source must be one of {', '.join(SOURCE_KINDS)}, not {kind!r}")
+    found = _found_kind(source, kind)
+    if split is not None and found not in ("tar", "cifar10"):
+        raise DataError(f"--split applies to the CIFAR-10 python archive only, not to {_WHAT[found]}")
+    if (image_column or label_column) and found not in ("hf", "parquet"):
+        raise DataError(f"--image-column and --label-column apply to hf and parquet sources only, "
+                        f"not to {_WHAT[found]}")
+    if found == "shapes":
         return _shapes_source(num, image_size, channels, seed)
     path = Path(source)
-    if not path.exists():
-        raise DataError(f"source {source} does not exist (expected a folder, a .tar/.tar.gz/.tgz archive or 'shapes')")
-    if path.is_dir():
-        if split is not None:
-            raise DataError("--split applies to the CIFAR-10 python archive only, not to an image folder")
+    if found in ("lmdb", "hf", "parquet"):
+        from engine.data import table_sources  # pyarrow and lmdb are optional: only when needed
+
+        if found == "lmdb":
+            return table_sources.lmdb_source(path, num, seed)
+        return table_sources.table_source(path, found, num, seed, image_column, label_column)
+    if found == "folder":
         return _folder_source(path, num, seed)
-    if path.name.lower().endswith(TAR_SUFFIXES):
-        return _tar_source(path, num, seed, split)
-    raise DataError(f"unknown source format: {source} (expected a folder, a .tar/.tar.gz/.tgz archive or 'shapes')")
+    if found == "zip":
+        return _zip_source(path, num, seed)
+    return _tar_source(path, num, seed, split, kind)
+
+
+def _found_kind(source: str | Path, kind: str | None) -> str:
+    """The kind of `source`: `kind` when its layout matches, else the one detected."""
+    if str(source) == "shapes" or kind == "shapes":
+        if str(source) != "shapes" or kind not in (None, "shapes"):
+            raise DataError(f"--source {kind}, but {source} is not {_WHAT[kind]} (leave --source out)")
+        return "shapes"
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"source {source} does not exist ({_EXPECTED})")
+    if kind is None:
+        return detect_source_kind(path)
+    if not _is_kind(kind, path):
+        found = detect_source_kind(path)
+        raise DataError(f"--source {kind}, but {source} is not {_WHAT[kind]}: it looks like {_WHAT[found]} "
+                        f"(pass --source {found} or leave --source out)")
+    return kind
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -133,7 +207,7 @@ def _shapes_source(num: int | None, image_size: int | None, channels: int | None
         raise DataError(f"shapes need --channels 1 or 3 and --image-size >= 8, not {channels} and {image_size}")
     samples = (SourceSample(key, encode_png(image), "png", label, f"shapes[{key}]")
                for key, image, label in iter_shapes(num, image_size, channels, seed))
-    return Source("shapes", list(SHAPE_CLASSES), samples, num)
+    return Source("shapes", list(SHAPE_CLASSES), samples, num, channels=channels)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -147,13 +221,16 @@ def is_image_path(path: str) -> bool:
             and not any(part.startswith(".") or part == "__MACOSX" for part in path.split("/")))
 
 
-def _classes_of(images: list[str], source: Path) -> tuple[list[str], list[int]]:
-    """Class names (sorted) and each image's label; the class is the image's parent folder."""
+def _classes_of(images: list[str], source: Path, flat_class: str) -> tuple[list[str], list[int]]:
+    """Class names (sorted) and each image's label; the class is the image's parent folder, or
+    `flat_class` when every image lies directly in the root."""
     folders = [posixpath.dirname(image) for image in images]  # posixpath: pathlib is slow for 50,000 names
-    for image, folder in zip(images, folders):
-        if not folder:
-            raise DataError(f"{source}: image {image} is not inside a class folder; "
-                            "expected <root>/<class name>/<image>")
+    loose = [image for image, folder in zip(images, folders) if not folder]
+    if loose and len(loose) == len(images):
+        return [flat_class], [0] * len(images)
+    if loose:
+        raise DataError(f"{source}: image {loose[0]} is not inside a class folder, but others are; "
+                        "expected <root>/<class name>/<image>, or every image directly in <root> (one class)")
     roots = sorted({posixpath.dirname(folder) for folder in folders})
     if len(roots) > 1:
         raise DataError(f"{source}: class folders sit under more than one folder ({', '.join(roots[:3])}); "
@@ -164,6 +241,15 @@ def _classes_of(images: list[str], source: Path) -> tuple[list[str], list[int]]:
     return classes, [index[name] for name in names]
 
 
+def _stem(path: Path) -> str:
+    """An archive's name less its suffix: the class of a flat archive."""
+    name = path.name
+    for suffix in (*TAR_SUFFIXES, ZIP_SUFFIX):
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
 def _image_folder_source(kind: str, source: Path, files: Iterable[str], read: Callable[[str], bytes],
                          num: int | None, seed: int) -> Source:
     """`files` are '/'-separated paths relative to the folder (or archive) root."""
@@ -171,7 +257,7 @@ def _image_folder_source(kind: str, source: Path, files: Iterable[str], read: Ca
     if not images:
         raise DataError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                         "expected <root>/<class name>/<image>")
-    classes, labels = _classes_of(images, source)
+    classes, labels = _classes_of(images, source, source.resolve().name if kind == "image-folder" else _stem(source))
     # Files are sorted by class: a seeded permutation gives every shard a mix of classes.
     order = np.random.default_rng(seed).permutation(len(images))[:num]
 
@@ -179,7 +265,7 @@ def _image_folder_source(kind: str, source: Path, files: Iterable[str], read: Ca
         taken: set[str] = set()
         for i in order:
             stem, suffix = posixpath.splitext(posixpath.basename(images[i]))
-            key = _safe_key(f"{classes[labels[i]]}_{stem}", taken)
+            key = safe_key(f"{classes[labels[i]]}_{stem}", taken)
             yield SourceSample(key, read(images[i]), IMAGE_EXTENSIONS[suffix.lower()], labels[i],
                                f"{source}/{images[i]}")
 
@@ -189,6 +275,22 @@ def _image_folder_source(kind: str, source: Path, files: Iterable[str], read: Ca
 def _folder_source(root: Path, num: int | None, seed: int) -> Source:
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     return _image_folder_source("image-folder", root, files, lambda f: (root / f).read_bytes(), num, seed)
+
+
+def _zip_source(path: Path, num: int | None, seed: int) -> Source:
+    try:
+        archive = zipfile.ZipFile(path)  # random access: members are read one at a time, as samples go
+    except (zipfile.BadZipFile, OSError) as exn:
+        raise DataError(f"cannot read {path} as a zip archive: {exn}") from exn
+    members = {posixpath.normpath(info.filename): info for info in archive.infolist() if not info.is_dir()}
+
+    def read(name: str) -> bytes:
+        try:
+            return archive.read(members[name])
+        except (zipfile.BadZipFile, OSError) as exn:
+            raise DataError(f"cannot read {name} from {path}: {exn}") from exn
+
+    return _image_folder_source("image-folder-zip", path, members, read, num, seed)
 
 
 # ----------------------------------------------------------------------------- archives
@@ -212,9 +314,13 @@ def _is_cifar10_python(members: dict[str, bytes]) -> bool:
     return any(name.endswith(f"{CIFAR10_FOLDER}/batches.meta") for name in members)
 
 
-def _tar_source(path: Path, num: int | None, seed: int, split: str | None) -> Source:
+def _tar_source(path: Path, num: int | None, seed: int, split: str | None, kind: str | None) -> Source:
     members = _read_tar(path)
-    if _is_cifar10_python(members):
+    is_cifar10 = _is_cifar10_python(members)
+    if kind is not None and is_cifar10 != (kind == "cifar10"):
+        found = "cifar10" if is_cifar10 else "tar"
+        raise DataError(f"--source {kind}, but {path} is {_WHAT[found]} (pass --source {found} or leave --source out)")
+    if is_cifar10:
         return _cifar10_source(path, members, num, split or "train")
     if split is not None:
         raise DataError("--split applies to the CIFAR-10 python archive only, not to an image-folder archive")
@@ -289,4 +395,4 @@ def _cifar10_source(path: Path, members: dict[str, bytes], num: int | None, spli
                 yield SourceSample(f"{name}_{index:05d}", encode_png(image), "png", label, f"{path}:{name}[{index}]")
                 count += 1
 
-    return Source("cifar10-python", classes, samples(), total)
+    return Source("cifar10-python", classes, samples(), total, channels=3)
