@@ -18,6 +18,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402 (after TRITON_INTERPRET, which must come first)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--regenerate-golden", action="store_true",
+                     help="tests/test_golden.py: rewrite tests/golden/*.json instead of comparing with them")
+
+
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # in case torch was imported before OMP_NUM_THREADS was set
         import torch
