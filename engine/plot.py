@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,12 +22,14 @@ from engine import diffusion, solvers
 from engine.config import ConfigError
 from engine.data import DataError, build_train_loader, read_manifest
 from engine.images import make_grid, save_image, to_uint8
-from engine.metrics import plot_loss_curve
+from engine.metrics_log import read_metrics
 from engine.run_dir import RunDir
 from engine.sample import image_classes, step_options, with_sample
 from engine.schedule import NoiseSchedule
 from kernels.noise import noise_keys, randn_like
 from kernels.q_sample import images_to_unit_range
+
+NOISE_LEVEL_FIELD = re.compile(r"loss_t(\d+)_(\d+)")  # engine.trainer.noise_level_names
 
 
 def plot_schedules(names: list[str], num_timesteps: int, out: str | Path) -> Path:
@@ -48,6 +53,63 @@ def plot_schedules(names: list[str], num_timesteps: int, out: str | Path) -> Pat
     figure.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return out
+
+
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "training loss") -> Path:
+    """Loss against step on a log scale, with a moving average to see the trend through the noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    everything = read_metrics(metrics_path)
+    records = [r for r in everything if "loss" in r and "step" in r]
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.plot(steps, losses, color="tab:blue", alpha=0.4, linewidth=1, label="loss")
+    plot_noise_levels(axis, records)
+    plot_validation(axis, everything)
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smoothed = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                    for i in range(len(losses))]
+        axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"moving average ({window})")
+    if losses and min(losses) > 0:
+        axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("MSE loss")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    png_path = Path(png_path)
+    figure.savefig(png_path)
+    plt.close(figure)
+    return png_path
+
+
+def plot_validation(axis, records: list[dict[str, Any]]) -> None:
+    """The validation loss (fixed timesteps and noise on held-out images) of the raw and EMA weights, as markers."""
+    for name, colour, label in (("val_loss", "tab:red", "validation (raw)"), ("val_loss_ema", "tab:orange", "validation (EMA)")):
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        if points:
+            axis.plot(*zip(*points), color=colour, marker="o", markersize=3, linewidth=1.2, label=label)
+
+
+def plot_noise_levels(axis, records: list[dict[str, Any]]) -> None:
+    """The loss per quarter of the timestep range (the loss_tA_B fields) as thin lines, least noise darkest."""
+    import matplotlib.pyplot as plt
+
+    levels = {name: match.groups() for record in records for name in record
+              if (match := NOISE_LEVEL_FIELD.fullmatch(name))}  # name -> (first t, last t)
+    names = sorted(levels, key=lambda name: int(levels[name][0]))
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(names), 1)))
+    for colour, name in zip(colours, names):
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        if points:
+            low, high = levels[name]
+            axis.plot(*zip(*points), color=colour, linewidth=0.8, alpha=0.8, label=f"t in [{low}, {high}]")
 
 
 def noising_strip(data: str | Path, timesteps: list[int], *, num_images: int = 4, schedule: str = "linear",

@@ -36,7 +36,8 @@ from engine.evaluate import (EvaluationError, evaluate, inception_path, load_fea
 from engine.evaluate import summary as evaluation_summary
 from engine.images import make_grid, save_grid, to_uint8
 from engine.lr_schedule import describe as describe_lr
-from engine.metrics import MetricsLog, plot_loss_curve, start_wandb, tensorboard_writer_class, wandb_module
+from engine.metrics_log import MetricsLog, start_wandb, tensorboard_writer_class, wandb_module
+from engine.plot import plot_loss_curve
 from engine.post_hoc_ema import post_hoc_name, remove_snapshots_after, save_snapshots
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write

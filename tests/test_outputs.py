@@ -9,7 +9,8 @@ from PIL import Image
 
 from engine.ema import build_ema, update_ema
 from engine.images import make_grid, save_grid, to_uint8
-from engine.metrics import MetricsLog, plot_loss_curve, read_metrics
+from engine.metrics_log import MetricsLog, read_metrics
+from engine.plot import plot_loss_curve
 
 
 def test_metrics_log_appends_and_drops_steps_past_a_resume(tmp_path):

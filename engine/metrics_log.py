@@ -1,10 +1,11 @@
-"""One JSONL metrics file per run (mirrored to TensorBoard when asked), and the loss-curve PNG drawn from it."""
+"""One JSONL metrics file per run (mirrored to TensorBoard and W&B when asked), and reading it back.
+
+(FID and KID are engine.evaluate's; the loss curve drawn from this file is engine.plot's.)"""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,6 @@ from typing import Any
 import numpy as np
 
 from engine.config import ConfigError
-
-NOISE_LEVEL_FIELD = re.compile(r"loss_t(\d+)_(\d+)")  # engine.trainer.noise_level_names
 
 
 class MetricsLog:
@@ -117,60 +116,3 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "training loss") -> Path:
-    """Loss against step on a log scale, with a moving average to see the trend through the noise."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
-    everything = read_metrics(metrics_path)
-    records = [r for r in everything if "loss" in r and "step" in r]
-    steps = [r["step"] for r in records]
-    losses = [r["loss"] for r in records]
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
-    axis.plot(steps, losses, color="tab:blue", alpha=0.4, linewidth=1, label="loss")
-    plot_noise_levels(axis, records)
-    plot_validation(axis, everything)
-    window = max(1, len(losses) // 20)
-    if window > 1:
-        smoothed = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                    for i in range(len(losses))]
-        axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"moving average ({window})")
-    if losses and min(losses) > 0:
-        axis.set_yscale("log")
-    axis.set_xlabel("step")
-    axis.set_ylabel("MSE loss")
-    axis.set_title(title)
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    png_path = Path(png_path)
-    figure.savefig(png_path)
-    plt.close(figure)
-    return png_path
-
-
-def plot_validation(axis, records: list[dict[str, Any]]) -> None:
-    """The validation loss (fixed timesteps and noise on held-out images) of the raw and EMA weights, as markers."""
-    for name, colour, label in (("val_loss", "tab:red", "validation (raw)"), ("val_loss_ema", "tab:orange", "validation (EMA)")):
-        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
-        if points:
-            axis.plot(*zip(*points), color=colour, marker="o", markersize=3, linewidth=1.2, label=label)
-
-
-def plot_noise_levels(axis, records: list[dict[str, Any]]) -> None:
-    """The loss per quarter of the timestep range (the loss_tA_B fields) as thin lines, least noise darkest."""
-    import matplotlib.pyplot as plt
-
-    levels = {name: match.groups() for record in records for name in record
-              if (match := NOISE_LEVEL_FIELD.fullmatch(name))}  # name -> (first t, last t)
-    names = sorted(levels, key=lambda name: int(levels[name][0]))
-    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(names), 1)))
-    for colour, name in zip(colours, names):
-        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
-        if points:
-            low, high = levels[name]
-            axis.plot(*zip(*points), color=colour, linewidth=0.8, alpha=0.8, label=f"t in [{low}, {high}]")
