@@ -19,12 +19,16 @@ from typing import Any, Literal, Optional
 import yaml
 
 from engine.data.remote import is_url, url_problem
-from kernels.registry import OPS as KERNEL_OPS
+from engine.solvers import SAMPLERS
+from kernels.ops import OPS as KERNEL_OPS
 
 
 class ConfigError(ValueError):
     """A configuration mistake, reported to the user as one line (exit status 2)."""
 
+
+# the loader validates a Literal's values (`_coerce`); this one takes them from the one list of sampler names
+SamplerName = Literal[SAMPLERS]
 
 # the longest post-hoc EMA profile (engine/post_hoc_ema.py): gamma = 0, the plain average of all steps
 MAX_SIGMA_REL = 12 ** -0.5
@@ -151,8 +155,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    # ddpm, ddim, or a fast multistep solver (engine/solvers.py): dpm++2m, dpm++3m, dpm++2m-sde, unipc
-    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddpm"
+    # ddpm, ddim, or a fast multistep solver (engine/solvers.py's SOLVERS)
+    sampler: SamplerName = "ddpm"
     steps: Optional[int] = None  # ddim and solver steps (network evaluations); ddpm always runs all num_timesteps
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = ddpm-like noise
     variance: Literal["fixed_large", "fixed_small"] = "fixed_large"  # ddpm: beta_t or posterior
@@ -184,13 +188,13 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """FID and KID of the model `sample.use_ema` picks, during training (see engine/evaluate.py)."""
+    """FID and KID of the model `sample.use_ema` picks, during training (see engine/evaluate/)."""
 
     every: int = 0  # steps between evaluations; 0 = never during training
     num_images: int = 10_000  # generated images per evaluation, shared by the ranks (papers report 50,000)
     batch_size: int = 256  # images per sampling batch and rank
     # eta, variance, clipping and the solvers' options come from the sample section
-    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: Optional[int] = 100  # ddim or solver steps
     guidance: Optional[float] = None  # class-conditional models: the guidance scale; None = sample.guidance
     # precomputed statistics (.npz) or a data set (folder or URL, as data.path); "" = data.path, statistics
@@ -212,7 +216,8 @@ class EvalConfig:
 @dataclass
 class KernelsConfig:
     """Which implementation runs each fused op (see kernels/registry.py): auto = Triton on CUDA, PyTorch
-    elsewhere; pytorch; triton; a name registered by a plugin; or package.module:function."""
+    elsewhere; pytorch; triton; a name registered by a plugin; or package.module:function. One key per op,
+    in the order of kernels.ops.OPS (tests/test_name_lists.py)."""
 
     q_sample: str = "auto"  # forward noising of float x0 (plots, user code)
     q_sample_uint8: str = "auto"  # forward noising straight from the loader's uint8 batch (training)

@@ -254,7 +254,7 @@ def dynamic_threshold(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tenso
 
 
 SPACINGS = ("linspace", "leading", "trailing")  # diffusers' `timestep_spacing` names
-SAMPLERS = ("ddpm", "ddim", *solvers.SOLVERS)
+SAMPLERS = solvers.SAMPLERS  # written once, in engine/solvers.py, where engine/config.py reads it too
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:

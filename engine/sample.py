@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from engine import diffusion
+from engine import diffusion, solvers
 from engine.config import Config, ConfigError, apply_override, config_from_dict
 from engine.diffusers_format import is_diffusers_folder
 from engine.distributed import (all_gather_objects, compute_dtype, gather_to_main, init_distributed,
@@ -185,9 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --num-images, not --num: torchrun's own parser takes --num for its --numa-binding
     parser.add_argument("--num-images", "--num", dest="num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch and rank (default: sample.batch_size)")
-    parser.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
-                        help="default: the run's sample.sampler; dpm++2m, dpm++3m, dpm++2m-sde and unipc are fast "
-                             "solvers (good at 10-25 steps)")
+    parser.add_argument("--sampler", choices=solvers.SAMPLERS, default=None,
+                        help=f"default: the run's sample.sampler; {', '.join(solvers.SOLVERS)} are fast solvers "
+                             f"(good at 10-25 steps)")
     parser.add_argument("--steps", type=int, default=None,
                         help="DDIM or solver steps (default: sample.steps, 20 for a solver); ddpm runs all timesteps")
     parser.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,

@@ -7,10 +7,11 @@ float32/bf16 training never accumulates the rounding of a cumulative product.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
+
+from kernels.schedule_tables import cosine_betas  # noqa: F401 (re-exported: the schedules' maths, one copy)
 
 SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2", "scaled_linear")
 
@@ -24,17 +25,6 @@ def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta
     if schedule in ("cosine", "squaredcos_cap_v2"):
         return cosine_betas(num_timesteps)
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-
-
-def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal 2021, eq. 17: abar(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta capped at 0.999."""
-
-    def alpha_bar(fraction: float) -> float:
-        return math.cos((fraction + offset) / (1 + offset) * math.pi / 2) ** 2
-
-    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
-             for i in range(num_timesteps)]
-    return torch.tensor(betas, dtype=torch.float64)
 
 
 @dataclass(frozen=True)

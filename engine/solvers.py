@@ -30,6 +30,9 @@ from engine.schedule import NoiseSchedule
 from kernels.registry import Kernels
 
 SOLVERS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
+# every sampler name, the one list: DDPM's ancestral step and DDIM (engine/diffusion.py), then these solvers;
+# the config's sampler keys and the CLIs' --sampler choices are read from it
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 DEFAULT_STEPS = 20
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 SolverStep = Callable[..., tuple]  # (x, t, keys, weights, history[, class_labels]) -> (x_next, history)

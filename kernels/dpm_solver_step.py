@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from kernels.noise import randn_like
+from kernels.ops import OpSpec
 from kernels.reference import compute_dtype
-from kernels.registry import OpSpec, register_kernel
+from kernels.registry import register_kernel
 from kernels.triton_support import HAVE_TRITON, check_per_sample, check_same_shape, table, triton_unavailable
 
 COEFFICIENTS = ("x0_from_x_t", "x0_from_model_output", "x_t", "x0", "x0_prev", "x0_prev2", "noise")

@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 
 from kernels.noise import randn_like
+from kernels.ops import OpSpec
 from kernels.reference import compute_dtype, extract
-from kernels.registry import OpSpec, register_kernel
+from kernels.registry import register_kernel
 from kernels.triton_support import HAVE_TRITON, check_batch, check_pair, check_per_sample, table, triton_unavailable
 
 

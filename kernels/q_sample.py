@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from kernels.noise import randn_like
+from kernels.ops import OpSpec
 from kernels.reference import compute_dtype, extract
-from kernels.registry import OpSpec, register_kernel
+from kernels.registry import register_kernel
 from kernels.triton_support import HAVE_TRITON, check_batch, check_per_sample, table, triton_unavailable
 
 def formula(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,

@@ -18,24 +18,9 @@ from typing import Callable, Mapping
 
 import torch
 
-OPS = ("q_sample", "q_sample_uint8", "noise_loss", "posterior_step", "ddim_step", "dpm_solver_step", "unipc_step")
-_OP_MODULES = {"q_sample": "kernels.q_sample", "q_sample_uint8": "kernels.q_sample", "noise_loss": "kernels.noise_loss",
-               "posterior_step": "kernels.posterior_step", "ddim_step": "kernels.ddim_step",
-               "dpm_solver_step": "kernels.dpm_solver_step", "unipc_step": "kernels.unipc_step"}
-
-
-class KernelError(ValueError):
-    """A kernel choice that cannot be used: names the op and the implementation (exit status 2)."""
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """What an op is: its positional signature, its PyTorch reference, and how the check calls it."""
-
-    signature: str
-    reference: Callable
-    make_args: Callable  # conformance case -> positional arguments
-    evaluate: Callable | None = None  # (fn, args) -> named outputs; default {"output": fn(*args)}
+from kernels.conformance import run_conformance
+# defined in kernels/ops.py; engine/ and users import OPS, KernelError and op_spec from here
+from kernels.ops import OPS, KernelError, describe, op_spec
 
 
 @dataclass(frozen=True)
@@ -64,19 +49,6 @@ def register_kernel(op: str, name: str, *, unavailable: Callable[[torch.device],
         return fn
 
     return decorate
-
-
-def describe(fn) -> str:
-    """module:qualname for a function, as a user would name it; repr for anything else."""
-    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    return f"{module}:{name}" if module and name else repr(fn)
-
-
-def op_spec(op: str) -> OpSpec:
-    """The op's specification, from the module that also holds its Triton kernel (imported on first use)."""
-    if op not in OPS:
-        raise KernelError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
-    return importlib.import_module(_OP_MODULES[op]).SPECS[op]
 
 
 def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
@@ -121,7 +93,9 @@ def _import_callable(op: str, path: str) -> Callable:
 
 @dataclass(frozen=True)
 class Kernels:
-    """The implementation chosen for every op, resolved once; `names` records the choices."""
+    """The implementation chosen for every op, resolved once; `names` records the choices.
+
+    One field per op, spelled out for type checkers, in the order of `OPS` (tests/test_name_lists.py)."""
 
     q_sample: Callable
     q_sample_uint8: Callable
@@ -154,8 +128,6 @@ def resolve_kernels(choices: Mapping[str, str] | None = None, device: torch.devi
     for op in OPS:
         names[op], resolved[op] = load_implementation(op, choices.get(op, "auto"), device)
         if check and names[op] != "pytorch":
-            from kernels.check import run_conformance  # the check imports the op modules; keep import light
-
             report = run_conformance(op, resolved[op], device, quick=True)
             if not report.passed:
                 raise KernelError(f"kernels.{op}: {names[op]!r} failed its conformance check: {report.first_failure()}")

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.ops import OpSpec
 from kernels.reference import compute_dtype
-from kernels.registry import OpSpec, register_kernel
+from kernels.registry import register_kernel
 from kernels.triton_support import HAVE_TRITON, check_same_shape, table, triton_unavailable
 
 COEFFICIENTS = ("x0_from_x_t", "x0_from_model_output",

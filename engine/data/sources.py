@@ -22,14 +22,14 @@ import posixpath
 import re
 import tarfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from engine.data import DataError
+from engine.data.source_sample import Source, SourceSample, safe_key
 from engine.data.shapes import SHAPE_CLASSES, iter_shapes
 
 # file suffix -> the extension a sample is stored under
@@ -39,24 +39,6 @@ ZIP_SUFFIX = ".zip"
 SOURCE_KINDS = ("folder", "tar", "zip", "cifar10", "lmdb", "hf", "parquet", "shapes")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 DEFAULT_SHAPES = {"num": 10_000, "image_size": 32, "channels": 3}
-
-
-class SourceSample(NamedTuple):
-    key: str  # unique; only [A-Za-z0-9_-], since webdataset cuts member names at the first dot
-    data: bytes  # the encoded image
-    ext: str  # the file's extension (png, jpg, bmp or webp); "" for records of a table or database
-    label: int
-    origin: str  # where the image came from, for messages
-
-
-@dataclass
-class Source:
-    kind: str  # "shapes", "image-folder", "image-folder-tar", "image-folder-zip", "cifar10-python", "lmdb",
-    # "hf-arrow" or "parquet"
-    classes: list[str]
-    samples: Iterable[SourceSample]  # yields `total` samples, once
-    total: int
-    channels: int | None = None  # what the images are made as (shapes, CIFAR-10); None: found by prepare
 
 
 # ----------------------------------------------------------------------------- images
@@ -88,17 +70,6 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def safe_key(text: str, taken: set[str]) -> str:
-    # a leading underscore could read as webdataset metadata (__key__, __url__)
-    key = re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("_") or "sample"
-    unique, number = key, 1
-    while unique in taken:
-        number += 1
-        unique = f"{key}_{number}"
-    taken.add(unique)
-    return unique
 
 
 # ----------------------------------------------------------------------------- entry point

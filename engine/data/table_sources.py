@@ -24,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from engine.data import DataError
-from engine.data.sources import Source, SourceSample, safe_key
+from engine.data.source_sample import Source, SourceSample, safe_key
 
 _PARQUET_BATCH_ROWS = 256  # rows read at a time from a parquet row group
 
