@@ -199,8 +199,8 @@ def check_bad_fraction(skipped: int, delivered: int, cfg_data, step: int, progre
 
 
 def stream_start(header: dict | None, cfg_data, cfg_train, context: DistributedContext,
-                 micro_batch: int) -> tuple[int, list[int] | None]:
-    """(loader seed, per-worker start positions) for the streaming loader.
+                 micro_batch: int) -> tuple[int, list[int] | None, int]:
+    """(loader seed, per-worker start positions, the worker whose batch is due next) for the streaming loader.
 
     A fresh run starts every worker's stream at 0. A resumed run with the same world size, worker
     count, micro-batch and seed continues each stream exactly where the checkpoint left it (the
@@ -209,13 +209,15 @@ def stream_start(header: dict | None, cfg_data, cfg_train, context: DistributedC
     does not replay the first batches.
     """
     if header is None:
-        return cfg_train.seed, None
+        return cfg_train.seed, None, 0
     saved = header.get("data_position")
     layout = {"world_size": context.world_size, "num_workers": cfg_data.num_workers, "batch_size": micro_batch,
               "seed": cfg_train.seed}
     if saved and all(saved.get(key) == value for key, value in layout.items()):
-        return cfg_train.seed, list(saved["positions"][context.rank])
-    return step_seed(cfg_train.seed, header["step"]), None
+        # checkpoints from before next_workers was recorded: worker 0 (exact when the step ended a round)
+        next_workers = saved.get("next_workers") or [0] * context.world_size
+        return cfg_train.seed, list(saved["positions"][context.rank]), int(next_workers[context.rank])
+    return step_seed(cfg_train.seed, header["step"]), None, 0
 
 
 def read_checkpoint_header(run_dir: Path, context: DistributedContext) -> tuple[dict | None, dict]:
@@ -298,7 +300,7 @@ class TrainingRun:
     def open_data(self) -> Iterator[dict]:
         """This rank's micro-batches: from the device cache, or streamed (resuming each worker's position)."""
         cfg_data, cfg_train, context = self.config.data, self.config.train, self.context
-        micro_batch, start = self.trainer.micro_batch, None
+        micro_batch, start, first_worker = self.trainer.micro_batch, None, 0
         if cfg_data.cache == "device":  # read once; then batches are drawn on the device, no DataLoader
             cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
                                       shard_slice=training_shards(self.config),
@@ -309,7 +311,7 @@ class TrainingRun:
             batches = cache.batches(micro_batch, seed=cfg_train.seed,
                                     start_batch=self.state.step * cfg_train.grad_accum_steps)
         else:
-            loader_seed, start = stream_start(self.header, cfg_data, cfg_train, context, micro_batch)
+            loader_seed, start, first_worker = stream_start(self.header, cfg_data, cfg_train, context, micro_batch)
             if self.header is not None and start is None:
                 self.log("the data stream starts afresh (seeded by the step): the checkpoint's stream positions are "
                          "for another world size, worker count or batch size")
@@ -318,9 +320,11 @@ class TrainingRun:
                 num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer, seed=loader_seed,
                 start=start, resample=True, rank=context.rank, world_size=context.world_size,
                 pin_memory=context.device.type == "cuda", shard_slice=training_shards(self.config),
-                cache_dir=cfg_data.cache_dir))
-        # Samples each of this rank's loader workers has taken from its stream, for exact resumes.
+                cache_dir=cfg_data.cache_dir, first_worker=first_worker))
+        # Samples each of this rank's loader workers has taken from its stream, and the worker whose batch is due
+        # next (the DataLoader takes them in turn), for exact resumes.
         self.stream_positions = list(start) if start else [0] * max(cfg_data.num_workers, 1)
+        self.next_worker = first_worker
         return batches
 
     def describe(self, manifest: dict) -> None:
@@ -408,6 +412,7 @@ class TrainingRun:
         self.state.delivered_samples += self.trainer.micro_batch
         if "position" in batch:
             self.stream_positions[batch["worker"]] = int(batch["position"])
+            self.next_worker = (batch["worker"] + 1) % len(self.stream_positions)
         return batch
 
     def maintenance(self) -> bool:
@@ -485,7 +490,8 @@ class TrainingRun:
                     "rng": all_gather_objects(rng_state(context.device)),
                     "data_position": {"world_size": context.world_size, "num_workers": config.data.num_workers,
                                       "batch_size": self.trainer.micro_batch, "seed": config.train.seed,
-                                      "positions": all_gather_objects(self.stream_positions)},
+                                      "positions": all_gather_objects(self.stream_positions),
+                                      "next_workers": all_gather_objects(self.next_worker)},
                     "config": config.to_dict(), "engine_version": engine.__version__}
         if best is not None:
             if context.is_main:

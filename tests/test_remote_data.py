@@ -193,12 +193,19 @@ def test_the_shard_cache_serves_the_second_pass_and_never_a_partial_or_corrupt_f
 
 
 @pytest.mark.slow
-def test_training_from_a_url_gives_the_losses_of_training_from_the_local_folder(url, shapes16, tmp_path):
-    def train(data, run_dir):
-        overrides = [f"data.path={data}", f"train.run_dir={run_dir}", "train.steps=3", "train.log_every=1",
-                     "train.checkpoint_every=3", "data.num_workers=1"]
+def test_training_from_a_url_gives_the_losses_of_training_from_the_local_folder_and_resumes_exactly(url, shapes16,
+                                                                                                      tmp_path):
+    """Stopped at its step-3 checkpoint and run again to step 5, the run from the URL resumes every loader worker's
+    stream where the checkpoint recorded it: its 5 losses are the uninterrupted local run's. Step 3 of 2 workers:
+    the batch due next is worker 1's, while a DataLoader always starts with worker 0 (the resume turns the
+    workers' streams; before it did, resuming at an odd step swapped the next two batches)."""
+    def train(data, run_dir, steps):
+        overrides = [f"data.path={data}", f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
+                     "train.checkpoint_every=3", "data.num_workers=2"]
         engine.train.train(load_config(ROOT / "configs/tiny.yaml", [*SMALL, *overrides]))
         return losses(run_dir)
 
-    local = train(shapes16, tmp_path / "local")
-    assert len(local) == 3 and train(url, tmp_path / "url") == local
+    local = train(shapes16, tmp_path / "local", 5)
+    first_three = {step: loss for step, loss in local.items() if step <= 3}
+    assert len(local) == 5 and train(url, tmp_path / "url", 3) == first_three
+    assert train(url, tmp_path / "url", 5) == local

@@ -103,11 +103,19 @@ class _SkipCounter:
 
 
 class _Position:
-    """How many samples one worker has taken from its (seeded, shuffled) stream: where a resume restarts it."""
+    """How many samples one worker has taken from its (seeded, shuffled) stream: where a resume restarts it.
 
-    def __init__(self, start: list[int] | None):
-        self.start = start  # per worker: samples to pass over before the first batch
+    A worker serves the stream `stream()`: its DataLoader worker id turned by `first_worker`. The DataLoader
+    takes batches from its workers in turn, always starting with worker 0; a resumed run whose next batch was
+    due from stream k (not 0) turns the ids by k, so that the streams' batches keep their interleaving."""
+
+    def __init__(self, start: list[int] | None, first_worker: int = 0, num_workers: int = 1):
+        self.start = start  # per stream: samples to pass over before the first batch
+        self.first_worker, self.num_workers = first_worker, max(num_workers, 1)
         self.taken = 0
+
+    def stream(self) -> int:
+        return (_worker_id() + self.first_worker) % self.num_workers
 
 
 def _worker_id() -> int:
@@ -120,16 +128,16 @@ def _resume_at(samples, position: _Position):
 
     It sits after the shuffle buffer and before decoding, so a resume replays the reading and the
     shuffling (cheap) but decodes nothing it skips."""
-    skip = position.start[_worker_id()] if position.start else 0
+    skip = position.start[position.stream()] if position.start else 0
     for index, sample in enumerate(samples):
         position.taken = index + 1
         if index >= skip:
             yield sample
 
 
-def _worker_seed(seed: int, rank: int, purpose: int) -> int:
-    """A seed of its own for every (seed, rank, DataLoader worker, purpose)."""
-    return int(np.random.SeedSequence([seed, rank, _worker_id(), purpose]).generate_state(1)[0])
+def _worker_seed(seed: int, rank: int, purpose: int, position: _Position) -> int:
+    """A seed of its own for every (seed, rank, worker's stream, purpose)."""
+    return int(np.random.SeedSequence([seed, rank, position.stream(), purpose]).generate_state(1)[0])
 
 
 def _split_by_rank(urls, rank: int, world_size: int):
@@ -215,9 +223,9 @@ def _read_array_shards(shards, num_samples: dict[str, int], opener: ShardOpener,
                        f"{num_samples[url]} (bad blocks or truncated)", count=num_samples[url] - delivered)
 
 
-def _seeded_shuffle(samples, size: int, seed: int, rank: int):
+def _seeded_shuffle(samples, size: int, seed: int, rank: int, position: _Position):
     # the worker id is only known inside the worker, so the seed is made here rather than up front
-    yield from wds.shuffle(size, seed=_worker_seed(seed, rank, purpose=1))(samples)
+    yield from wds.shuffle(size, seed=_worker_seed(seed, rank, 1, position))(samples)
 
 
 def _decode_one(sample: dict, image_size: int, channels: int, skips: _SkipCounter):
@@ -250,7 +258,7 @@ def _decode_samples(samples, image_size: int, channels: int, skips: _SkipCounter
 def _batch_dict(images: np.ndarray, labels: list[int], skipped: int, position: _Position) -> dict:
     # worker and position: the main process keeps the latest per worker for the checkpoint
     return {"image": torch.from_numpy(images), "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped,
-            "worker": _worker_id(), "position": position.taken}
+            "worker": position.stream(), "position": position.taken}
 
 
 class _Collate:
@@ -351,9 +359,10 @@ def _check_finite_split(num_shards: int, world_size: int, num_workers: int) -> N
                       "a smaller --shard-size gives more shards", stacklevel=3)
 
 
-def _shard_stages(urls: list[str], *, resample: bool, seed: int, rank: int, world_size: int) -> list:
+def _shard_stages(urls: list[str], *, resample: bool, seed: int, rank: int, world_size: int,
+                  position: _Position) -> list:
     if resample:
-        worker_seed = functools.partial(_worker_seed, seed, rank, 0)
+        worker_seed = functools.partial(_worker_seed, seed, rank, 0, position)
         return [wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True)]
     return [wds.SimpleShardList(urls, seed=seed),  # the same shuffled order on every rank and worker
             functools.partial(_split_by_rank, rank=rank, world_size=world_size),
@@ -362,12 +371,14 @@ def _shard_stages(urls: list[str], *, resample: bool, seed: int, rank: int, worl
 
 def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: int, image_size: int, channels: int,
                     shuffle_buffer: int, seed: int, resample: bool, rank: int, world_size: int,
-                    opener: ShardOpener, start: list[int] | None = None) -> wds.DataPipeline:
+                    opener: ShardOpener, start: list[int] | None = None, first_worker: int = 0,
+                    num_workers: int = 1) -> wds.DataPipeline:
     """The per-worker pipeline over {shard location: number of samples} in `shard_format` ("png" or
     "array"), yielding batch dicts (see build_train_loader); `opener` opens the shards."""
-    skips, position = _SkipCounter(), _Position(start)
-    stages = _shard_stages(list(shards), resample=resample, seed=seed, rank=rank, world_size=world_size)
-    shuffle = functools.partial(_seeded_shuffle, size=shuffle_buffer, seed=seed, rank=rank)
+    skips, position = _SkipCounter(), _Position(start, first_worker, num_workers)
+    stages = _shard_stages(list(shards), resample=resample, seed=seed, rank=rank, world_size=world_size,
+                           position=position)
+    shuffle = functools.partial(_seeded_shuffle, size=shuffle_buffer, seed=seed, rank=rank, position=position)
     if shard_format == "array":
         stages.append(functools.partial(_read_array_shards, num_samples=shards, opener=opener,
                                         image_size=image_size, channels=channels, skips=skips))
@@ -391,7 +402,7 @@ def _build_pipeline(shards: dict[str, int], *, shard_format: str, batch_size: in
 def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, channels: int, num_workers: int = 2,
                        shuffle_buffer: int = 1000, seed: int = 0, resample: bool = True, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False, start: list[int] | None = None,
-                       shard_slice: slice | None = None, cache_dir: str = "") -> Iterable[dict]:
+                       shard_slice: slice | None = None, cache_dir: str = "", first_worker: int = 0) -> Iterable[dict]:
     """Batches {"image": uint8 (B, C, H, W), "label": int64 (B,), "skipped": int} from a prepared data set.
 
     `path` is the folder written by `python -m engine.data.prepare`, in either shard format (the
@@ -402,11 +413,14 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
 
     Every batch also names its `worker` and that worker's `position` (samples taken from its stream
     so far). `start`, one position per worker (as a checkpoint recorded them), resumes each worker's
-    stream there: with the same seed, rank, world size and worker count the batches continue exactly.
-    `shard_slice` selects some of the manifest's shards, in its order (training leaves eval.val_shards out).
+    stream there, and `first_worker` (the `worker` due after the last batch taken) keeps the workers'
+    batches in their turn: with the same seed, rank, world size and worker count the batches continue
+    exactly. `shard_slice` selects some of the manifest's shards, in its order (training leaves eval.val_shards out).
     """
     if start is not None and len(start) != max(num_workers, 1):
         raise DataError(f"a resume position needs one entry per loader worker ({max(num_workers, 1)}), got {len(start)}")
+    if not 0 <= first_worker < max(num_workers, 1) or (first_worker and not resample):
+        raise DataError(f"first_worker {first_worker} must be a worker of {max(num_workers, 1)} of a resampled stream")
     manifest = read_manifest(path)
     _check_request(manifest, path, image_size=image_size, channels=channels, batch_size=batch_size, rank=rank,
                    world_size=world_size)
@@ -421,7 +435,8 @@ def build_train_loader(path: str | Path, *, batch_size: int, image_size: int, ch
     dataset = _build_pipeline(num_samples, shard_format=manifest["shard_format"], batch_size=batch_size,
                               image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer, seed=seed,
                               resample=resample, rank=rank, world_size=world_size,
-                              opener=ShardOpener(shards, cache_dir), start=start)
+                              opener=ShardOpener(shards, cache_dir), start=start, first_worker=first_worker,
+                              num_workers=num_workers)
     # batch_size=None: the workers already batch; collating single samples here would be far slower
     # Its own generator: the DataLoader's per-iterator seed must not come from (and move) the global
     # generator that dropout draws from, or a resumed run's dropout would drift from the original's.
