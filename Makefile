@@ -25,7 +25,7 @@ demo: install
 	@echo "Look at runs/tiny/samples.png (generated shapes) and runs/tiny/loss.png (the loss curve)."
 
 test: install
-	$(BIN)/python -m pytest tests benchmarks --benchmark-disable -q -n 2
+	$(BIN)/python -m pytest tests benchmarks --benchmark-disable -q -n 3 --durations=20
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only
