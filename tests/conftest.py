@@ -9,7 +9,7 @@ import shutil
 if not (os.environ.get("CUDA_VISIBLE_DEVICES", "x") and shutil.which("nvidia-smi")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (`make test` runs two workers on two cores) one thread per worker and per CLI it starts:
+# Under pytest-xdist (`make test` runs three workers on two cores) one thread per worker and per CLI it starts:
 # OpenMP threads oversubscribing the cores spin against each other and run many times slower.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
