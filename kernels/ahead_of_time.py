@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -279,13 +280,22 @@ def _widest(rows, prefix: str) -> int:
     return max(widths, default=0)
 
 
+def _compile_options(config) -> dict:
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages,
+            **({"maxnreg": config.maxnreg} if getattr(config, "maxnreg", None) else {})}
+
+
+def compile_key(variant: Variant, arch: int) -> str:
+    """What decides a variant's cubin: the kernel's source and specialisation (Triton's own hash of them), the
+    compile options, the target and the Triton release (which ships the ptxas). Equal keys, equal cubins."""
+    text = json.dumps([variant.source().hash(), _compile_options(variant.config), arch, triton.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def compile_variant(variant: Variant, arch: int, sass: bool = True) -> dict:
     """Compile for sm_`arch`: registers, spills and stack from ptxas, shared memory, vector accesses in the PTX, and
     with `sass` the instruction mix of the cubin (the slower part: the tests read the rest only)."""
-    config = variant.config
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
-               **({"maxnreg": config.maxnreg} if getattr(config, "maxnreg", None) else {})}
-    kernel, resources = _compile_with_ptxas_log(variant.source(), arch, options)
+    kernel, resources = _compile_with_ptxas_log(variant.source(), arch, _compile_options(variant.config))
     row = {"kernel": variant.family.name, "branch": variant.branch, "dtype": variant.dtype, "shape": variant.shape.name,
            "block": variant.config.kwargs["BLOCK"], "num_warps": variant.config.num_warps, "arch": arch, **resources,
            "shared_bytes": kernel.metadata.shared, "bytes_per_element": variant.family.traffic(variant.branch, variant.dtype),

@@ -20,7 +20,8 @@ import pytest  # noqa: E402 (after TRITON_INTERPRET, which must come first)
 
 def pytest_addoption(parser):
     parser.addoption("--regenerate-golden", action="store_true",
-                     help="tests/test_golden.py: rewrite tests/golden/*.json instead of comparing with them")
+                     help="rewrite tests/golden/*.json (test_golden.py, test_ahead_of_time.py) instead of "
+                          "comparing with them")
 
 
 def pytest_configure(config):
