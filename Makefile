@@ -31,7 +31,7 @@ bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only
 
 # What a bare GPU machine (Python 3.12, torch, Triton; no package index) lacks, into .gpu-carry/ (git-ignored):
-# carry that folder, then run the command benchmarks/gpu_check.py's help shows. See the README's "On a GPU".
+# carry that folder, then run the command benchmarks/gpu_check.py's help shows. See docs/gpus.md, "On a GPU".
 CARRY := .gpu-carry
 GPU_WHEELS := ema-pytorch==0.8.3 webdataset==1.0.2 braceexpand==0.1.7 diffusers==0.42.1 importlib-metadata==10.2.0 \
 	lazy-importer==0.1.0 huggingface-hub==1.33.0 safetensors==0.8.0
