@@ -1,7 +1,6 @@
 """`engine.data.prepare` on what users have: any size and mode of image, several worker processes, and
 every kind of source (zip, LMDB, Hugging Face save_to_disk, parquet). Every file is tiny and made here."""
 
-import collections
 import io
 import json
 import subprocess
@@ -17,6 +16,7 @@ from PIL import Image
 from engine.data import DataError, read_manifest
 from engine.data.prepare import prepare
 from engine.data.transforms import crop_square, resize_shorter_side
+from test_data import shard_contents
 
 REPO = Path(__file__).resolve().parents[1]
 N = 16  # the image size asked for
@@ -36,14 +36,8 @@ def noise(rng, width: int, height: int, mode: str = "RGB") -> Image.Image:
 
 def shard_images(out_dir: Path) -> dict[str, tuple[np.ndarray, int]]:
     """{key: (uint8 (H, W, C) pixels, label)} over a png data set's shards."""
-    samples = collections.defaultdict(dict)
-    for shard in read_manifest(out_dir)["shards"]:
-        with tarfile.open(out_dir / shard["name"]) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples[key][ext] = tar.extractfile(member).read()
     result = {}
-    for key, members in samples.items():
+    for key, members in shard_contents(out_dir).items():
         pixels = np.asarray(Image.open(io.BytesIO(members.get("png") or members["jpg"])))
         result[key] = (pixels[:, :, None] if pixels.ndim == 2 else pixels, int(members["cls"]))
     return result
