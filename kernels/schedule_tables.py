@@ -1,9 +1,9 @@
 """The DDPM coefficient tables the ops read, computed from betas (Ho et al. 2020, eqs. 4, 7, 11), and two
 beta schedules: linear (the paper) and cosine (Nichol & Dhariwal 2021, which engine/schedule.py takes from here).
 
-The conformance check feeds these to the ops. They are computed here, not taken from engine/schedule.py,
-so that kernels/ never imports engine/; tests/test_module_boundaries.py holds them equal to engine's
-`NoiseSchedule`, whose attribute names they share (the ops' argument builders read either).
+The conformance check feeds these to the ops. They live here, not in engine/schedule.py, so that kernels/
+never imports engine/; engine's `NoiseSchedule` extends `ScheduleTables` with what only the samplers and plots
+read, so the ops' argument builders read either and the maths is written once.
 """
 
 from __future__ import annotations
