@@ -24,7 +24,7 @@ from engine.data import DataError, build_train_loader, read_manifest
 from engine.images import make_grid, save_image, to_uint8
 from engine.metrics_log import read_metrics
 from engine.run_dir import RunDir
-from engine.sample import image_classes, step_options, with_sample
+from engine.sampling import Sampler, with_sample
 from engine.schedule import NoiseSchedule
 from kernels.noise import noise_keys, randn_like
 from kernels.q_sample import images_to_unit_range
@@ -167,15 +167,7 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
             x0 = prediction if solver else diffusion.predict_x0_from_eps(schedule, x_t, t, prediction)
             frames[step] = (x_t.clamp(-1, 1).cpu(), x0.clamp(-1, 1).cpu())
 
-    shape = (num_images, config.data.channels, config.data.image_size, config.data.image_size)
-    model.eval()
-    labels, denoiser = image_classes(config, torch.arange(num_images, device=torch_device)), model
-    if labels is not None:
-        denoiser = diffusion.classifier_free_guidance(model, options.guidance, config.model.num_classes)
-    diffusion.sample(denoiser, schedule, kernels, shape, seed=seed, sampler=options.sampler, steps=options.steps,
-                     timestep_spacing=options.timestep_spacing, device=torch_device, on_step=record,
-                     karras_sigmas=options.karras_sigmas, lower_order_final=options.lower_order_final,
-                     class_labels=labels, **step_options(config))
+    Sampler(model, config, schedule, kernels, torch_device, on_step=record).generate(num_images, seed, num_images)
     order = sorted(frames, reverse=True)  # from noise to data
     rows = []
     for image in range(num_images):

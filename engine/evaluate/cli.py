@@ -47,7 +47,7 @@ from engine.evaluate.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, ev
 from engine.evaluate.reference import DEFAULT_MAX_FEATURES, ReferenceStats, load_reference, save_reference
 from engine.progress import write as progress_write
 from engine.run_dir import EMA_HELP, load_run, read_run_checkpoint
-from engine.sample import evaluation_config, generate_batches
+from engine.sampling import Sampler
 from engine.schedule import schedule_from_config
 from kernels.registry import KernelError, resolve_kernels_from_config
 
@@ -172,7 +172,8 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
         if args.guidance and not config.model.num_classes:
             raise EvaluationError(f"--guidance needs a class-conditional model; {args.run} is unconditional")
         kernels = kernels or resolve_kernels_from_config(config, device)  # checked once: the same for every EMA
-        results += _evaluate_model(args, model, config, step, kernels, stats, net, is_main, device, ema)
+        sampler = Sampler(model, config, schedule_from_config(config.diffusion).to(device), kernels, device)
+        results += _evaluate_sampler(args, sampler, {"ema": ema, "step": step}, stats, net, is_main)
     best = min(results, key=lambda result: result["fid"])
     if is_main and len(results) > 1:
         print(f"best: {_label(best)}, FID {best['fid']:.2f}")
@@ -180,25 +181,25 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
         _write_json(args, {"run": str(args.run), "step": results[-1]["step"], "best": best, "results": results}, net)
 
 
-def _evaluate_model(args: argparse.Namespace, model: torch.nn.Module, config: Config, step: int, kernels,
-                    stats: ReferenceStats, net: FeatureNetwork, is_main: bool, device: torch.device,
-                    ema: str | None) -> list[dict]:
-    """One result per guidance scale of `model` (weights `ema`, None for the default choice)."""
-    schedule = schedule_from_config(config.diffusion).to(device)
+def _evaluate_sampler(args: argparse.Namespace, sampler: Sampler, weights: dict, stats: ReferenceStats,
+                      net: FeatureNetwork, is_main: bool) -> list[dict]:
+    """One result per guidance scale of the sampler's model, whose `weights` ({"ema": the EMA asked for or None,
+    "step": the checkpoint's}) each result records."""
+    config = sampler.config
     rank, world_size = rank_and_world_size()
     results = []
     for scale in args.guidance or [None]:
-        sampling = evaluation_config(config, scale)
-        batches = generate_batches(model, sampling, schedule, kernels, num_images=args.num or config.eval.num_images,
-                                   batch_size=config.eval.batch_size, seed=config.eval.seed, device=device, rank=rank,
-                                   world_size=world_size, progress=is_main)
+        evaluation = sampler.for_evaluation(scale)
+        batches = evaluation.batches(args.num or config.eval.num_images, config.eval.seed, config.eval.batch_size,
+                                     rank=rank, world_size=world_size, progress=is_main)
         result = evaluate(batches, stats, net, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
-                          batch_size=args.batch_size, device=device, seed=args.seed)
-        results.append({**result, "ema": ema, "step": step,
-                        "guidance": sampling.sample.guidance if config.model.num_classes else None})
+                          batch_size=args.batch_size, device=sampler.device, seed=args.seed)
+        results.append({**result, **weights,
+                        "guidance": evaluation.settings.guidance if config.model.num_classes else None})
         if is_main:
             label = _label(results[-1])
-            print(f"{label + ': ' if label else ''}{summary(result)} ({sampling.sample.sampler}, step {step})")
+            print(f"{label + ': ' if label else ''}{summary(result)} ({evaluation.settings.sampler}, "
+                  f"step {weights['step']})")
     return results
 
 
