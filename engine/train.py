@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 import engine
-from engine import memory
+from engine import cli, memory
 from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_name, load_latest_checkpoint,
                               save_best_checkpoint, save_checkpoint)
 from engine.config import Config, ConfigError, load_config
@@ -53,7 +53,7 @@ from kernels.registry import KernelError, resolve_kernels_from_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
+    parser = cli.parser("engine.train", __doc__.splitlines()[0])
     parser.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field")
     parser.add_argument("--dry-run", action="store_true", help="validate everything, print the resolved config, exit")
@@ -561,20 +561,17 @@ def sync_debug_mode(mode: str | None) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        if args.dry_run:
-            return dry_run(config)
-        train(config)
-    except (ConfigError, DataError, KernelError, EvaluationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (TrainingError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def train_command(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(config)
+    train(config)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(train_command, parse_args(argv), mistakes=(ConfigError, DataError, KernelError, EvaluationError),
+                   faults=(TrainingError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from engine import cli
 from engine.atomic_files import atomic_write
-from engine.config import Config, ConfigError
+from engine.config import ConfigError
 from engine.data import DataError
 from engine.data.image_sets import open_images
 from engine.diffusers_format import is_diffusers_folder
@@ -52,13 +51,8 @@ from engine.schedule import schedule_from_config
 from kernels.registry import KernelError, resolve_kernels_from_config
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python -m engine.evaluate", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.parser("engine.evaluate", __doc__.splitlines()[0])
     parser.add_argument("samples", nargs="?", help="generated images: an .npz (arr_0, (N, H, W, C) uint8) or an "
                                                    "image folder")
     parser.add_argument("--reference", required=True,
@@ -116,10 +110,6 @@ def _scales(text: str) -> list[float]:
     if not scales or min(scales) < 0:
         raise argparse.ArgumentTypeError(f"expected guidance scales >= 0 separated by commas, got {text!r}")
     return scales
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    progress_write(f"evaluate: warning: {message}")
 
 
 def _run(args: argparse.Namespace, is_main: bool, device: torch.device) -> None:
@@ -210,22 +200,18 @@ def _label(result: dict) -> str:
     return ", ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+def _evaluate_command(args: argparse.Namespace) -> None:
     joined_here = not is_distributed()  # a caller's process group is the caller's to end
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning
-        try:
+    with cli.one_line_warnings("evaluate"):
+        with cli.reading_inputs():  # e.g. --device cuda without CUDA
             context = init_distributed(args.device)
-        except RuntimeError as exn:  # e.g. --device cuda without CUDA
-            print(f"evaluate: error: {exn}", file=sys.stderr)
-            return 2
         try:
             _run(args, context.is_main, context.device)
-        except (EvaluationError, DataError, ConfigError, KernelError) as exn:
-            print(f"evaluate: error: {exn}".replace("\n", " "), file=sys.stderr)
-            return 2
         finally:
             if joined_here:
                 shutdown_distributed()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_evaluate_command, parse_args(argv), mistakes=(EvaluationError, DataError, ConfigError, KernelError),
+                   label="evaluate")
