@@ -25,7 +25,7 @@ import torch
 from benchmarks.conftest import diffusers_unet, synchronized
 from engine import diffusion, solvers
 from engine.diffusers_format import diffusers_scheduler_config, unet_to_diffusers
-from engine.sample import generate, sampling_step
+from engine.sampling import Sampler
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet
 from kernels.noise import noise_keys
@@ -68,11 +68,10 @@ def test_sampling_run(benchmark, device, bench_config, batch_size, sampler, step
     model = build_unet(config, device).eval()
     schedule = schedule_from_config(config.diffusion).to(device)
     kernels = resolve_kernels_from_config(config, device, check=False)
-    step = sampling_step(model, config, schedule, kernels, device)  # compiled once, as engine.sample does
+    engine_sampler = Sampler(model, config, schedule, kernels, device)  # compiled once, as engine.sample does
 
     def run():
-        return generate(model, config, schedule, kernels, num_images=batch_size, batch_size=batch_size, seed=0,
-                        device=device, step=step)
+        return engine_sampler.generate(batch_size, 0, batch_size)
 
     run()  # compile and capture outside the timing
     benchmark.group = run_group(sampler, steps)
@@ -199,7 +198,7 @@ def test_guidance_step(benchmark, device, bench_config, schedule, batch_size, va
         denoise = two_forwards(model, 2.0, num_classes, autocast)
         step = diffusion.denoising_step(denoise, schedule, kernels, sampler="ddim", clip_denoised=True)
     else:
-        step = sampling_step(model, config, schedule, kernels, device)  # the engine's: guided in one forward
+        step = Sampler(model, config, schedule, kernels, device).step  # the engine's: guided in one forward
     size, channels = config.data.image_size, config.data.channels
     x = torch.randn(batch_size, channels, size, size, device=device)
     t = torch.full((batch_size,), 500, device=device, dtype=torch.long)

@@ -9,7 +9,9 @@ whichever implementation the `Kernels` set resolved, with the noise drawn from c
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -341,37 +343,62 @@ def sampling_timesteps(num_timesteps: int, sampler: str, steps: int | None = Non
     return list(zip(descending, descending[1:] + [-1]))
 
 
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which timesteps (or a solver's noise levels) a sampler visits and how it reads the network's output:
+    what `sample` needs besides the step's own options (clipping, eta, variance)."""
+
+    sampler: str = "ddpm"
+    steps: int | None = None  # DDIM or solver steps; None: every timestep (DDIM), solvers.DEFAULT_STEPS (solvers)
+    timestep_spacing: str = "linspace"
+    karras_sigmas: bool = False
+    lower_order_final: bool = True
+    target: str = "eps"
+    sigma_data: float = 0.5
+    unipc_order: int = 2
+
+    def step_keywords(self) -> dict:
+        """The fields `denoising_step` takes as well."""
+        return dict(sampler=self.sampler, target=self.target, sigma_data=self.sigma_data, unipc_order=self.unipc_order)
+
+
+PLAN_FIELDS = frozenset(field.name for field in dataclasses.fields(SamplingPlan))
+
+
 @torch.no_grad()
-def sample(model: Denoiser, schedule: NoiseSchedule, kernels: Kernels, shape: tuple[int, ...], *, seed: int = 0,
-           first_index: int = 0, sampler: str = "ddpm", steps: int | None = None, timestep_spacing: str = "linspace",
-           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
-           step: Step | None = None, karras_sigmas: bool = False, lower_order_final: bool = True,
-           class_labels: torch.Tensor | None = None, **step_options) -> torch.Tensor:
+def sample(model: Denoiser | None, schedule: NoiseSchedule, kernels: Kernels, shape: tuple[int, ...], *, seed: int = 0,
+           first_index: int = 0, plan: SamplingPlan | None = None, device: torch.device | str = "cpu",
+           dtype: torch.dtype = torch.float32, progress: bool = False, step: Step | None = None,
+           class_labels: torch.Tensor | None = None, **options) -> torch.Tensor:
     """Draw images from pure noise with DDPM ancestral sampling, DDIM or a fast solver (`solvers.SOLVERS`),
     through the resolved kernels.
 
-    `step` is a prebuilt (e.g. compiled) `denoising_step` for these settings; by default one is built
-    from `step_options` (eta, variance, clipping, target, unipc_order, on_step: `denoising_step`'s keywords).
-    The solvers' noise levels come from `steps`, `timestep_spacing`, `karras_sigmas` and `lower_order_final`.
+    `plan` says which steps are taken; without one it is made from the `SamplingPlan` fields among `options`
+    (sampler, steps, timestep_spacing, karras_sigmas, lower_order_final, target, sigma_data, unipc_order).
+    `step` is a prebuilt (e.g. compiled) `denoising_step` for these settings; by default one is built from the
+    plan and the other `options` (eta, variance, clipping, on_step: `denoising_step`'s keywords).
 
     Image i of the batch is image number `first_index + i` of the seed: its noise (x_T and every
     step's z) is keyed by (seed, that number), so a set of images does not depend on how it is
     split into batches or over ranks. A class-conditional model draws image i of class `class_labels[i]`.
     """
+    if plan is None:
+        plan = SamplingPlan(**{name: value for name, value in options.items() if name in PLAN_FIELDS})
+        options = {name: value for name, value in options.items() if name not in PLAN_FIELDS}
     batch, numel = shape[0], math.prod(shape[1:])
     keys = noise_keys(seed, torch.arange(first_index, first_index + batch, device=device))
     x_end = torch.full((batch,), schedule.num_timesteps, device=device)  # x_T uses the counter t = T
     x = randn(keys, x_end, numel).view(shape).to(dtype)
     if step is None:
-        step = denoising_step(model, schedule, kernels, sampler=sampler, dtype=dtype, **step_options)
-    if sampler in solvers.SOLVERS:
-        plan = solvers.solver_plan(schedule, sampler, steps, spacing=timestep_spacing, karras=karras_sigmas,
-                                   target=step_options.get("target", "eps"), sigma_data=step_options.get("sigma_data", 0.5),
-                                   unipc_order=step_options.get("unipc_order", 2), lower_order_final=lower_order_final)
-        return solvers.solve(step, plan, x, keys, dtype=dtype, progress=progress, class_labels=class_labels)
-    pairs = sampling_timesteps(schedule.num_timesteps, sampler, steps, timestep_spacing)
+        step = denoising_step(model, schedule, kernels, dtype=dtype, **plan.step_keywords(), **options)
+    if plan.sampler in solvers.SOLVERS:
+        levels = solvers.solver_plan(schedule, plan.sampler, plan.steps, spacing=plan.timestep_spacing,
+                                     karras=plan.karras_sigmas, target=plan.target, sigma_data=plan.sigma_data,
+                                     unipc_order=plan.unipc_order, lower_order_final=plan.lower_order_final)
+        return solvers.solve(step, levels, x, keys, dtype=dtype, progress=progress, class_labels=class_labels)
+    pairs = sampling_timesteps(schedule.num_timesteps, plan.sampler, plan.steps, plan.timestep_spacing)
     times = torch.tensor(pairs, device=device, dtype=torch.long)  # one copy to the device, not two per step
-    for index in progress_bar(range(len(pairs)), desc=sampler, disable=not progress, leave=False):
+    for index in progress_bar(range(len(pairs)), desc=plan.sampler, disable=not progress, leave=False):
         t, t_prev = times[index, 0].expand(batch), times[index, 1].expand(batch)
         x = step(x, t, t_prev, keys) if class_labels is None else step(x, t, t_prev, keys, class_labels)
     return x

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from engine import cli
 from engine.config import ConfigError
 from engine.diffusers_format import check_destination, write_diffusers_folder
 from engine.run_dir import EMA_HELP, chosen_ema, load_run, weights_label
@@ -24,7 +25,7 @@ FORMATS = ("diffusers",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.splitlines()[0])
+    parser = cli.parser("engine.export", __doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run directory written by engine.train")
     parser.add_argument("out_dir", help="the folder to write")
     parser.add_argument("--format", choices=FORMATS, default="diffusers", help="what to write (default diffusers)")
@@ -35,19 +36,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
+def export(args: argparse.Namespace) -> None:
+    with cli.reading_inputs():  # e.g. weights that do not fit the model
         check_destination(args.out_dir, args.overwrite)  # before reading a checkpoint for nothing
         # on the CPU: export only renames tensors, and the file must not depend on the machine
         model, config, step = load_run(args.run_dir, torch.device("cpu"), use_ema=not args.raw, ema=args.ema)
         out = write_diffusers_folder(args.out_dir, config, model.state_dict(), overwrite=args.overwrite)
-    except (ConfigError, RuntimeError) as error:  # DiffusersFormatError is a ConfigError
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even for load_state_dict's
-        return 2
     print(f"wrote {out} (diffusers DDPMPipeline, step {step}, "
           f"{weights_label(not args.raw, chosen_ema(config, not args.raw, args.ema))} weights)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(export, parse_args(argv), mistakes=(ConfigError,))  # DiffusersFormatError is a ConfigError
 
 
 if __name__ == "__main__":

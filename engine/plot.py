@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import diffusion, solvers
+from engine import cli, diffusion, solvers
 from engine.config import ConfigError
 from engine.data import DataError, build_train_loader, read_manifest
 from engine.images import make_grid, save_image, to_uint8
 from engine.metrics_log import read_metrics
 from engine.run_dir import RunDir
-from engine.sample import image_classes, step_options, with_sample
+from engine.sampling import Sampler, with_sample
 from engine.schedule import NoiseSchedule
 from kernels.noise import noise_keys, randn_like
 from kernels.q_sample import images_to_unit_range
@@ -167,15 +167,7 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
             x0 = prediction if solver else diffusion.predict_x0_from_eps(schedule, x_t, t, prediction)
             frames[step] = (x_t.clamp(-1, 1).cpu(), x0.clamp(-1, 1).cpu())
 
-    shape = (num_images, config.data.channels, config.data.image_size, config.data.image_size)
-    model.eval()
-    labels, denoiser = image_classes(config, torch.arange(num_images, device=torch_device)), model
-    if labels is not None:
-        denoiser = diffusion.classifier_free_guidance(model, options.guidance, config.model.num_classes)
-    diffusion.sample(denoiser, schedule, kernels, shape, seed=seed, sampler=options.sampler, steps=options.steps,
-                     timestep_spacing=options.timestep_spacing, device=torch_device, on_step=record,
-                     karras_sigmas=options.karras_sigmas, lower_order_final=options.lower_order_final,
-                     class_labels=labels, **step_options(config))
+    Sampler(model, config, schedule, kernels, torch_device, on_step=record).generate(num_images, seed, num_images)
     order = sorted(frames, reverse=True)  # from noise to data
     rows = []
     for image in range(num_images):
@@ -189,8 +181,8 @@ def _save(grid: np.ndarray, out: str | Path) -> Path:
     return save_image(grid, out, scale=max(1, 512 // grid.shape[1]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.plot", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.parser("engine.plot", __doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="what", required=True)
     schedules = commands.add_parser("schedules", help="schedule curves")
     schedules.add_argument("--schedules", nargs="+", default=["linear", "cosine", "scaled_linear"])
@@ -213,28 +205,32 @@ def main(argv: list[str] | None = None) -> int:
     trajectory.add_argument("--guidance", type=float, default=None,
                             help="a class-conditional run's guidance scale (default: its sample.guidance)")
     trajectory.add_argument("--out", default=None, help="default: RUN_DIR/trajectory.png")
-    args = parser.parse_args(argv)
-    try:
-        if args.what == "schedules":
-            out = plot_schedules(args.schedules, args.timesteps, args.out)
-        elif args.what == "loss":
-            metrics = RunDir(args.run_dir).metrics
-            if not metrics.is_file():
-                raise ConfigError(f"{metrics} does not exist; train first with python -m engine.train")
-            out = plot_loss_curve(metrics, args.out or RunDir(args.run_dir).loss_curve)
-        elif args.what == "noising":
-            timesteps = [int(step) for step in args.timesteps.split(",")]
-            grid = noising_strip(args.data, timesteps, num_images=args.images, schedule=args.schedule)
-            out = _save(grid, args.out)
-        else:
-            grid = trajectory_grid(args.run_dir, num_images=args.images, num_frames=args.frames, device=args.device,
-                                   guidance=args.guidance)
-            out = _save(grid, args.out or Path(args.run_dir) / "trajectory.png")
-    except (ConfigError, DataError, ValueError, IndexError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return parser.parse_args(argv)
+
+
+def plot(args: argparse.Namespace) -> None:
+    """The picture the command names, written where it says."""
+    if args.what == "schedules":
+        out = plot_schedules(args.schedules, args.timesteps, args.out)
+    elif args.what == "loss":
+        metrics = RunDir(args.run_dir).metrics
+        if not metrics.is_file():
+            raise ConfigError(f"{metrics} does not exist; train first with python -m engine.train")
+        out = plot_loss_curve(metrics, args.out or RunDir(args.run_dir).loss_curve)
+    elif args.what == "noising":
+        timesteps = [int(step) for step in args.timesteps.split(",")]
+        grid = noising_strip(args.data, timesteps, num_images=args.images, schedule=args.schedule)
+        out = _save(grid, args.out)
+    else:
+        grid = trajectory_grid(args.run_dir, num_images=args.images, num_frames=args.frames, device=args.device,
+                               guidance=args.guidance)
+        out = _save(grid, args.out or Path(args.run_dir) / "trajectory.png")
     print(f"wrote {out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # ValueError: a schedule or timestep list that does not parse; IndexError: a timestep past the schedule's end
+    return cli.run(plot, parse_args(argv), mistakes=(ConfigError, DataError, ValueError, IndexError))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 import engine
-from engine import memory
+from engine import cli, memory
 from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_name, load_latest_checkpoint,
                               save_best_checkpoint, save_checkpoint)
 from engine.config import Config, ConfigError, load_config
@@ -43,7 +43,7 @@ from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.rng import restore_rng_state, rng_state
 from engine.run_dir import RunDir
-from engine.sample import evaluation_config, generate, generate_batches, grid_images, sampling_step
+from engine.sampling import Sampler
 from engine.throughput import (interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields,
                                small_micro_batch_warning)
 from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
@@ -53,7 +53,7 @@ from kernels.registry import KernelError, resolve_kernels_from_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
+    parser = cli.parser("engine.train", __doc__.splitlines()[0])
     parser.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field")
     parser.add_argument("--dry-run", action="store_true", help="validate everything, print the resolved config, exit")
@@ -131,14 +131,15 @@ def dry_run(config: Config) -> int:
     return 0
 
 
-def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, schedule, kernels,
-                     context: DistributedContext, log, metrics: MetricsLog | None):
-    """`evaluate_now(step)`: FID and KID of `model` (the one `sample.use_ema` picks) against `eval.reference`,
-    on `eval.num_images` images shared by the ranks, logged to the metrics (and TensorBoard).
+def build_evaluation(run_dir: Path, sampler: Sampler, context: DistributedContext, log,
+                     metrics: MetricsLog | None):
+    """`evaluate_now(step)`: FID and KID of the sampler's model (the one `sample.use_ema` picks) against
+    `eval.reference`, on `eval.num_images` images shared by the ranks, logged to the metrics (and TensorBoard).
 
     The feature network and the reference statistics are loaded once, here. A reference that is a data set
     is read once per run: its statistics are cached as RUN_DIR/fid_reference.npz.
     """
+    config = sampler.config
     options = config.eval
     if not options.every:
         return None
@@ -152,23 +153,21 @@ def build_evaluation(config: Config, run_dir: Path, model: torch.nn.Module, sche
     reference = load_reference(source, feature_net, device=context.device, progress=context.is_main)
     if not is_statistics and context.is_main:
         save_reference(reference, cached)
-    eval_config = evaluation_config(config)
-    step_fn = sampling_step(model, eval_config, schedule, kernels, context.device)
+    evaluation = sampler.for_evaluation()  # its step is compiled once and reused by every evaluation
 
     def evaluate_now(step: int) -> dict:
         started = time.perf_counter()
-        batches = generate_batches(model, eval_config, schedule, kernels, num_images=options.num_images,
-                                   batch_size=options.batch_size, seed=options.seed, device=context.device,
-                                   rank=context.rank, world_size=context.world_size, step=step_fn)
+        batches = evaluation.batches(options.num_images, options.seed, options.batch_size, rank=context.rank,
+                                     world_size=context.world_size)
         result = evaluate(batches, reference, feature_net, kid_subset_size=options.kid_subset_size,
                           device=context.device, seed=options.seed)
         seconds = time.perf_counter() - started
-        guided = f" at guidance {eval_config.sample.guidance:g}" if config.model.num_classes else ""
+        guided = f" at guidance {evaluation.settings.guidance:g}" if config.model.num_classes else ""
         log(f"step {step}: {evaluation_summary(result)}{guided}, {seconds:.0f} s")
         if metrics is not None:
             metrics.write({"step": step, "fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
                            "eval_images": result["num_images"], "eval_seconds": seconds,
-                           **({"eval_guidance": eval_config.sample.guidance} if config.model.num_classes else {})})
+                           **({"eval_guidance": evaluation.settings.guidance} if config.model.num_classes else {})})
         return result
 
     return evaluate_now
@@ -357,10 +356,8 @@ class TrainingRun:
         """What runs between steps, built once: the sampler (compiled once), evaluation, stop requests."""
         config, context, trainer = self.config, self.context, self.trainer
         self.sampler_model = trainer.ema.ema_model if config.sample.use_ema else trainer.model
-        self.sampler_step = sampling_step(self.sampler_model, config, trainer.schedule, trainer.kernels,
-                                          context.device)
-        self.evaluate_now = build_evaluation(config, self.run_dir, self.sampler_model, trainer.schedule,
-                                             trainer.kernels, context, self.log, self.metrics)
+        self.sampler = Sampler(self.sampler_model, config, trainer.schedule, trainer.kernels, context.device)
+        self.evaluate_now = build_evaluation(self.run_dir, self.sampler, context, self.log, self.metrics)
         self.validation = ValidationLoss(config, context, trainer) if config.eval.val_every else None
         # the best score so far (best.pt's, read by rank 0), so that a resumed run keeps a better old best
         self.best = all_gather_objects(best_score(self.run_dir) if context.is_main else None)[0] \
@@ -518,13 +515,11 @@ class TrainingRun:
     def write_samples(self, name: str) -> Path | None:
         """Every rank draws its share of the images (a sharded model's forward is a collective anyway); rank 0
         writes the grid."""
-        config, trainer = self.config, self.trainer
-        images = generate(self.sampler_model, config, trainer.schedule, trainer.kernels,
-                          num_images=config.sample.num_images, batch_size=config.sample.batch_size,
-                          seed=config.sample.seed, device=self.context.device, step=self.sampler_step)
+        options = self.config.sample
+        images = self.sampler.generate(options.num_images, options.seed, options.batch_size)
         if not self.context.is_main:
             return None
-        images, columns = grid_images(config, to_uint8(images), len(images))  # one row per class, if any
+        images, columns = self.sampler.grid_images(to_uint8(images), len(images))  # one row per class, if any
         if self.metrics is not None:
             self.metrics.add_image("samples", make_grid(images, columns), self.state.step)
         return save_grid(images, self.layout.samples / name, columns)
@@ -566,20 +561,17 @@ def sync_debug_mode(mode: str | None) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        if args.dry_run:
-            return dry_run(config)
-        train(config)
-    except (ConfigError, DataError, KernelError, EvaluationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (TrainingError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def train_command(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(config)
+    train(config)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(train_command, parse_args(argv), mistakes=(ConfigError, DataError, KernelError, EvaluationError),
+                   faults=(TrainingError, CheckpointError))
 
 
 if __name__ == "__main__":

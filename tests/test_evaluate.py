@@ -231,7 +231,7 @@ def test_streamed_model_outputs_match_uint8_arrays_and_leave_the_generator_alone
     assert streamed["fid"] == pytest.approx(whole["fid"], rel=1e-9) and streamed["kid"] == pytest.approx(whole["kid"])
     with pytest.raises(DataError, match="uint8 .N, H, W, C."):
         evaluate(generated.astype(np.float32), reference, net)
-    # (first index, batch) pairs, as engine.sample.generate_batches yields them: any order gives the same KID
+    # (first index, batch) pairs, as engine.sampling.Sampler.batches yields them: any order gives the same KID
     pairs = [(start, floats[start:start + 40]) for start in range(0, 256, 40)]
     shuffled = evaluate(pairs[::-1], reference, net, **KID)
     assert (shuffled["fid"], shuffled["kid"]) == pytest.approx((whole["fid"], whole["kid"]), rel=1e-6)
@@ -290,7 +290,7 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, images, net_file, stats_
 
 
 # Run by torchrun with 2 ranks: rank 0 computes the reference from the prepared set and sends it; the
-# library call gets batches dealt to the ranks in turn (as engine.sample.generate_batches deals them),
+# library call gets batches dealt to the ranks in turn (as engine.sampling.Sampler.batches deals them),
 # with their indices; the CLI then reads its contiguous half of the same samples.
 TWO_RANKS = """
 import json, os, sys

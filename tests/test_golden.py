@@ -37,7 +37,7 @@ import torch
 
 import engine.train
 from engine.config import load_config
-from engine.sample import generate, with_sample
+from engine.sampling import Sampler, with_sample
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet
 from kernels.registry import OPS, resolve_kernels_from_config
@@ -128,8 +128,8 @@ def digest(images: torch.Tensor) -> dict[str, list]:
 def test_the_first_10_step_sample_of_a_seeded_tiny_model_matches_the_golden_digest(request, sampler):
     """The preset's sample settings (DDIM with eta 1, clipping), the sampler and its steps apart."""
     config = with_sample(tiny_config(), "the golden test", sampler=sampler, steps=10)
-    images = generate(seeded_tiny_model(config), config, schedule_from_config(config.diffusion),
-                      resolve_kernels_from_config(config, "cpu"), num_images=2, batch_size=2, seed=0, device="cpu")
+    images = Sampler(seeded_tiny_model(config), config, schedule_from_config(config.diffusion),
+                     resolve_kernels_from_config(config, "cpu"), "cpu").generate(num_images=2, seed=0, batch_size=2)
     assert images.shape == (2, 3, 16, 16) and images.std() > 0.1  # not a blank or collapsed image
     settings = {"preset": "configs/tiny.yaml", "overrides": GOLDEN_SETTINGS,
                 "sampler": sampler, "steps": 10, "seed": 0, "num_images": 2,

@@ -11,7 +11,7 @@ import torch
 from engine import diffusion
 from engine.config import ConfigError, config_from_dict
 from engine.images import class_rows
-from engine.sample import generate, image_classes
+from engine.sampling import Sampler, image_classes
 from engine.schedule import NoiseSchedule
 from engine.unet import build_unet
 from kernels.noise import noise_keys
@@ -101,11 +101,10 @@ def test_a_conditional_models_samples_depend_on_the_class_and_not_on_the_batchin
     config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, num_timesteps=20),
                                  sample=dataclasses.replace(config.sample, sampler="ddim", steps=3, guidance=2.0))
     schedule, kernels = NoiseSchedule.create("linear", 20), resolve_kernels_from_config(config, "cpu")
-    options = dict(num_images=6, seed=0, device="cpu")
-    whole = generate(unet, config, schedule, kernels, batch_size=6, **options)
-    torch.testing.assert_close(generate(unet, config, schedule, kernels, batch_size=4, **options), whole)
-    one_class = dataclasses.replace(config, sample=dataclasses.replace(config.sample, classes=[2]))
-    only_two = generate(unet, one_class, schedule, kernels, batch_size=6, **options)
+    sampler = Sampler(unet, config, schedule, kernels, "cpu")
+    whole = sampler.generate(6, 0, batch_size=6)
+    torch.testing.assert_close(sampler.generate(6, 0, batch_size=4), whole)
+    only_two = sampler.with_settings(classes=[2]).generate(6, 0, batch_size=6)
     torch.testing.assert_close(only_two[2::3], whole[2::3])  # the images of class 2 in both sets
     assert (only_two[0] - whole[0]).abs().max() > 1e-3
 

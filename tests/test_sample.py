@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from engine.config import load_config
-from engine.sample import batch_starts, generate
+from engine.sampling import Sampler, batch_starts
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet
 from kernels.registry import resolve_kernels_from_config
@@ -39,10 +39,9 @@ def test_the_compiled_denoising_step_samples_what_the_eager_one_does():
     model = build_unet(config, "cpu")
     schedule = schedule_from_config(config.diffusion)
     kernels = resolve_kernels_from_config(config, torch.device("cpu"), check=False)
-    options = dict(num_images=3, batch_size=2, seed=1, device="cpu")
-    eager = generate(model, config, schedule, kernels, **options)
-    config.sample.compile = True
-    compiled = generate(model, config, schedule, kernels, **options)
+    sampler = Sampler(model, config, schedule, kernels, "cpu")
+    eager = sampler.generate(3, 1, 2)
+    compiled = sampler.with_settings(compile=True).generate(3, 1, 2)
     assert eager.shape == (3, 3, 16, 16)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 

@@ -14,7 +14,7 @@ from engine.diffusers_format import (DiffusersFormatError, SOLVER_SCHEDULER_DEFA
                                      diffusion_fields_from_scheduler_config, read_diffusers_folder,
                                      write_diffusers_folder)
 from engine.run_dir import load_run
-from engine.sample import plan_options, step_options
+from engine.sampling import sampling_plan, step_options
 from engine.schedule import schedule_from_config
 from kernels.noise import noise_keys, randn
 from kernels.registry import resolve_kernels
@@ -133,11 +133,9 @@ def test_the_sample_settings_round_trip(exports, name):
 def engine_sample(config, model):
     """engine.diffusion.sample with the run's settings, as engine.sample calls it."""
     schedule = schedule_from_config(config.diffusion)
-    options = config.sample
     shape = (BATCH, config.data.channels, config.data.image_size, config.data.image_size)
-    return diffusion.sample(model, schedule, resolve_kernels({}, "cpu"), shape, seed=SEED, sampler=options.sampler,
-                            steps=options.steps, timestep_spacing=options.timestep_spacing,
-                            **{**step_options(config), **plan_options(config)})
+    return diffusion.sample(model, schedule, resolve_kernels({}, "cpu"), shape, seed=SEED, plan=sampling_plan(config),
+                            **step_options(config))
 
 
 def diffusers_sample(config, folder):

@@ -61,6 +61,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from engine import cli
 from engine.atomic_files import atomic_write
 from engine.data import DataError
 from engine.data.remote import is_url, join, read_bytes
@@ -420,11 +421,6 @@ def prepare(source: str | Path, out_dir: str | Path, shard_size: int = DEFAULT_S
 # ----------------------------------------------------------------------------- command line
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="an image folder (root/<class>/<image>, or flat: one class), a .tar/.tar.gz/"
                                        ".tgz or .zip of one, the CIFAR-10 python archive, an LMDB folder, a Hugging "
@@ -456,9 +452,8 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
                         help=f"processes that decode and resize (min(8, CPUs); 1 below {_POOL_MIN_IMAGES} images)")
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python -m engine.data.prepare",
-                            description="Write a data set as webdataset shards plus manifest.json.")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.parser("engine.data.prepare", "Write a data set as webdataset shards plus manifest.json.")
     _add_source_options(parser)
     _add_image_options(parser)
     parser.add_argument("--format", choices=SHARD_FORMATS, default="png", dest="shard_format",
@@ -472,29 +467,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"prepare: warning: {message}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning
-        try:
-            manifest = prepare(args.source, args.out_dir, args.shard_size, num=args.num, image_size=args.image_size,
-                               channels=args.channels, seed=args.seed, split=args.split,
-                               shard_format=args.shard_format, images_per_member=args.images_per_member,
-                               overwrite=args.overwrite, crop=args.crop, background=args.background,
-                               workers=args.workers, source_kind=args.source_kind,
-                               image_column=args.image_column, label_column=args.label_column)
-        except DataError as exn:
-            print(f"prepare: error: {exn}".replace("\n", " "), file=sys.stderr)
-            return 2
+def _prepare_command(args: argparse.Namespace) -> None:
+    with cli.one_line_warnings("prepare"):
+        manifest = prepare(args.source, args.out_dir, args.shard_size, num=args.num, image_size=args.image_size,
+                           channels=args.channels, seed=args.seed, split=args.split,
+                           shard_format=args.shard_format, images_per_member=args.images_per_member,
+                           overwrite=args.overwrite, crop=args.crop, background=args.background,
+                           workers=args.workers, source_kind=args.source_kind,
+                           image_column=args.image_column, label_column=args.label_column)
     size, channels = manifest["image_size"], manifest["channels"]
     print(f"wrote {manifest['num_samples']} samples ({size}x{size}x{channels}, {len(manifest['classes'])} classes) "
           f"in {len(manifest['shards'])} {manifest['shard_format']} shards to {args.out_dir}; "
           f"skipped {manifest['skipped']} unreadable files, upsampled {manifest['upsampled']} smaller images")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_prepare_command, parse_args(argv), mistakes=(DataError,), label="prepare")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ well), `cli` (`python -m engine.evaluate`, see its docstring), `errors`. The pub
 here.
 """
 
-from engine.evaluate.cli import main
+from engine.evaluate.cli import main, parse_args
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.feature_network import (DEFAULT_BATCH_SIZE, DEFAULT_INCEPTION, INCEPTION_ENV, INCEPTION_URL,
                                              FeatureNetwork, inception_path, load_feature_network)
@@ -18,5 +18,5 @@ __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_INCEPTION", "DEFAULT_KID_SUBSETS", "DEFAULT_KID_SUBSET_SIZE",
     "DEFAULT_MAX_FEATURES", "INCEPTION_ENV", "INCEPTION_URL", "STATS_FORMAT", "EvaluationError", "FeatureNetwork",
     "ReferenceStats", "check_reference", "evaluate", "inception_path", "load_feature_network", "load_reference",
-    "main", "rank_slice", "read_reference", "reference_statistics", "save_reference", "summary",
+    "main", "parse_args", "rank_slice", "read_reference", "reference_statistics", "save_reference", "summary",
 ]

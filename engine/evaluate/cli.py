@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from engine import cli
 from engine.atomic_files import atomic_write
-from engine.config import Config, ConfigError
+from engine.config import ConfigError
 from engine.data import DataError
 from engine.data.image_sets import open_images
 from engine.diffusers_format import is_diffusers_folder
@@ -47,18 +46,13 @@ from engine.evaluate.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, ev
 from engine.evaluate.reference import DEFAULT_MAX_FEATURES, ReferenceStats, load_reference, save_reference
 from engine.progress import write as progress_write
 from engine.run_dir import EMA_HELP, load_run, read_run_checkpoint
-from engine.sample import evaluation_config, generate_batches
+from engine.sampling import Sampler
 from engine.schedule import schedule_from_config
 from kernels.registry import KernelError, resolve_kernels_from_config
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python -m engine.evaluate", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.parser("engine.evaluate", __doc__.splitlines()[0])
     parser.add_argument("samples", nargs="?", help="generated images: an .npz (arr_0, (N, H, W, C) uint8) or an "
                                                    "image folder")
     parser.add_argument("--reference", required=True,
@@ -118,10 +112,6 @@ def _scales(text: str) -> list[float]:
     return scales
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    progress_write(f"evaluate: warning: {message}")
-
-
 def _run(args: argparse.Namespace, is_main: bool, device: torch.device) -> None:
     net = load_feature_network(args.inception, device)
     stats = load_reference(args.reference, net, num=args.reference_num, max_features=args.max_features,
@@ -172,7 +162,8 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
         if args.guidance and not config.model.num_classes:
             raise EvaluationError(f"--guidance needs a class-conditional model; {args.run} is unconditional")
         kernels = kernels or resolve_kernels_from_config(config, device)  # checked once: the same for every EMA
-        results += _evaluate_model(args, model, config, step, kernels, stats, net, is_main, device, ema)
+        sampler = Sampler(model, config, schedule_from_config(config.diffusion).to(device), kernels, device)
+        results += _evaluate_sampler(args, sampler, {"ema": ema, "step": step}, stats, net, is_main)
     best = min(results, key=lambda result: result["fid"])
     if is_main and len(results) > 1:
         print(f"best: {_label(best)}, FID {best['fid']:.2f}")
@@ -180,25 +171,25 @@ def _evaluate_run(args: argparse.Namespace, stats: ReferenceStats, net: FeatureN
         _write_json(args, {"run": str(args.run), "step": results[-1]["step"], "best": best, "results": results}, net)
 
 
-def _evaluate_model(args: argparse.Namespace, model: torch.nn.Module, config: Config, step: int, kernels,
-                    stats: ReferenceStats, net: FeatureNetwork, is_main: bool, device: torch.device,
-                    ema: str | None) -> list[dict]:
-    """One result per guidance scale of `model` (weights `ema`, None for the default choice)."""
-    schedule = schedule_from_config(config.diffusion).to(device)
+def _evaluate_sampler(args: argparse.Namespace, sampler: Sampler, weights: dict, stats: ReferenceStats,
+                      net: FeatureNetwork, is_main: bool) -> list[dict]:
+    """One result per guidance scale of the sampler's model, whose `weights` ({"ema": the EMA asked for or None,
+    "step": the checkpoint's}) each result records."""
+    config = sampler.config
     rank, world_size = rank_and_world_size()
     results = []
     for scale in args.guidance or [None]:
-        sampling = evaluation_config(config, scale)
-        batches = generate_batches(model, sampling, schedule, kernels, num_images=args.num or config.eval.num_images,
-                                   batch_size=config.eval.batch_size, seed=config.eval.seed, device=device, rank=rank,
-                                   world_size=world_size, progress=is_main)
+        evaluation = sampler.for_evaluation(scale)
+        batches = evaluation.batches(args.num or config.eval.num_images, config.eval.seed, config.eval.batch_size,
+                                     rank=rank, world_size=world_size, progress=is_main)
         result = evaluate(batches, stats, net, kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
-                          batch_size=args.batch_size, device=device, seed=args.seed)
-        results.append({**result, "ema": ema, "step": step,
-                        "guidance": sampling.sample.guidance if config.model.num_classes else None})
+                          batch_size=args.batch_size, device=sampler.device, seed=args.seed)
+        results.append({**result, **weights,
+                        "guidance": evaluation.settings.guidance if config.model.num_classes else None})
         if is_main:
             label = _label(results[-1])
-            print(f"{label + ': ' if label else ''}{summary(result)} ({sampling.sample.sampler}, step {step})")
+            print(f"{label + ': ' if label else ''}{summary(result)} ({evaluation.settings.sampler}, "
+                  f"step {weights['step']})")
     return results
 
 
@@ -209,22 +200,18 @@ def _label(result: dict) -> str:
     return ", ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+def _evaluate_command(args: argparse.Namespace) -> None:
     joined_here = not is_distributed()  # a caller's process group is the caller's to end
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning
-        try:
+    with cli.one_line_warnings("evaluate"):
+        with cli.reading_inputs():  # e.g. --device cuda without CUDA
             context = init_distributed(args.device)
-        except RuntimeError as exn:  # e.g. --device cuda without CUDA
-            print(f"evaluate: error: {exn}", file=sys.stderr)
-            return 2
         try:
             _run(args, context.is_main, context.device)
-        except (EvaluationError, DataError, ConfigError, KernelError) as exn:
-            print(f"evaluate: error: {exn}".replace("\n", " "), file=sys.stderr)
-            return 2
         finally:
             if joined_here:
                 shutdown_distributed()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_evaluate_command, parse_args(argv), mistakes=(EvaluationError, DataError, ConfigError, KernelError),
+                   label="evaluate")

@@ -101,7 +101,7 @@ def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature
 
     `images`: one uint8 numpy (N, H, W, C) array, a torch (N, C, H, W) uint8 tensor or float tensor
     in [-1, 1] (see `engine.data.image_sets.as_uint8_images`), or an iterable of such batches or of
-    (index of the batch's first image, batch) pairs, as `engine.sample.generate_batches` yields them
+    (index of the batch's first image, batch) pairs, as `engine.sampling.Sampler.batches` yields them
     (streamed: nothing but the features is kept). With indices, KID's subsets do not depend on
     which rank had which images; without, ranks should hold contiguous blocks in rank order
     (`rank_slice`).
