@@ -21,16 +21,15 @@ from typing import Any, Iterator
 
 import torch
 
-import engine
 from engine import memory
-from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_name, load_latest_checkpoint,
-                              save_best_checkpoint, save_checkpoint)
+from engine.checkpoint import BEST, CheckpointError, TrainingCheckpoint, checkpoint_name
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, read_manifest
 from engine.data.remote import is_url
 from engine.diffusers_format import init_state_dict
 from engine.diffusion import untrained_start_warning
-from engine.distributed import DistributedContext, all_gather_objects, init_distributed, shutdown_distributed
+from engine.data.stream_position import StreamPosition
+from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engine.evaluate import (EvaluationError, evaluate, inception_path, load_feature_network, load_reference,
                              save_reference)
 from engine.evaluate import summary as evaluation_summary
@@ -41,12 +40,12 @@ from engine.plot import plot_loss_curve
 from engine.post_hoc_ema import post_hoc_name, remove_snapshots_after, save_snapshots
 from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
-from engine.rng import restore_rng_state, rng_state
+from engine.rng import Generators
 from engine.run_dir import RunDir
 from engine.sample import evaluation_config, generate, generate_batches, grid_images, sampling_step
 from engine.throughput import (interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields,
                                small_micro_batch_warning)
-from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
+from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, train_step
 from engine.unet import build_unet, count_parameters
 from engine.validation import ValidationLoss, training_shards, validation_record
 from kernels.registry import KernelError, resolve_kernels_from_config
@@ -198,59 +197,6 @@ def check_bad_fraction(skipped: int, delivered: int, cfg_data, step: int, progre
                             f"above name the shards; prepare the data set again")
 
 
-def stream_start(header: dict | None, cfg_data, cfg_train, context: DistributedContext,
-                 micro_batch: int) -> tuple[int, list[int] | None, int]:
-    """(loader seed, per-worker start positions, the worker whose batch is due next) for the streaming loader.
-
-    A fresh run starts every worker's stream at 0. A resumed run with the same world size, worker
-    count, micro-batch and seed continues each stream exactly where the checkpoint left it (the
-    workers re-read and re-shuffle, without decoding, what they pass over). Otherwise the positions
-    mean nothing to the new layout, and the stream starts afresh, seeded by the step, so a resume
-    does not replay the first batches.
-    """
-    if header is None:
-        return cfg_train.seed, None, 0
-    saved = header.get("data_position")
-    layout = {"world_size": context.world_size, "num_workers": cfg_data.num_workers, "batch_size": micro_batch,
-              "seed": cfg_train.seed}
-    if saved and all(saved.get(key) == value for key, value in layout.items()):
-        # checkpoints from before next_workers was recorded: worker 0 (exact when the step ended a round)
-        next_workers = saved.get("next_workers") or [0] * context.world_size
-        return cfg_train.seed, list(saved["positions"][context.rank]), int(next_workers[context.rank])
-    return step_seed(cfg_train.seed, header["step"]), None, 0
-
-
-def read_checkpoint_header(run_dir: Path, context: DistributedContext) -> tuple[dict | None, dict]:
-    """(header, state) of the run's latest checkpoint: rank 0 reads it, and the header (what every rank needs
-    besides the tensors, small enough to broadcast as objects) reaches the other ranks; no shared disk needed."""
-    resumed = load_latest_checkpoint(run_dir, map_location="cpu") if context.is_main else None
-    header = None
-    if resumed is not None:
-        state = resumed[0]
-        header = {"step": int(state["step"]), "path": str(resumed[1]), "scaler": state.get("scaler"),
-                  "lr_schedule": state["lr_schedule"], "rng": state.get("rng"),
-                  "data_position": state.get("data_position"), "counters": state.get("counters")}
-    if context.is_distributed:
-        shared = [header]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        header = shared[0]
-    return header, resumed[0] if resumed else {}
-
-
-def resumed_counters(header: dict, context: DistributedContext, batch_size: int) -> TrainState:
-    """This rank's counters from a checkpoint: its own under the same world size; otherwise the ranks' mean
-    (checkpoints from before the counters were saved: the samples of the steps trained, nothing skipped)."""
-    step, saved = header["step"], header.get("counters")
-    if saved and len(saved) == context.world_size:
-        state = TrainState()
-        state.load_state_dict(saved[context.rank])
-        return state
-    if not saved:
-        return TrainState(step=step, delivered_samples=step * batch_size // context.world_size)
-    mean = {key: sum(rank[key] for rank in saved) // len(saved) for key in saved[0]}
-    return TrainState(**{**mean, "step": step, "nonfinite_steps": saved[0]["nonfinite_steps"]})
-
-
 class TrainingRun:
     """One invocation of the training loop: the trainer and its state, the data stream, and the maintenance
     (logs, checkpoints, the agreed stop, sample grids, evaluation) between steps."""
@@ -271,7 +217,7 @@ class TrainingRun:
         self.flops_per_image = model_flops_per_image(config)  # counted once, on the meta device
         self.peak_flops = peak_bf16_flops(context.device) if self.trainer.dtype == torch.bfloat16 else None
         self.header = self.resume()
-        self.batches = self.open_data()
+        self.batches = open_data(config, context, self.trainer.micro_batch, self.state, self.stream, self.log)
         self.metrics = MetricsLog(
             self.layout.metrics, resume_step=self.state.step,
             tensorboard_dir=self.layout.tensorboard if config.train.tensorboard else None,
@@ -281,14 +227,14 @@ class TrainingRun:
         self.setup_maintenance()
 
     def resume(self) -> dict | None:
-        """The latest checkpoint's weights, optimizer and counters, if there is one; returns its header."""
-        config, trainer = self.config, self.trainer
-        header, state = read_checkpoint_header(self.run_dir, self.context)
-        self.state = TrainState()
-        if header is not None:
-            trainer.load_state_dict(state, header["lr_schedule"], header["scaler"])
-            self.state = resumed_counters(header, self.context, config.train.batch_size)
-            self.log(f"resumed from {header['path']} at step {self.state.step}")
+        """The training state: restored from the latest checkpoint, if there is one (all but the generators: in
+        `run`); returns its header."""
+        config, context = self.config, self.context
+        self.state, self.stream = TrainState(), StreamPosition.fresh(config.train.seed, config.data.num_workers)
+        self.checkpoint = TrainingCheckpoint(config, context, self.trainer, counters=self.state,
+                                             generators=Generators(context.device, config.train.seed, context.rank),
+                                             stream=self.stream, log=self.log)
+        header = self.checkpoint.resume()
         if self.context.is_main and (removed := remove_snapshots_after(self.layout.post_hoc_ema, self.state.step)):
             self.log(f"removed {removed} post-hoc EMA snapshots after step {self.state.step}, from before the "
                      f"restart (this run writes them again)")
@@ -296,36 +242,6 @@ class TrainingRun:
             self.log(f"{self.run_dir} has already trained {self.state.step} of train.steps={config.train.steps}; "
                      f"raise train.steps to continue")
         return header
-
-    def open_data(self) -> Iterator[dict]:
-        """This rank's micro-batches: from the device cache, or streamed (resuming each worker's position)."""
-        cfg_data, cfg_train, context = self.config.data, self.config.train, self.context
-        micro_batch, start, first_worker = self.trainer.micro_batch, None, 0
-        if cfg_data.cache == "device":  # read once; then batches are drawn on the device, no DataLoader
-            cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
-                                      shard_slice=training_shards(self.config),
-                                      device=context.device, rank=context.rank, world_size=context.world_size,
-                                      num_workers=cfg_data.num_workers, cache_dir=cfg_data.cache_dir)
-            self.log(f"data: {cache.describe()} (rank 0)")
-            self.state.skipped_samples = cache.skipped  # the set's unreadable samples, counted once per load
-            batches = cache.batches(micro_batch, seed=cfg_train.seed,
-                                    start_batch=self.state.step * cfg_train.grad_accum_steps)
-        else:
-            loader_seed, start, first_worker = stream_start(self.header, cfg_data, cfg_train, context, micro_batch)
-            if self.header is not None and start is None:
-                self.log("the data stream starts afresh (seeded by the step): the checkpoint's stream positions are "
-                         "for another world size, worker count or batch size")
-            batches = iter(build_train_loader(
-                cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
-                num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer, seed=loader_seed,
-                start=start, resample=True, rank=context.rank, world_size=context.world_size,
-                pin_memory=context.device.type == "cuda", shard_slice=training_shards(self.config),
-                cache_dir=cfg_data.cache_dir, first_worker=first_worker))
-        # Samples each of this rank's loader workers has taken from its stream, and the worker whose batch is due
-        # next (the DataLoader takes them in turn), for exact resumes.
-        self.stream_positions = list(start) if start else [0] * max(cfg_data.num_workers, 1)
-        self.next_worker = first_worker
-        return batches
 
     def describe(self, manifest: dict) -> None:
         config, context, trainer = self.config, self.context, self.trainer
@@ -363,13 +279,12 @@ class TrainingRun:
                                              trainer.kernels, context, self.log, self.metrics)
         self.validation = ValidationLoss(config, context, trainer) if config.eval.val_every else None
         # the best score so far (best.pt's, read by rank 0), so that a resumed run keeps a better old best
-        self.best = all_gather_objects(best_score(self.run_dir) if context.is_main else None)[0] \
-            if config.train.keep_best != "none" else None
+        self.best = self.checkpoint.read_best_score() if config.train.keep_best != "none" else None
         if self.validation is not None:
             self.log(f"validation: the loss every {config.eval.val_every} steps on {self.validation.num_images:,} "
                      f"held-out images of {self.validation.source} at t = {self.validation.timesteps}")
         self.interval = IntervalStats(context.device)
-        self.saved_step, self.stopped_by = self.state.step, None
+        self.stopped_by = None
         # Stop requests (SIGTERM, SIGINT) are agreed between ranks over a host-side group every
         # `stop_check_every` steps (every step in one process, where checking is free).
         self.stop_request = StopRequest(announce=context.is_main)
@@ -385,10 +300,8 @@ class TrainingRun:
         sync_check, first_step = config.train.sync_check and context.device.type == "cuda", state.step
         self.trainer.train_model.train()
         # Last thing before the first step: setting up the data draws from the global generators too.
-        if self.header is not None and not restore_rng_state(self.header["rng"], context.rank, context.world_size,
-                                                             context.device, config.train.seed, state.step):
-            self.log("the checkpoint holds no generator states for this world size: dropout's generators are "
-                     "reseeded from (seed, rank, step)")
+        if self.header is not None:
+            self.checkpoint.load_generators(self.header)
         self.interval.restart()
         while state.step < config.train.steps:
             # after the first step (autotuning, lazy init) nothing inside a step may wait for the device
@@ -410,9 +323,7 @@ class TrainingRun:
         self.interval.data_wait += time.perf_counter() - started
         self.state.skipped_samples += int(batch["skipped"])
         self.state.delivered_samples += self.trainer.micro_batch
-        if "position" in batch:
-            self.stream_positions[batch["worker"]] = int(batch["position"])
-            self.next_worker = (batch["worker"] + 1) % len(self.stream_positions)
+        self.stream.advance(batch)
         return batch
 
     def maintenance(self) -> bool:
@@ -428,11 +339,11 @@ class TrainingRun:
             if self.trainer.post_hoc_emas and (step % self.post_hoc_every == 0 or last):  # before the checkpoint:
                 save_snapshots(self.layout.post_hoc_ema, self.trainer.post_hoc_emas, step, self.context.is_main)
             if step % cfg_train.checkpoint_every == 0 or last:  # a resume from it never lacks its snapshots
-                self.checkpoint()
+                self.checkpoint.save()
             if step % self.stop_check_every == 0 and agreed_stop(self.stop_request, self.control_group):
                 self.stopped_by = self.stop_request.requested or "another rank's stop request"
-                if self.saved_step != step:
-                    self.checkpoint()
+                if self.checkpoint.saved_step != step:
+                    self.checkpoint.save()
                 return True
             if cfg_train.sample_every and step % cfg_train.sample_every == 0 and not last:
                 self.write_samples(f"step-{step:08d}.png")
@@ -482,25 +393,6 @@ class TrainingRun:
                 f"(train.max_nonfinite_steps={limit}); none was applied, so the checkpoints hold the weights of "
                 f"step {state.step - streak}; lower optim.lr or check the data")
 
-    def checkpoint(self, best: dict[str, Any] | None = None) -> None:
-        """Every rank gathers its part; rank 0 writes the step's checkpoint, or with `best` (a score) best.pt."""
-        config, context, state = self.config, self.context, self.state
-        snapshot = {"step": state.step, **self.trainer.state_dict(),
-                    "counters": all_gather_objects(state.state_dict()),
-                    "rng": all_gather_objects(rng_state(context.device)),
-                    "data_position": {"world_size": context.world_size, "num_workers": config.data.num_workers,
-                                      "batch_size": self.trainer.micro_batch, "seed": config.train.seed,
-                                      "positions": all_gather_objects(self.stream_positions),
-                                      "next_workers": all_gather_objects(self.next_worker)},
-                    "config": config.to_dict(), "engine_version": engine.__version__}
-        if best is not None:
-            if context.is_main:
-                save_best_checkpoint(self.run_dir, snapshot, best)
-            return
-        if context.is_main:
-            save_checkpoint(self.run_dir, state.step, snapshot, keep=config.train.keep_checkpoints)
-        self.saved_step = state.step
-
     def keep_if_best(self, scores: dict[str, float]) -> None:
         """With train.keep_best, a score below the best so far (the same on every rank: the measures are
         reduced) writes best.pt."""
@@ -511,7 +403,7 @@ class TrainingRun:
             return
         previous = f" (was {self.best['value']:.6g} at step {self.best['step']})" if self.best else ""
         self.best = {"metric": metric, "value": value, "step": self.state.step}
-        self.checkpoint(best=self.best)
+        self.checkpoint.save_best(self.best)
         self.log(f"step {self.state.step}: best {metric} {value:.6g}{previous}: "
                  f"{self.layout.checkpoints / BEST}")
 
@@ -547,10 +439,30 @@ class TrainingRun:
             layout.final_samples.write_bytes(grid.read_bytes())
             curve = plot_loss_curve(layout.metrics, layout.loss_curve, title=f"training loss ({run_dir.name})")
             summary.update(samples=str(layout.final_samples), loss_curve=str(curve))
-            self.log(f"done at step {state.step} (checkpoint at step {self.saved_step}); samples: "
+            self.log(f"done at step {state.step} (checkpoint at step {self.checkpoint.saved_step}); samples: "
                      f"{layout.final_samples}; loss curve: {curve}; skipped samples: {state.skipped_samples}; "
                      f"skipped non-finite steps: {state.nonfinite_steps}")
         return summary
+
+
+def open_data(config: Config, context: DistributedContext, micro_batch: int, state: TrainState,
+              stream: StreamPosition, log) -> Iterator[dict]:
+    """This rank's micro-batches: from the device cache (resumed by the step), or streamed from `stream`."""
+    cfg_data, cfg_train = config.data, config.train
+    if cfg_data.cache == "device":  # read once; then batches are drawn on the device, no DataLoader
+        cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
+                                  shard_slice=training_shards(config),
+                                  device=context.device, rank=context.rank, world_size=context.world_size,
+                                  num_workers=cfg_data.num_workers, cache_dir=cfg_data.cache_dir)
+        log(f"data: {cache.describe()} (rank 0)")
+        state.skipped_samples = cache.skipped  # the set's unreadable samples, counted once per load
+        return cache.batches(micro_batch, seed=cfg_train.seed, start_batch=state.step * cfg_train.grad_accum_steps)
+    return iter(build_train_loader(
+        cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
+        num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer, seed=stream.seed,
+        start=stream.positions, resample=True, rank=context.rank, world_size=context.world_size,
+        pin_memory=context.device.type == "cuda", shard_slice=training_shards(config),
+        cache_dir=cfg_data.cache_dir, first_worker=stream.next_worker))
 
 
 @contextmanager
