@@ -6,13 +6,13 @@ the loss curve. Re-running the same command resumes from the run's latest checkp
 
 The loop reads top to bottom in `TrainingRun.run`: `engine.trainer.train_step` (which never prints or
 calls `.item()`: statistics accumulate on the device and are read once per `train.log_every` steps), then
-one `maintenance()` call (log, checkpoint, the agreed stop, samples, evaluation).
+the maintenance concerns that are due (engine.maintenance: log, post-hoc EMA snapshots, checkpoint, the
+agreed stop, samples, evaluation, validation).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from contextlib import contextmanager
@@ -22,32 +22,31 @@ from typing import Any, Iterator
 import torch
 
 from engine import memory
-from engine.checkpoint import BEST, CheckpointError, TrainingCheckpoint, checkpoint_name
+from engine.checkpoint import CheckpointError, TrainingCheckpoint, checkpoint_name
 from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, build_train_loader, load_device_cache, read_manifest
 from engine.data.remote import is_url
+from engine.data.stream_position import StreamPosition
 from engine.diffusers_format import init_state_dict
 from engine.diffusion import untrained_start_warning
-from engine.data.stream_position import StreamPosition
 from engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engine.evaluate import (EvaluationError, evaluate, inception_path, load_feature_network, load_reference,
                              save_reference)
 from engine.evaluate import summary as evaluation_summary
 from engine.images import make_grid, save_grid, to_uint8
 from engine.lr_schedule import describe as describe_lr
+from engine.maintenance import (BestCheckpoint, Checkpoints, Concern, Evaluation, LogInterval, PostHocSnapshots,
+                                SampleGrids, StopOnRequest, TrainingError, Validation)
 from engine.metrics_log import MetricsLog, start_wandb, tensorboard_writer_class, wandb_module
 from engine.plot import plot_loss_curve
-from engine.post_hoc_ema import post_hoc_name, remove_snapshots_after, save_snapshots
-from engine.preemption import StopRequest, agreed_stop
 from engine.progress import progress_bar, write
 from engine.rng import Generators
 from engine.run_dir import RunDir
 from engine.sample import evaluation_config, generate, generate_batches, grid_images, sampling_step
-from engine.throughput import (interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields,
-                               small_micro_batch_warning)
-from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, train_step
+from engine.throughput import model_flops_per_image, peak_bf16_flops, small_micro_batch_warning
+from engine.trainer import IntervalStats, Trainer, TrainState, build_trainer, train_step
 from engine.unet import build_unet, count_parameters
-from engine.validation import ValidationLoss, training_shards, validation_record
+from engine.validation import ValidationLoss, training_shards
 from kernels.registry import KernelError, resolve_kernels_from_config
 
 
@@ -177,121 +176,68 @@ def train(config: Config) -> dict[str, Any]:
     """Run (or resume) training to `train.steps`; returns a summary of the run."""
     context = init_distributed(config.train.device)
     try:
-        return TrainingRun(config, context).run()
+        manifest = check_data(config)
+        initial_weights = check_extras(config)
+        return TrainingRun(config, context, manifest, initial_weights).run()
     finally:
         shutdown_distributed()
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. only non-finite steps): one line naming the step (exit status 1)."""
-
-
-def check_bad_fraction(skipped: int, delivered: int, cfg_data, step: int, progress) -> None:
-    """Stop rather than train on a trickle of data: too many skipped samples is an error (this rank's counts,
-    both over the same span: every step since the run began, resumes included)."""
-    seen = skipped + delivered
-    if seen >= 100 and skipped > cfg_data.max_bad_fraction * seen:
-        progress.close()
-        raise TrainingError(f"step {step}: {skipped} of the {seen} samples read from {cfg_data.path} could not be used "
-                            f"({skipped / seen:.0%} > data.max_bad_fraction={cfg_data.max_bad_fraction}); the warnings "
-                            f"above name the shards; prepare the data set again")
-
-
 class TrainingRun:
-    """One invocation of the training loop: the trainer and its state, the data stream, and the maintenance
-    (logs, checkpoints, the agreed stop, sample grids, evaluation) between steps."""
+    """One invocation of the training loop: the trainer and the training state (a checkpoint's parts), this rank's
+    data stream, and the maintenance concerns asked after every step."""
 
-    def __init__(self, config: Config, context: DistributedContext):
-        self.config, self.context = config, context
+    def __init__(self, config: Config, context: DistributedContext, manifest: dict[str, Any],
+                 initial_weights: dict[str, torch.Tensor] | None = None):
+        cfg_train, steps = config.train, config.train.steps
+        self.config, self.context, self.layout = config, context, RunDir(cfg_train.run_dir)
         self.log = write if context.is_main else (lambda message: None)
-        manifest = check_data(config)
-        initial_weights = check_extras(config)
-        self.run_dir, self.layout = Path(config.train.run_dir), RunDir(config.train.run_dir)
         if context.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.layout.path.mkdir(parents=True, exist_ok=True)
             self.layout.config.write_text(config.to_yaml())
         self.trainer = build_trainer(config, context, initial_weights)
-        self.post_hoc_every = config.train.post_hoc_ema_every or config.train.checkpoint_every
         if initial_weights is not None:
-            self.log(f"starting from the weights in {config.train.init_from}")
-        self.flops_per_image = model_flops_per_image(config)  # counted once, on the meta device
-        self.peak_flops = peak_bf16_flops(context.device) if self.trainer.dtype == torch.bfloat16 else None
-        self.header = self.resume()
+            self.log(f"starting from the weights in {cfg_train.init_from}")
+        # The training state, restored from the run's latest checkpoint if there is one (the generators: in `run`).
+        self.state, self.stream = TrainState(), StreamPosition.fresh(cfg_train.seed, config.data.num_workers)
+        self.checkpoint = TrainingCheckpoint(config, context, self.trainer, counters=self.state,
+                                             generators=Generators(context.device, cfg_train.seed, context.rank),
+                                             stream=self.stream, log=self.log)
+        self.resumed_from = self.checkpoint.resume()  # the checkpoint's header; None for a fresh run
         self.batches = open_data(config, context, self.trainer.micro_batch, self.state, self.stream, self.log)
         self.metrics = MetricsLog(
             self.layout.metrics, resume_step=self.state.step,
-            tensorboard_dir=self.layout.tensorboard if config.train.tensorboard else None,
-            wandb_run=start_wandb(config.train, self.run_dir, config.to_dict()) if config.train.wandb else None,
+            tensorboard_dir=self.layout.tensorboard if cfg_train.tensorboard else None,
+            wandb_run=start_wandb(cfg_train, self.layout.path, config.to_dict()) if cfg_train.wandb else None,
         ) if context.is_main else None
-        self.describe(manifest)
-        self.setup_maintenance()
-
-    def resume(self) -> dict | None:
-        """The training state: restored from the latest checkpoint, if there is one (all but the generators: in
-        `run`); returns its header."""
-        config, context = self.config, self.context
-        self.state, self.stream = TrainState(), StreamPosition.fresh(config.train.seed, config.data.num_workers)
-        self.checkpoint = TrainingCheckpoint(config, context, self.trainer, counters=self.state,
-                                             generators=Generators(context.device, config.train.seed, context.rank),
-                                             stream=self.stream, log=self.log)
-        header = self.checkpoint.resume()
-        if self.context.is_main and (removed := remove_snapshots_after(self.layout.post_hoc_ema, self.state.step)):
-            self.log(f"removed {removed} post-hoc EMA snapshots after step {self.state.step}, from before the "
-                     f"restart (this run writes them again)")
-        if self.state.step >= config.train.steps:
-            self.log(f"{self.run_dir} has already trained {self.state.step} of train.steps={config.train.steps}; "
-                     f"raise train.steps to continue")
-        return header
-
-    def describe(self, manifest: dict) -> None:
-        config, context, trainer = self.config, self.context, self.trainer
-        cfg_train = config.train
-        parallel = cfg_train.parallel if context.is_distributed else "single process"
-        images = sum(shard["num_samples"] for shard in manifest["shards"][training_shards(config) or slice(None)])
-        self.log(f"training {count_parameters(trainer.model) / 1e6:.1f}M parameters on {context.world_size} x "
-                 f"{context.device} ({parallel}, {str(trainer.dtype).removeprefix('torch.')}"
-                 f"{', compiled' if cfg_train.compile else ''}), {images:,} images, global batch "
-                 f"{cfg_train.batch_size} = {context.world_size} ranks x {cfg_train.grad_accum_steps} micro-batches "
-                 f"x {trainer.micro_batch}")
-        self.log(describe_lr(config))
-        for warning in (small_micro_batch_warning(config, context.device.type, context.world_size),
-                        untrained_start_warning(config.diffusion, trainer.schedule)):
-            if warning is not None:
-                self.log(f"warning: {warning}")
-        self.log(f"kernels: {trainer.kernels.describe()}; model: {self.flops_per_image / 1e9:.1f} GFLOP per image per "
-                 f"training step" + (f", peak {self.peak_flops / 1e12:.0f} TFLOP/s bf16 per device"
-                                     if self.peak_flops else ""))
-        if trainer.post_hoc_emas:
-            megabytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**20
-            snapshots = len(trainer.post_hoc_emas) * -(-cfg_train.steps // self.post_hoc_every)
-            self.log(f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in trainer.post_hoc_emas)}, snapshotted every "
-                     f"{self.post_hoc_every} steps to {self.layout.post_hoc_ema} ({megabytes:.0f} MiB each, "
-                     f"{snapshots * megabytes / 1024:.1f} GiB by step {cfg_train.steps}); --ema SIGMA_REL synthesizes "
-                     f"any length")
-
-    def setup_maintenance(self) -> None:
-        """What runs between steps, built once: the sampler (compiled once), evaluation, stop requests."""
-        config, context, trainer = self.config, self.context, self.trainer
-        self.sampler_model = trainer.ema.ema_model if config.sample.use_ema else trainer.model
-        self.sampler_step = sampling_step(self.sampler_model, config, trainer.schedule, trainer.kernels,
+        # What runs between steps, built once: the sampler (compiled once), FID's network and reference, the held-out
+        # images; the progress bar last, after the setup's own lines and bars.
+        self.sampler_model = self.trainer.ema.ema_model if config.sample.use_ema else self.trainer.model
+        self.sampler_step = sampling_step(self.sampler_model, config, self.trainer.schedule, self.trainer.kernels,
                                           context.device)
-        self.evaluate_now = build_evaluation(config, self.run_dir, self.sampler_model, trainer.schedule,
-                                             trainer.kernels, context, self.log, self.metrics)
-        self.validation = ValidationLoss(config, context, trainer) if config.eval.val_every else None
-        # the best score so far (best.pt's, read by rank 0), so that a resumed run keeps a better old best
-        self.best = self.checkpoint.read_best_score() if config.train.keep_best != "none" else None
-        if self.validation is not None:
-            self.log(f"validation: the loss every {config.eval.val_every} steps on {self.validation.num_images:,} "
-                     f"held-out images of {self.validation.source} at t = {self.validation.timesteps}")
+        flops = model_flops_per_image(config)  # counted once, on the meta device
+        peak = peak_bf16_flops(context.device) if self.trainer.dtype == torch.bfloat16 else None
+        post_hoc = PostHocSnapshots(self.layout.post_hoc_ema, self.trainer.post_hoc_emas,
+                                    cfg_train.post_hoc_ema_every or cfg_train.checkpoint_every, steps, context.is_main)
+        post_hoc.remove_after(self.state.step, self.log)
+        describe(self.log, config, context, self.trainer, manifest, self.state.step, (flops, peak), post_hoc)
+        evaluate_now = build_evaluation(config, self.layout.path, self.sampler_model, self.trainer.schedule,
+                                        self.trainer.kernels, context, self.log, self.metrics)
+        validation_loss = ValidationLoss(config, context, self.trainer) if config.eval.val_every else None
+        best = BestCheckpoint(cfg_train.keep_best, self.checkpoint, self.log)
         self.interval = IntervalStats(context.device)
-        self.stopped_by = None
-        # Stop requests (SIGTERM, SIGINT) are agreed between ranks over a host-side group every
-        # `stop_check_every` steps (every step in one process, where checking is free).
-        self.stop_request = StopRequest(announce=context.is_main)
-        self.control_group = torch.distributed.new_group(backend="gloo") if context.is_distributed else None
-        self.stop_check_every = 10 if context.is_distributed else 1
-        self.progress = progress_bar(total=config.train.steps, initial=self.state.step, desc="train",
-                                     disable=not context.is_main)
+        self.stop = StopOnRequest(self.checkpoint, context)
+        self.progress = progress_bar(total=steps, initial=self.state.step, desc="train", disable=not context.is_main)
+        validation = Validation(validation_loss, self.trainer, self.metrics, self.progress, config.eval.val_every,
+                                steps, best)
+        validation.describe(self.log)
+        # asked in this order after every step (engine.maintenance)
+        self.concerns: list[Concern] = [
+            LogInterval(config, context, self.trainer, self.state, self.interval, self.metrics, self.progress, flops,
+                        peak),
+            post_hoc, Checkpoints(self.checkpoint, cfg_train.checkpoint_every, steps), self.stop,
+            SampleGrids(self.write_samples, cfg_train.sample_every, steps),
+            Evaluation(evaluate_now, config.eval.every, steps, best), validation]
 
     # ------------------------------------------------------------------------- the loop
 
@@ -299,9 +245,8 @@ class TrainingRun:
         config, context, state = self.config, self.context, self.state
         sync_check, first_step = config.train.sync_check and context.device.type == "cuda", state.step
         self.trainer.train_model.train()
-        # Last thing before the first step: setting up the data draws from the global generators too.
-        if self.header is not None:
-            self.checkpoint.load_generators(self.header)
+        if self.resumed_from is not None:  # last thing before the first step: setting up draws from them too
+            self.checkpoint.load_generators(self.resumed_from)
         self.interval.restart()
         while state.step < config.train.steps:
             # after the first step (autotuning, lazy init) nothing inside a step may wait for the device
@@ -310,10 +255,10 @@ class TrainingRun:
             self.interval.add(stats)
             state.step += 1
             self.progress.update(1)
-            if self.maintenance():
+            if self.maintenance(state.step):
                 break
         self.progress.close()
-        self.stop_request.restore()
+        self.stop.close()
         return self.finish()
 
     def next_batch(self) -> dict:
@@ -326,86 +271,17 @@ class TrainingRun:
         self.stream.advance(batch)
         return batch
 
-    def maintenance(self) -> bool:
-        """Everything between two steps, in order: log, checkpoint, the agreed stop, samples, evaluation.
-        Its seconds are kept out of the interval's training time. Returns True to stop the loop."""
-        cfg_train, step = self.config.train, self.state.step
-        last = step == cfg_train.steps
+    def maintenance(self, step: int) -> bool:
+        """The concerns due after `step`, in order; True (the agreed stop) ends the loop. Their seconds are kept out
+        of the interval's training time (a log restarts the interval: what came before it is not the new one's)."""
         started = time.perf_counter()
-        if step % cfg_train.log_every == 0 or last:
-            self.log_interval()
-            started = time.perf_counter()  # the interval restarted in log_interval
         try:
-            if self.trainer.post_hoc_emas and (step % self.post_hoc_every == 0 or last):  # before the checkpoint:
-                save_snapshots(self.layout.post_hoc_ema, self.trainer.post_hoc_emas, step, self.context.is_main)
-            if step % cfg_train.checkpoint_every == 0 or last:  # a resume from it never lacks its snapshots
-                self.checkpoint.save()
-            if step % self.stop_check_every == 0 and agreed_stop(self.stop_request, self.control_group):
-                self.stopped_by = self.stop_request.requested or "another rank's stop request"
-                if self.checkpoint.saved_step != step:
-                    self.checkpoint.save()
-                return True
-            if cfg_train.sample_every and step % cfg_train.sample_every == 0 and not last:
-                self.write_samples(f"step-{step:08d}.png")
-            if self.config.eval.every and (step % self.config.eval.every == 0 or last):
-                self.keep_if_best(self.evaluate_now(step))
-            if self.validation is not None and (step % self.config.eval.val_every == 0 or last):
-                self.keep_if_best(self.validate(step))
+            for concern in self.concerns:
+                if concern.due(step) and concern.run(step):
+                    return True
+            return False
         finally:
-            self.interval.maintenance_seconds += time.perf_counter() - started
-        return False
-
-    def validate(self, step: int) -> dict[str, float]:
-        """The validation loss of the raw and the EMA weights (every rank takes part) to the metrics."""
-        loss, trainer = self.validation.loss, self.trainer
-        others = {**trainer.extra_emas, **{post_hoc_name(s): ema for s, ema in trainer.post_hoc_emas.items()}}
-        record = validation_record(step, loss(trainer.model), loss(trainer.ema.ema_model),
-                                   {name: loss(ema.ema_model) for name, ema in others.items()})
-        if self.metrics is not None:
-            self.metrics.write(record)
-        self.progress.set_postfix(val=f"{record['val_loss']:.4f}", val_ema=f"{record['val_loss_ema']:.4f}")
-        return record
-
-    def log_interval(self) -> None:
-        """The interval's means (one host sync) to metrics.jsonl and the progress bar; then the checks on them."""
-        config, context, state, interval = self.config, self.context, self.state, self.interval
-        reduced = interval.reduce(context)
-        state.nonfinite_steps += reduced["nonfinite_steps"]
-        record = {"step": state.step, "loss": reduced["loss"], "lr": float(self.trainer.lr_schedule.get_last_lr()[0]),
-                  "grad_norm": reduced["grad_norm"], "skipped_samples": state.skipped_samples,
-                  "nonfinite_steps": reduced["nonfinite_steps"], "time": time.time(),
-                  "maintenance_seconds": interval.maintenance_seconds,
-                  **dict(zip(noise_level_names(self.trainer.schedule.num_timesteps), reduced["loss_by_level"])),
-                  **interval_metrics(steps=interval.steps, images=interval.steps * config.train.batch_size,
-                                     seconds=interval.training_seconds(), data_wait_seconds=interval.data_wait,
-                                     world_size=context.world_size, flops_per_image=self.flops_per_image,
-                                     peak_flops_per_device=self.peak_flops, device=context.device)}
-        if self.metrics is not None:
-            self.metrics.write(record)
-        self.progress.set_postfix(loss=f"{reduced['loss']:.4f}", **progress_fields(record))
-        interval.restart()
-        check_bad_fraction(state.skipped_samples, state.delivered_samples, config.data, state.step, self.progress)
-        streak, limit = reduced["nonfinite_streak"], config.train.max_nonfinite_steps
-        if streak >= limit:
-            self.progress.close()
-            raise TrainingError(
-                f"step {state.step}: the last {streak} steps had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={limit}); none was applied, so the checkpoints hold the weights of "
-                f"step {state.step - streak}; lower optim.lr or check the data")
-
-    def keep_if_best(self, scores: dict[str, float]) -> None:
-        """With train.keep_best, a score below the best so far (the same on every rank: the measures are
-        reduced) writes best.pt."""
-        metric = self.config.train.keep_best
-        if metric not in scores or not math.isfinite(value := scores[metric]):
-            return
-        if self.best is not None and self.best["metric"] == metric and value >= self.best["value"]:
-            return
-        previous = f" (was {self.best['value']:.6g} at step {self.best['step']})" if self.best else ""
-        self.best = {"metric": metric, "value": value, "step": self.state.step}
-        self.checkpoint.save_best(self.best)
-        self.log(f"step {self.state.step}: best {metric} {value:.6g}{previous}: "
-                 f"{self.layout.checkpoints / BEST}")
+            self.interval.maintenance_seconds += time.perf_counter() - max(started, self.interval.started)
 
     def write_samples(self, name: str) -> Path | None:
         """Every rank draws its share of the images (a sharded model's forward is a collective anyway); rank 0
@@ -423,21 +299,21 @@ class TrainingRun:
 
     def finish(self) -> dict[str, Any]:
         """The summary; after a full run also the final grid and the loss curve."""
-        state, run_dir, layout = self.state, self.run_dir, self.layout
-        summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step,
+        state, layout, stopped_by = self.state, self.layout, self.stop.stopped_by
+        summary: dict[str, Any] = {"run_dir": str(layout.path), "step": state.step,
                                    "skipped_samples": state.skipped_samples, "nonfinite_steps": state.nonfinite_steps}
-        if self.stopped_by is not None:
+        if stopped_by is not None:
             if self.metrics is not None:
                 self.metrics.close()
-            self.log(f"stopped by {self.stopped_by} at step {state.step}; checkpoint "
+            self.log(f"stopped by {stopped_by} at step {state.step}; checkpoint "
                      f"{layout.checkpoints / checkpoint_name(state.step)}; run the same command to resume")
-            return {**summary, "stopped_by": self.stopped_by}
+            return {**summary, "stopped_by": stopped_by}
         grid = self.write_samples(f"step-{state.step:08d}.png")
         if self.context.is_main:
             if self.metrics is not None:
                 self.metrics.close()
             layout.final_samples.write_bytes(grid.read_bytes())
-            curve = plot_loss_curve(layout.metrics, layout.loss_curve, title=f"training loss ({run_dir.name})")
+            curve = plot_loss_curve(layout.metrics, layout.loss_curve, title=f"training loss ({layout.path.name})")
             summary.update(samples=str(layout.final_samples), loss_curve=str(curve))
             self.log(f"done at step {state.step} (checkpoint at step {self.checkpoint.saved_step}); samples: "
                      f"{layout.final_samples}; loss curve: {curve}; skipped samples: {state.skipped_samples}; "
@@ -463,6 +339,30 @@ def open_data(config: Config, context: DistributedContext, micro_batch: int, sta
         start=stream.positions, resample=True, rank=context.rank, world_size=context.world_size,
         pin_memory=context.device.type == "cuda", shard_slice=training_shards(config),
         cache_dir=cfg_data.cache_dir, first_worker=stream.next_worker))
+
+
+def describe(log, config: Config, context: DistributedContext, trainer: Trainer, manifest: dict[str, Any], step: int,
+             flops: tuple[float, float | None], post_hoc: PostHocSnapshots) -> None:
+    """What is trained, on what, how, at what cost per image ((FLOPs per image, peak FLOP/s per device))."""
+    cfg_train, (flops_per_image, peak_flops) = config.train, flops
+    if step >= cfg_train.steps:
+        log(f"{cfg_train.run_dir} has already trained {step} of train.steps={cfg_train.steps}; raise train.steps "
+            f"to continue")
+    parallel = cfg_train.parallel if context.is_distributed else "single process"
+    images = sum(shard["num_samples"] for shard in manifest["shards"][training_shards(config) or slice(None)])
+    log(f"training {count_parameters(trainer.model) / 1e6:.1f}M parameters on {context.world_size} x "
+        f"{context.device} ({parallel}, {str(trainer.dtype).removeprefix('torch.')}"
+        f"{', compiled' if cfg_train.compile else ''}), {images:,} images, global batch "
+        f"{cfg_train.batch_size} = {context.world_size} ranks x {cfg_train.grad_accum_steps} micro-batches "
+        f"x {trainer.micro_batch}")
+    log(describe_lr(config))
+    for warning in (small_micro_batch_warning(config, context.device.type, context.world_size),
+                    untrained_start_warning(config.diffusion, trainer.schedule)):
+        if warning is not None:
+            log(f"warning: {warning}")
+    log(f"kernels: {trainer.kernels.describe()}; model: {flops_per_image / 1e9:.1f} GFLOP per image per training "
+        f"step" + (f", peak {peak_flops / 1e12:.0f} TFLOP/s bf16 per device" if peak_flops else ""))
+    post_hoc.describe(log, trainer.model)
 
 
 @contextmanager
