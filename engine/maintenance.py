@@ -220,7 +220,7 @@ class BestCheckpoint:
 
 @dataclasses.dataclass
 class Evaluation:
-    evaluate_now: Callable[[int], dict] | None  # FID and KID (engine.train.build_evaluation); None: off
+    evaluate_now: Callable[[int], dict] | None  # FID and KID (engine.training_run.build_evaluation); None: off
     every: int  # eval.every
     final_step: int
     best: BestCheckpoint

@@ -11,7 +11,8 @@ from engine.config import load_config
 from engine.distributed import DistributedContext
 from engine.maintenance import (BestCheckpoint, Checkpoints, Evaluation, LogInterval, PostHocSnapshots, SampleGrids,
                                 StopOnRequest, Validation, due_every)
-from engine.train import TrainingRun, check_data
+from engine.train import check_data
+from engine.training_run import TrainingRun
 from test_train_cli import ROOT, SMALL
 
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
