@@ -4,51 +4,35 @@ Works the same under `torchrun --nproc_per_node N -m engine.train CONFIG`. Every
 writes goes into `train.run_dir`: the resolved config, metrics.jsonl, checkpoints, sample grids and
 the loss curve. Re-running the same command resumes from the run's latest checkpoint.
 
-The loop reads top to bottom in `TrainingRun.run`: `engine.trainer.train_step` (which never prints or
-calls `.item()`: statistics accumulate on the device and are read once per `train.log_every` steps), then
-one `maintenance()` call (log, checkpoint, the agreed stop, samples, evaluation).
+Here: the command line, the checks made before anything is trained, the dry run and the entry point. The run
+itself is `engine.training_run.TrainingRun`: its loop reads top to bottom, `engine.trainer.train_step` (which
+never prints or calls `.item()`: statistics accumulate on the device and are read once per `train.log_every`
+steps), then the maintenance concerns that are due (engine.maintenance).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-import engine
 from engine import cli, memory
-from engine.checkpoint import (BEST, CheckpointError, best_score, checkpoint_name, load_latest_checkpoint,
-                              save_best_checkpoint, save_checkpoint)
+from engine.checkpoint import CheckpointError
 from engine.config import Config, ConfigError, load_config
-from engine.data import DataError, build_train_loader, load_device_cache, read_manifest
+from engine.data import DataError, read_manifest
 from engine.data.remote import is_url
 from engine.diffusers_format import init_state_dict
-from engine.diffusion import untrained_start_warning
-from engine.distributed import DistributedContext, all_gather_objects, init_distributed, shutdown_distributed
-from engine.evaluate import (EvaluationError, evaluate, inception_path, load_feature_network, load_reference,
-                             save_reference)
-from engine.evaluate import summary as evaluation_summary
-from engine.images import make_grid, save_grid, to_uint8
+from engine.distributed import init_distributed, shutdown_distributed
+from engine.evaluate import EvaluationError, inception_path, load_feature_network
 from engine.lr_schedule import describe as describe_lr
-from engine.metrics_log import MetricsLog, start_wandb, tensorboard_writer_class, wandb_module
-from engine.plot import plot_loss_curve
-from engine.post_hoc_ema import post_hoc_name, remove_snapshots_after, save_snapshots
-from engine.preemption import StopRequest, agreed_stop
-from engine.progress import progress_bar, write
-from engine.rng import restore_rng_state, rng_state
-from engine.run_dir import RunDir
-from engine.sampling import Sampler
-from engine.throughput import (interval_metrics, model_flops_per_image, peak_bf16_flops, progress_fields,
-                               small_micro_batch_warning)
-from engine.trainer import IntervalStats, TrainState, build_trainer, noise_level_names, step_seed, train_step
+from engine.maintenance import TrainingError
+from engine.metrics_log import tensorboard_writer_class, wandb_module
+from engine.trainer import build_trainer, train_step  # noqa: F401 (the trainer and the step a run trains with)
+from engine.training_run import TrainingRun
 from engine.unet import build_unet, count_parameters
-from engine.validation import ValidationLoss, training_shards, validation_record
 from kernels.registry import KernelError, resolve_kernels_from_config
 
 
@@ -131,434 +115,15 @@ def dry_run(config: Config) -> int:
     return 0
 
 
-def build_evaluation(run_dir: Path, sampler: Sampler, context: DistributedContext, log,
-                     metrics: MetricsLog | None):
-    """`evaluate_now(step)`: FID and KID of the sampler's model (the one `sample.use_ema` picks) against
-    `eval.reference`, on `eval.num_images` images shared by the ranks, logged to the metrics (and TensorBoard).
-
-    The feature network and the reference statistics are loaded once, here. A reference that is a data set
-    is read once per run: its statistics are cached as RUN_DIR/fid_reference.npz.
-    """
-    config = sampler.config
-    options = config.eval
-    if not options.every:
-        return None
-    feature_net = load_feature_network(options.inception or None, context.device)
-    source = options.reference or config.data.path
-    source = source if is_url(source) else Path(source)  # a Path would fold a URL's // into /
-    cached, is_statistics = RunDir(run_dir).fid_reference, str(source).endswith(".npz")
-    if not is_statistics and cached.is_file():
-        source = cached
-    log(f"evaluation: FID/KID every {options.every} steps on {options.num_images:,} images, reference {source}")
-    reference = load_reference(source, feature_net, device=context.device, progress=context.is_main)
-    if not is_statistics and context.is_main:
-        save_reference(reference, cached)
-    evaluation = sampler.for_evaluation()  # its step is compiled once and reused by every evaluation
-
-    def evaluate_now(step: int) -> dict:
-        started = time.perf_counter()
-        batches = evaluation.batches(options.num_images, options.seed, options.batch_size, rank=context.rank,
-                                     world_size=context.world_size)
-        result = evaluate(batches, reference, feature_net, kid_subset_size=options.kid_subset_size,
-                          device=context.device, seed=options.seed)
-        seconds = time.perf_counter() - started
-        guided = f" at guidance {evaluation.settings.guidance:g}" if config.model.num_classes else ""
-        log(f"step {step}: {evaluation_summary(result)}{guided}, {seconds:.0f} s")
-        if metrics is not None:
-            metrics.write({"step": step, "fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
-                           "eval_images": result["num_images"], "eval_seconds": seconds,
-                           **({"eval_guidance": evaluation.settings.guidance} if config.model.num_classes else {})})
-        return result
-
-    return evaluate_now
-
-
 def train(config: Config) -> dict[str, Any]:
     """Run (or resume) training to `train.steps`; returns a summary of the run."""
     context = init_distributed(config.train.device)
     try:
-        return TrainingRun(config, context).run()
-    finally:
-        shutdown_distributed()
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. only non-finite steps): one line naming the step (exit status 1)."""
-
-
-def check_bad_fraction(skipped: int, delivered: int, cfg_data, step: int, progress) -> None:
-    """Stop rather than train on a trickle of data: too many skipped samples is an error (this rank's counts,
-    both over the same span: every step since the run began, resumes included)."""
-    seen = skipped + delivered
-    if seen >= 100 and skipped > cfg_data.max_bad_fraction * seen:
-        progress.close()
-        raise TrainingError(f"step {step}: {skipped} of the {seen} samples read from {cfg_data.path} could not be used "
-                            f"({skipped / seen:.0%} > data.max_bad_fraction={cfg_data.max_bad_fraction}); the warnings "
-                            f"above name the shards; prepare the data set again")
-
-
-def stream_start(header: dict | None, cfg_data, cfg_train, context: DistributedContext,
-                 micro_batch: int) -> tuple[int, list[int] | None, int]:
-    """(loader seed, per-worker start positions, the worker whose batch is due next) for the streaming loader.
-
-    A fresh run starts every worker's stream at 0. A resumed run with the same world size, worker
-    count, micro-batch and seed continues each stream exactly where the checkpoint left it (the
-    workers re-read and re-shuffle, without decoding, what they pass over). Otherwise the positions
-    mean nothing to the new layout, and the stream starts afresh, seeded by the step, so a resume
-    does not replay the first batches.
-    """
-    if header is None:
-        return cfg_train.seed, None, 0
-    saved = header.get("data_position")
-    layout = {"world_size": context.world_size, "num_workers": cfg_data.num_workers, "batch_size": micro_batch,
-              "seed": cfg_train.seed}
-    if saved and all(saved.get(key) == value for key, value in layout.items()):
-        # checkpoints from before next_workers was recorded: worker 0 (exact when the step ended a round)
-        next_workers = saved.get("next_workers") or [0] * context.world_size
-        return cfg_train.seed, list(saved["positions"][context.rank]), int(next_workers[context.rank])
-    return step_seed(cfg_train.seed, header["step"]), None, 0
-
-
-def read_checkpoint_header(run_dir: Path, context: DistributedContext) -> tuple[dict | None, dict]:
-    """(header, state) of the run's latest checkpoint: rank 0 reads it, and the header (what every rank needs
-    besides the tensors, small enough to broadcast as objects) reaches the other ranks; no shared disk needed."""
-    resumed = load_latest_checkpoint(run_dir, map_location="cpu") if context.is_main else None
-    header = None
-    if resumed is not None:
-        state = resumed[0]
-        header = {"step": int(state["step"]), "path": str(resumed[1]), "scaler": state.get("scaler"),
-                  "lr_schedule": state["lr_schedule"], "rng": state.get("rng"),
-                  "data_position": state.get("data_position"), "counters": state.get("counters")}
-    if context.is_distributed:
-        shared = [header]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        header = shared[0]
-    return header, resumed[0] if resumed else {}
-
-
-def resumed_counters(header: dict, context: DistributedContext, batch_size: int) -> TrainState:
-    """This rank's counters from a checkpoint: its own under the same world size; otherwise the ranks' mean
-    (checkpoints from before the counters were saved: the samples of the steps trained, nothing skipped)."""
-    step, saved = header["step"], header.get("counters")
-    if saved and len(saved) == context.world_size:
-        state = TrainState()
-        state.load_state_dict(saved[context.rank])
-        return state
-    if not saved:
-        return TrainState(step=step, delivered_samples=step * batch_size // context.world_size)
-    mean = {key: sum(rank[key] for rank in saved) // len(saved) for key in saved[0]}
-    return TrainState(**{**mean, "step": step, "nonfinite_steps": saved[0]["nonfinite_steps"]})
-
-
-class TrainingRun:
-    """One invocation of the training loop: the trainer and its state, the data stream, and the maintenance
-    (logs, checkpoints, the agreed stop, sample grids, evaluation) between steps."""
-
-    def __init__(self, config: Config, context: DistributedContext):
-        self.config, self.context = config, context
-        self.log = write if context.is_main else (lambda message: None)
         manifest = check_data(config)
         initial_weights = check_extras(config)
-        self.run_dir, self.layout = Path(config.train.run_dir), RunDir(config.train.run_dir)
-        if context.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.layout.config.write_text(config.to_yaml())
-        self.trainer = build_trainer(config, context, initial_weights)
-        self.post_hoc_every = config.train.post_hoc_ema_every or config.train.checkpoint_every
-        if initial_weights is not None:
-            self.log(f"starting from the weights in {config.train.init_from}")
-        self.flops_per_image = model_flops_per_image(config)  # counted once, on the meta device
-        self.peak_flops = peak_bf16_flops(context.device) if self.trainer.dtype == torch.bfloat16 else None
-        self.header = self.resume()
-        self.batches = self.open_data()
-        self.metrics = MetricsLog(
-            self.layout.metrics, resume_step=self.state.step,
-            tensorboard_dir=self.layout.tensorboard if config.train.tensorboard else None,
-            wandb_run=start_wandb(config.train, self.run_dir, config.to_dict()) if config.train.wandb else None,
-        ) if context.is_main else None
-        self.describe(manifest)
-        self.setup_maintenance()
-
-    def resume(self) -> dict | None:
-        """The latest checkpoint's weights, optimizer and counters, if there is one; returns its header."""
-        config, trainer = self.config, self.trainer
-        header, state = read_checkpoint_header(self.run_dir, self.context)
-        self.state = TrainState()
-        if header is not None:
-            trainer.load_state_dict(state, header["lr_schedule"], header["scaler"])
-            self.state = resumed_counters(header, self.context, config.train.batch_size)
-            self.log(f"resumed from {header['path']} at step {self.state.step}")
-        if self.context.is_main and (removed := remove_snapshots_after(self.layout.post_hoc_ema, self.state.step)):
-            self.log(f"removed {removed} post-hoc EMA snapshots after step {self.state.step}, from before the "
-                     f"restart (this run writes them again)")
-        if self.state.step >= config.train.steps:
-            self.log(f"{self.run_dir} has already trained {self.state.step} of train.steps={config.train.steps}; "
-                     f"raise train.steps to continue")
-        return header
-
-    def open_data(self) -> Iterator[dict]:
-        """This rank's micro-batches: from the device cache, or streamed (resuming each worker's position)."""
-        cfg_data, cfg_train, context = self.config.data, self.config.train, self.context
-        micro_batch, start, first_worker = self.trainer.micro_batch, None, 0
-        if cfg_data.cache == "device":  # read once; then batches are drawn on the device, no DataLoader
-            cache = load_device_cache(cfg_data.path, image_size=cfg_data.image_size, channels=cfg_data.channels,
-                                      shard_slice=training_shards(self.config),
-                                      device=context.device, rank=context.rank, world_size=context.world_size,
-                                      num_workers=cfg_data.num_workers, cache_dir=cfg_data.cache_dir)
-            self.log(f"data: {cache.describe()} (rank 0)")
-            self.state.skipped_samples = cache.skipped  # the set's unreadable samples, counted once per load
-            batches = cache.batches(micro_batch, seed=cfg_train.seed,
-                                    start_batch=self.state.step * cfg_train.grad_accum_steps)
-        else:
-            loader_seed, start, first_worker = stream_start(self.header, cfg_data, cfg_train, context, micro_batch)
-            if self.header is not None and start is None:
-                self.log("the data stream starts afresh (seeded by the step): the checkpoint's stream positions are "
-                         "for another world size, worker count or batch size")
-            batches = iter(build_train_loader(
-                cfg_data.path, batch_size=micro_batch, image_size=cfg_data.image_size, channels=cfg_data.channels,
-                num_workers=cfg_data.num_workers, shuffle_buffer=cfg_data.shuffle_buffer, seed=loader_seed,
-                start=start, resample=True, rank=context.rank, world_size=context.world_size,
-                pin_memory=context.device.type == "cuda", shard_slice=training_shards(self.config),
-                cache_dir=cfg_data.cache_dir, first_worker=first_worker))
-        # Samples each of this rank's loader workers has taken from its stream, and the worker whose batch is due
-        # next (the DataLoader takes them in turn), for exact resumes.
-        self.stream_positions = list(start) if start else [0] * max(cfg_data.num_workers, 1)
-        self.next_worker = first_worker
-        return batches
-
-    def describe(self, manifest: dict) -> None:
-        config, context, trainer = self.config, self.context, self.trainer
-        cfg_train = config.train
-        parallel = cfg_train.parallel if context.is_distributed else "single process"
-        images = sum(shard["num_samples"] for shard in manifest["shards"][training_shards(config) or slice(None)])
-        self.log(f"training {count_parameters(trainer.model) / 1e6:.1f}M parameters on {context.world_size} x "
-                 f"{context.device} ({parallel}, {str(trainer.dtype).removeprefix('torch.')}"
-                 f"{', compiled' if cfg_train.compile else ''}), {images:,} images, global batch "
-                 f"{cfg_train.batch_size} = {context.world_size} ranks x {cfg_train.grad_accum_steps} micro-batches "
-                 f"x {trainer.micro_batch}")
-        self.log(describe_lr(config))
-        for warning in (small_micro_batch_warning(config, context.device.type, context.world_size),
-                        untrained_start_warning(config.diffusion, trainer.schedule)):
-            if warning is not None:
-                self.log(f"warning: {warning}")
-        self.log(f"kernels: {trainer.kernels.describe()}; model: {self.flops_per_image / 1e9:.1f} GFLOP per image per "
-                 f"training step" + (f", peak {self.peak_flops / 1e12:.0f} TFLOP/s bf16 per device"
-                                     if self.peak_flops else ""))
-        if trainer.post_hoc_emas:
-            megabytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**20
-            snapshots = len(trainer.post_hoc_emas) * -(-cfg_train.steps // self.post_hoc_every)
-            self.log(f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in trainer.post_hoc_emas)}, snapshotted every "
-                     f"{self.post_hoc_every} steps to {self.layout.post_hoc_ema} ({megabytes:.0f} MiB each, "
-                     f"{snapshots * megabytes / 1024:.1f} GiB by step {cfg_train.steps}); --ema SIGMA_REL synthesizes "
-                     f"any length")
-
-    def setup_maintenance(self) -> None:
-        """What runs between steps, built once: the sampler (compiled once), evaluation, stop requests."""
-        config, context, trainer = self.config, self.context, self.trainer
-        self.sampler_model = trainer.ema.ema_model if config.sample.use_ema else trainer.model
-        self.sampler = Sampler(self.sampler_model, config, trainer.schedule, trainer.kernels, context.device)
-        self.evaluate_now = build_evaluation(self.run_dir, self.sampler, context, self.log, self.metrics)
-        self.validation = ValidationLoss(config, context, trainer) if config.eval.val_every else None
-        # the best score so far (best.pt's, read by rank 0), so that a resumed run keeps a better old best
-        self.best = all_gather_objects(best_score(self.run_dir) if context.is_main else None)[0] \
-            if config.train.keep_best != "none" else None
-        if self.validation is not None:
-            self.log(f"validation: the loss every {config.eval.val_every} steps on {self.validation.num_images:,} "
-                     f"held-out images of {self.validation.source} at t = {self.validation.timesteps}")
-        self.interval = IntervalStats(context.device)
-        self.saved_step, self.stopped_by = self.state.step, None
-        # Stop requests (SIGTERM, SIGINT) are agreed between ranks over a host-side group every
-        # `stop_check_every` steps (every step in one process, where checking is free).
-        self.stop_request = StopRequest(announce=context.is_main)
-        self.control_group = torch.distributed.new_group(backend="gloo") if context.is_distributed else None
-        self.stop_check_every = 10 if context.is_distributed else 1
-        self.progress = progress_bar(total=config.train.steps, initial=self.state.step, desc="train",
-                                     disable=not context.is_main)
-
-    # ------------------------------------------------------------------------- the loop
-
-    def run(self) -> dict[str, Any]:
-        config, context, state = self.config, self.context, self.state
-        sync_check, first_step = config.train.sync_check and context.device.type == "cuda", state.step
-        self.trainer.train_model.train()
-        # Last thing before the first step: setting up the data draws from the global generators too.
-        if self.header is not None and not restore_rng_state(self.header["rng"], context.rank, context.world_size,
-                                                             context.device, config.train.seed, state.step):
-            self.log("the checkpoint holds no generator states for this world size: dropout's generators are "
-                     "reseeded from (seed, rank, step)")
-        self.interval.restart()
-        while state.step < config.train.steps:
-            # after the first step (autotuning, lazy init) nothing inside a step may wait for the device
-            with sync_debug_mode("error" if sync_check and state.step > first_step else None):
-                stats = train_step(self.trainer, state.step, self.next_batch)
-            self.interval.add(stats)
-            state.step += 1
-            self.progress.update(1)
-            if self.maintenance():
-                break
-        self.progress.close()
-        self.stop_request.restore()
-        return self.finish()
-
-    def next_batch(self) -> dict:
-        """The next micro-batch, its wait and the data counters accounted for."""
-        started = time.perf_counter()
-        batch = next(self.batches)
-        self.interval.data_wait += time.perf_counter() - started
-        self.state.skipped_samples += int(batch["skipped"])
-        self.state.delivered_samples += self.trainer.micro_batch
-        if "position" in batch:
-            self.stream_positions[batch["worker"]] = int(batch["position"])
-            self.next_worker = (batch["worker"] + 1) % len(self.stream_positions)
-        return batch
-
-    def maintenance(self) -> bool:
-        """Everything between two steps, in order: log, checkpoint, the agreed stop, samples, evaluation.
-        Its seconds are kept out of the interval's training time. Returns True to stop the loop."""
-        cfg_train, step = self.config.train, self.state.step
-        last = step == cfg_train.steps
-        started = time.perf_counter()
-        if step % cfg_train.log_every == 0 or last:
-            self.log_interval()
-            started = time.perf_counter()  # the interval restarted in log_interval
-        try:
-            if self.trainer.post_hoc_emas and (step % self.post_hoc_every == 0 or last):  # before the checkpoint:
-                save_snapshots(self.layout.post_hoc_ema, self.trainer.post_hoc_emas, step, self.context.is_main)
-            if step % cfg_train.checkpoint_every == 0 or last:  # a resume from it never lacks its snapshots
-                self.checkpoint()
-            if step % self.stop_check_every == 0 and agreed_stop(self.stop_request, self.control_group):
-                self.stopped_by = self.stop_request.requested or "another rank's stop request"
-                if self.saved_step != step:
-                    self.checkpoint()
-                return True
-            if cfg_train.sample_every and step % cfg_train.sample_every == 0 and not last:
-                self.write_samples(f"step-{step:08d}.png")
-            if self.config.eval.every and (step % self.config.eval.every == 0 or last):
-                self.keep_if_best(self.evaluate_now(step))
-            if self.validation is not None and (step % self.config.eval.val_every == 0 or last):
-                self.keep_if_best(self.validate(step))
-        finally:
-            self.interval.maintenance_seconds += time.perf_counter() - started
-        return False
-
-    def validate(self, step: int) -> dict[str, float]:
-        """The validation loss of the raw and the EMA weights (every rank takes part) to the metrics."""
-        loss, trainer = self.validation.loss, self.trainer
-        others = {**trainer.extra_emas, **{post_hoc_name(s): ema for s, ema in trainer.post_hoc_emas.items()}}
-        record = validation_record(step, loss(trainer.model), loss(trainer.ema.ema_model),
-                                   {name: loss(ema.ema_model) for name, ema in others.items()})
-        if self.metrics is not None:
-            self.metrics.write(record)
-        self.progress.set_postfix(val=f"{record['val_loss']:.4f}", val_ema=f"{record['val_loss_ema']:.4f}")
-        return record
-
-    def log_interval(self) -> None:
-        """The interval's means (one host sync) to metrics.jsonl and the progress bar; then the checks on them."""
-        config, context, state, interval = self.config, self.context, self.state, self.interval
-        reduced = interval.reduce(context)
-        state.nonfinite_steps += reduced["nonfinite_steps"]
-        record = {"step": state.step, "loss": reduced["loss"], "lr": float(self.trainer.lr_schedule.get_last_lr()[0]),
-                  "grad_norm": reduced["grad_norm"], "skipped_samples": state.skipped_samples,
-                  "nonfinite_steps": reduced["nonfinite_steps"], "time": time.time(),
-                  "maintenance_seconds": interval.maintenance_seconds,
-                  **dict(zip(noise_level_names(self.trainer.schedule.num_timesteps), reduced["loss_by_level"])),
-                  **interval_metrics(steps=interval.steps, images=interval.steps * config.train.batch_size,
-                                     seconds=interval.training_seconds(), data_wait_seconds=interval.data_wait,
-                                     world_size=context.world_size, flops_per_image=self.flops_per_image,
-                                     peak_flops_per_device=self.peak_flops, device=context.device)}
-        if self.metrics is not None:
-            self.metrics.write(record)
-        self.progress.set_postfix(loss=f"{reduced['loss']:.4f}", **progress_fields(record))
-        interval.restart()
-        check_bad_fraction(state.skipped_samples, state.delivered_samples, config.data, state.step, self.progress)
-        streak, limit = reduced["nonfinite_streak"], config.train.max_nonfinite_steps
-        if streak >= limit:
-            self.progress.close()
-            raise TrainingError(
-                f"step {state.step}: the last {streak} steps had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={limit}); none was applied, so the checkpoints hold the weights of "
-                f"step {state.step - streak}; lower optim.lr or check the data")
-
-    def checkpoint(self, best: dict[str, Any] | None = None) -> None:
-        """Every rank gathers its part; rank 0 writes the step's checkpoint, or with `best` (a score) best.pt."""
-        config, context, state = self.config, self.context, self.state
-        snapshot = {"step": state.step, **self.trainer.state_dict(),
-                    "counters": all_gather_objects(state.state_dict()),
-                    "rng": all_gather_objects(rng_state(context.device)),
-                    "data_position": {"world_size": context.world_size, "num_workers": config.data.num_workers,
-                                      "batch_size": self.trainer.micro_batch, "seed": config.train.seed,
-                                      "positions": all_gather_objects(self.stream_positions),
-                                      "next_workers": all_gather_objects(self.next_worker)},
-                    "config": config.to_dict(), "engine_version": engine.__version__}
-        if best is not None:
-            if context.is_main:
-                save_best_checkpoint(self.run_dir, snapshot, best)
-            return
-        if context.is_main:
-            save_checkpoint(self.run_dir, state.step, snapshot, keep=config.train.keep_checkpoints)
-        self.saved_step = state.step
-
-    def keep_if_best(self, scores: dict[str, float]) -> None:
-        """With train.keep_best, a score below the best so far (the same on every rank: the measures are
-        reduced) writes best.pt."""
-        metric = self.config.train.keep_best
-        if metric not in scores or not math.isfinite(value := scores[metric]):
-            return
-        if self.best is not None and self.best["metric"] == metric and value >= self.best["value"]:
-            return
-        previous = f" (was {self.best['value']:.6g} at step {self.best['step']})" if self.best else ""
-        self.best = {"metric": metric, "value": value, "step": self.state.step}
-        self.checkpoint(best=self.best)
-        self.log(f"step {self.state.step}: best {metric} {value:.6g}{previous}: "
-                 f"{self.layout.checkpoints / BEST}")
-
-    def write_samples(self, name: str) -> Path | None:
-        """Every rank draws its share of the images (a sharded model's forward is a collective anyway); rank 0
-        writes the grid."""
-        options = self.config.sample
-        images = self.sampler.generate(options.num_images, options.seed, options.batch_size)
-        if not self.context.is_main:
-            return None
-        images, columns = self.sampler.grid_images(to_uint8(images), len(images))  # one row per class, if any
-        if self.metrics is not None:
-            self.metrics.add_image("samples", make_grid(images, columns), self.state.step)
-        return save_grid(images, self.layout.samples / name, columns)
-
-    def finish(self) -> dict[str, Any]:
-        """The summary; after a full run also the final grid and the loss curve."""
-        state, run_dir, layout = self.state, self.run_dir, self.layout
-        summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step,
-                                   "skipped_samples": state.skipped_samples, "nonfinite_steps": state.nonfinite_steps}
-        if self.stopped_by is not None:
-            if self.metrics is not None:
-                self.metrics.close()
-            self.log(f"stopped by {self.stopped_by} at step {state.step}; checkpoint "
-                     f"{layout.checkpoints / checkpoint_name(state.step)}; run the same command to resume")
-            return {**summary, "stopped_by": self.stopped_by}
-        grid = self.write_samples(f"step-{state.step:08d}.png")
-        if self.context.is_main:
-            if self.metrics is not None:
-                self.metrics.close()
-            layout.final_samples.write_bytes(grid.read_bytes())
-            curve = plot_loss_curve(layout.metrics, layout.loss_curve, title=f"training loss ({run_dir.name})")
-            summary.update(samples=str(layout.final_samples), loss_curve=str(curve))
-            self.log(f"done at step {state.step} (checkpoint at step {self.saved_step}); samples: "
-                     f"{layout.final_samples}; loss curve: {curve}; skipped samples: {state.skipped_samples}; "
-                     f"skipped non-finite steps: {state.nonfinite_steps}")
-        return summary
-
-
-@contextmanager
-def sync_debug_mode(mode: str | None) -> Iterator[None]:
-    """CUDA's sync debug mode for the duration (train.sync_check: "error" makes any host sync raise)."""
-    if mode is None:
-        yield
-        return
-    torch.cuda.set_sync_debug_mode(mode)
-    try:
-        yield
+        return TrainingRun(config, context, manifest, initial_weights).run()
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        shutdown_distributed()
 
 
 def train_command(args: argparse.Namespace) -> int:

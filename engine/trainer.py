@@ -1,7 +1,7 @@
 """The training step and what it needs, shared by engine.train's loop, the train-step benchmark and the tests.
 
 - `build_trainer`: the components, built once (model, EMA, wrapping and compile order; the optimizer and its
-  update mode; kernels; the schedule), and `Trainer.load_state_dict` for a resume;
+  update mode; kernels; the schedule), and `Trainer.state_dict` / `load_state_dict`, its checkpoint part;
 - `TrainState`: the step and every counter a resumed run continues;
 - `train_step`: one optimizer step from the step's inputs to device-side statistics (no host sync);
 - `IntervalStats`: those statistics summed on the device and read once per log interval (EDM's
@@ -31,6 +31,7 @@ from engine.lr_schedule import lr_lambda, peak_lr
 from engine.parallel import (compile_model, full_model_state, full_optimizer_state, full_tensor, gradient_sync,
                              load_full_model_state, load_full_optimizer_state, shard, wrap)
 from engine.post_hoc_ema import post_hoc_name, update_post_hoc_emas
+from engine.rng import step_seed
 from engine.schedule import NoiseSchedule, schedule_from_config
 from engine.unet import build_unet
 from kernels.noise import noise_keys
@@ -98,8 +99,11 @@ class Trainer:
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "kernels": self.kernels.names}
 
-    def load_state_dict(self, state: dict[str, Any], lr_schedule: dict, scaler: dict | None) -> None:
-        """Tensors from rank 0's `state` (empty on the other ranks: they receive them); the small parts on every rank."""
+    def load_state_dict(self, state: dict[str, Any], lr_schedule: dict | None = None, scaler: dict | None = None) -> None:
+        """Tensors from rank 0's `state` (absent on the other ranks: they receive them); the small parts (the LR
+        schedule's and the scaler's states: `state`'s own unless given apart) on every rank."""
+        lr_schedule = state["lr_schedule"] if lr_schedule is None else lr_schedule
+        scaler = state.get("scaler") if scaler is None else scaler
         load_full_model_state(self.model, state.get("model"), self.context)
         load_ema_state(self.ema, state.get("ema"), self.context)
         fresh = load_extra_ema_states(self.extra_emas, state.get("extra_emas") if self.context.is_main else None,
@@ -126,11 +130,6 @@ def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int
                           f"train.grad_accum_steps ({accumulation}); e.g. train.batch_size="
                           f"{-(-batch_size // (world_size * accumulation)) * world_size * accumulation}")
     return batch_size // (world_size * accumulation)
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A seed of its own for every (run seed, step)."""
-    return seed * 1_000_003 + step
 
 
 def build_model(config: Config, context: DistributedContext, dtype: torch.dtype,
