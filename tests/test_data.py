@@ -591,7 +591,7 @@ def test_every_public_name_of_the_data_package_loads():
 
 def run_prepare(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "engine.data.prepare", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
 
 
 def test_cli_writes_array_shards_with_format_array(tmp_path):

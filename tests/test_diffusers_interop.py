@@ -82,7 +82,7 @@ def exported(run_dir, tmp_path_factory):
     """The CLI as a user runs it: python -m engine.export RUN_DIR --format diffusers OUT_DIR."""
     out = tmp_path_factory.mktemp("exports") / "tiny-diffusers"
     result = subprocess.run([sys.executable, "-m", "engine.export", str(run_dir), "--format", "diffusers", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "EMA weights" in result.stdout and "step 7" in result.stdout
     return out
@@ -367,7 +367,7 @@ def test_export_cli_errors_are_one_line_with_exit_status_2(run_dir, tmp_path, ca
     assert not (tmp_path / "narrow-out").exists()
 
     result = subprocess.run([sys.executable, "-m", "engine.export", str(tmp_path / "narrow"), str(tmp_path / "x")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and one_line(result.stderr) and "model.base_channels=16" in result.stderr
 
 

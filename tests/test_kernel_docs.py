@@ -26,6 +26,6 @@ def example_module(tmp_path_factory):
 def test_the_documented_kernel_example_passes_the_conformance_check(example_module, how):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example_module), str(ROOT)])}
     result = subprocess.run([sys.executable, "-m", "kernels.check", "q_sample", *how], cwd=example_module,
-                            capture_output=True, text=True, timeout=300, env=env)
+                            capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "conforms" in result.stdout and "FAIL" not in result.stdout

@@ -598,7 +598,7 @@ def test_start_up_check_rejects_crashing_and_wrong_signature_kernels(path, messa
 def check_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "kernels.check", *args, "--device", "cpu"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def case_lines(stdout: str) -> list[str]:

@@ -319,7 +319,7 @@ def test_cli_resizes_with_workers_and_reports_skipped_and_upsampled(mixed_folder
     root, _ = mixed_folder
     result = subprocess.run([sys.executable, "-m", "engine.data.prepare", str(root), str(tmp_path), "--image-size",
                              str(N), "--workers", "2", "--crop", "random", "--background", "black"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "wrote 11 samples (16x16x3, 1 classes)" in result.stdout
     assert "skipped 2 unreadable files, upsampled 2 smaller images" in result.stdout

@@ -35,7 +35,7 @@ RECIPE_OPTIONS = ["diffusion.target=edm", "diffusion.sigma_data=0.5", "diffusion
                   "optim.betas=[0.9,0.99]"]
 
 
-def run(module, *args, timeout=300, launcher=None):
+def run(module, *args, timeout=900, launcher=None):  # a hang guard, far above a loaded machine
     command = [*(launcher or [sys.executable, "-m"]), module, *map(str, args)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
