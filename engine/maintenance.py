@@ -11,8 +11,8 @@
 6. `Evaluation` (FID/KID, eval.every) and 7. `Validation` (eval.val_every), each offering its scores to
    `BestCheckpoint` (train.keep_best).
 
-All but the stop and the grids are also due at the final step (train.steps). Every rank runs every concern, so
-that their collectives match; files are written by rank 0.
+Those that are on (an interval of 0 is off) are also due at the final step (train.steps), but the stop and the
+grids. Every rank runs every concern, so that their collectives match; files are written by rank 0.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from engine.validation import ValidationLoss, validation_record
 
 
 class Concern(Protocol):
+    """What `TrainingRun.maintenance` asks after every step: `due(step)`, then, if so, `run(step)`."""
+
     def due(self, step: int) -> bool: ...
 
     def run(self, step: int) -> bool | None: ...
