@@ -66,6 +66,13 @@ def rank_and_world_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
+def rank_slice(num_images: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """Rank `rank`'s contiguous share of items 0..num_images-1 (the current process's by default)."""
+    if rank is None or world_size is None:
+        rank, world_size = rank_and_world_size()
+    return range(num_images * rank // world_size, num_images * (rank + 1) // world_size)
+
+
 def all_gather_objects(value) -> list:
     """`value` from every rank, in rank order (just [value] outside torchrun)."""
     if not is_distributed():

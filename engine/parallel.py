@@ -5,27 +5,23 @@ gradients and optimizer state with FSDP2 (`fully_shard` on every residual and at
 the root), computing in bf16 (or fp16) with fp32 gradient reduction and fp32 master weights.
 Checkpoints always hold full, unsharded tensors (gathered to rank 0), so any world size and either
 layout can load them.
+
+FSDP and its state-dict helpers are imported where they are used: they take over a second to import,
+which every command-line start that never shards or checkpoints (sampling, export, plots) would pay.
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.distributed import DistributedContext
 from engine.unet import AttentionBlock, ResnetBlock
-
-_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets every tensor, on the CPU
-_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # rank 0's tensors, sharded or copied out
-
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The units FSDP shards and `compile_scope: blocks` compiles: every residual and attention block.
@@ -49,6 +45,8 @@ def compile_model(model: nn.Module, mode: str, scope: str) -> None:
 
 def shard(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     """FSDP2 in place: each block, then the root (the stem, time embedding and head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     if compute_dtype == torch.float32:
         policy = MixedPrecisionPolicy()
     else:  # compute in bf16/fp16; reduce gradients and keep the sharded master weights in fp32
@@ -74,37 +72,62 @@ def gradient_sync(train_model: nn.Module, enabled: bool) -> Iterator[None]:
     if isinstance(train_model, DistributedDataParallel):
         with nullcontext() if enabled else train_model.no_sync():
             yield
-    elif isinstance(train_model, FSDPModule):
+    elif is_sharded(train_model):
         train_model.set_requires_gradient_sync(enabled)
         yield
     else:
         yield
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 shards `module` (False before anything imported FSDP: then nothing can be sharded)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a possibly sharded one (a collective for DTensors, but no host sync)."""
+    from torch.distributed.tensor import DTensor
+
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def _load_options(context: DistributedContext) -> StateDictOptions:
-    return _LOAD if context.is_distributed else StateDictOptions(full_state_dict=True)
+def _save_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets every tensor, on the CPU
+
+
+def _load_options(context: DistributedContext):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # under torchrun: rank 0's tensors, sharded or copied out to the other ranks
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=context.is_distributed)
 
 
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on the CPU: on rank 0 under torchrun (other ranks get {})."""
-    return get_model_state_dict(module, options=_SAVE)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_save_options())
 
 
 def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor] | None, context: DistributedContext) -> None:
     """Load a full state dict, read on rank 0 only, into a plain, DDP-replicated or sharded module."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
     set_model_state_dict(module, state if context.is_main else {}, options=_load_options(context))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state keyed by parameter name (not position), unsharded, on rank 0."""
-    return get_optimizer_state_dict(model, optimizer, options=_SAVE)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_save_options())
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None,
                               context: DistributedContext) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     set_optimizer_state_dict(model, optimizer, state if context.is_main else {}, options=_load_options(context))

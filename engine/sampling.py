@@ -13,12 +13,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from engine import diffusion
 from engine.config import Config, SampleConfig, config_from_dict
 from engine.distributed import all_gather_objects, compute_dtype, rank_and_world_size
 from engine.images import class_rows
+from engine.parallel import is_sharded
 from engine.progress import progress_bar
 from engine.schedule import NoiseSchedule
 from kernels.registry import Kernels
@@ -140,7 +140,7 @@ class Sampler:
             return False
         if self.settings.compile is not None:
             return self.settings.compile
-        return self.device.type == "cuda" and not isinstance(self.model, FSDPModule)
+        return self.device.type == "cuda" and not is_sharded(self.model)
 
     def _compiled(self, step: diffusion.Step) -> diffusion.Step:
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"

@@ -10,7 +10,8 @@ from engine.evaluate.cli import main, parse_args
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.feature_network import (DEFAULT_BATCH_SIZE, DEFAULT_INCEPTION, INCEPTION_ENV, INCEPTION_URL,
                                              FeatureNetwork, inception_path, load_feature_network)
-from engine.evaluate.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, evaluate, rank_slice, summary
+from engine.distributed import rank_slice
+from engine.evaluate.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, evaluate, summary
 from engine.evaluate.reference import (DEFAULT_MAX_FEATURES, STATS_FORMAT, ReferenceStats, check_reference,
                                        load_reference, read_reference, reference_statistics, save_reference)
 

@@ -38,11 +38,11 @@ from engine.config import ConfigError
 from engine.data import DataError
 from engine.data.image_sets import open_images
 from engine.diffusers_format import is_diffusers_folder
-from engine.distributed import init_distributed, is_distributed, rank_and_world_size, shutdown_distributed
+from engine.distributed import init_distributed, is_distributed, rank_and_world_size, rank_slice, shutdown_distributed
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.feature_network import (DEFAULT_BATCH_SIZE, DEFAULT_INCEPTION, INCEPTION_ENV, FeatureNetwork,
                                              load_feature_network)
-from engine.evaluate.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, evaluate, rank_slice, summary
+from engine.evaluate.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, evaluate, summary
 from engine.evaluate.reference import DEFAULT_MAX_FEATURES, ReferenceStats, load_reference, save_reference
 from engine.progress import write as progress_write
 from engine.run_dir import EMA_HELP, load_run, read_run_checkpoint

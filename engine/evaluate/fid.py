@@ -1,6 +1,7 @@
 """FID and KID of generated images against reference statistics, under torch.distributed as well.
 
-The metric maths is torchmetrics' (FrechetInceptionDistance, KernelInceptionDistance).
+The metric maths is torchmetrics' (FrechetInceptionDistance, KernelInceptionDistance), set up in
+`engine.evaluate.metric_states`.
 
 Under torch.distributed (torchrun), `evaluate` is collective: every rank passes its own images
 (possibly none) and receives the global FID and KID; torchmetrics gathers the metric states over
@@ -11,86 +12,27 @@ The CLI does that itself when started with torchrun.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+from torch import Tensor
 
 from engine.data.image_sets import ImageInput, image_batches
-from engine.distributed import all_gather_objects, rank_and_world_size
+from engine.distributed import all_gather_objects
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.feature_network import DEFAULT_BATCH_SIZE, FeatureNetwork, device_of, image_features
 from engine.evaluate.reference import ReferenceStats, load_reference
 
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from engine.evaluate.metric_states import OrderedKID
+
 
 DEFAULT_KID_SUBSET_SIZE = 1000  # the KID paper's and clean-fid's choice
 DEFAULT_KID_SUBSETS = 100
-
-
-class _OrderedKID(KernelInceptionDistance):
-    """KID whose gathered generated features are put back into image-index order before the subsets
-    are drawn: torchmetrics concatenates them in rank order, so ranks dealt batches in turn would
-    otherwise draw other subsets than a single process does."""
-
-    fake_order: Tensor | None = None
-
-    def compute(self) -> tuple[Tensor, Tensor]:
-        if self.fake_order is not None:
-            self.fake_features = [torch.cat(self.fake_features)[self.fake_order]]
-        return super().compute()
-
-
-class _Precomputed(nn.Module):
-    """The metrics' 'feature network' when they are given features: each image's features are
-    computed once (by the real network) and fed to both FID and KID."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: Tensor) -> Tensor:
-        return features
-
-
-def rank_slice(num_images: int, rank: int | None = None, world_size: int | None = None) -> range:
-    """Rank `rank`'s contiguous share of images 0..num_images-1 (the current process's by default)."""
-    if rank is None or world_size is None:
-        rank, world_size = rank_and_world_size()
-    return range(num_images * rank // world_size, num_images * (rank + 1) // world_size)
-
-
-def _fid_reference_states(stats: ReferenceStats, device: torch.device) -> dict[str, Tensor]:
-    """torchmetrics' FID 'real' states that reproduce mu and sigma exactly. Its compute takes
-    mean = sum / n and cov = (cov_sum - n mean mean^T) / (n - 1); inverted: sum = n mu,
-    cov_sum = (n - 1) sigma + n mu mu^T. Any n >= 2 gives the same mu and sigma, so a file
-    without a count uses 2."""
-    n = stats.num_images or 2
-    mu = torch.from_numpy(stats.mu).to(device, torch.float64)
-    sigma = torch.from_numpy(stats.sigma).to(device, torch.float64)
-    return {"real_features_sum": n * mu, "real_features_cov_sum": (n - 1) * sigma + n * torch.outer(mu, mu),
-            "real_features_num_samples": torch.tensor(n, dtype=torch.long, device=device)}
-
-
-def _metrics(stats: ReferenceStats, num_features: int, kid_subsets: int, device: torch.device):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # KID's "saves all features in a buffer": that is the point
-        fid = FrechetInceptionDistance(feature=_Precomputed(num_features)).to(device)
-        kid = _OrderedKID(feature=_Precomputed(num_features), subsets=kid_subsets).to(device)
-    # torchmetrics sums the FID states over ranks and concatenates KID's: rank 0 alone holds the
-    # reference for FID, and each rank a contiguous share of the reference features for KID.
-    rank, world_size = rank_and_world_size()
-    if rank == 0:
-        for name, value in _fid_reference_states(stats, device).items():
-            setattr(fid, name, value)
-    if stats.features is not None:
-        share = rank_slice(len(stats.features), rank, world_size)
-        kid.real_features = [torch.from_numpy(np.ascontiguousarray(stats.features[share.start:share.stop])).to(device)]
-    return fid, kid
 
 
 def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature_net: FeatureNetwork, *,
@@ -124,7 +66,10 @@ def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature
     stats = load_reference(reference, feature_net, batch_size=batch_size, device=device, progress=progress)
     notes = list(stats.notes)
     dim = feature_net.num_features
-    fid, kid = _metrics(stats, dim, kid_subsets, device)
+    # torchmetrics takes about a second to import: only runs that evaluate pay it
+    from engine.evaluate.metric_states import metrics_holding_reference
+
+    fid, kid = metrics_holding_reference(stats, dim, kid_subsets, device)
     features = image_features(image_batches(images, batch_size), feature_net, device, total=total, progress=progress,
                               desc="evaluate")
     count, shapes, runs = _add_generated(fid, kid, features, dim, device)
@@ -143,7 +88,7 @@ def evaluate(images: ImageInput, reference: ReferenceStats | str | Path, feature
     return result
 
 
-def _add_generated(fid: FrechetInceptionDistance, kid: _OrderedKID,
+def _add_generated(fid: FrechetInceptionDistance, kid: OrderedKID,
                    features: Iterable[tuple[int | None, Tensor, tuple[int, ...]]], dim: int,
                    device: torch.device) -> tuple[int, set[tuple[int, ...]], list[tuple[int | None, int]]]:
     """Feeds this rank's generated features to both metrics; returns their count, the images'
@@ -162,7 +107,7 @@ def _add_generated(fid: FrechetInceptionDistance, kid: _OrderedKID,
     return local, shapes, runs
 
 
-def _gather_generated(kid: _OrderedKID, local: int, shapes: set[tuple[int, ...]], runs: list[tuple[int | None, int]],
+def _gather_generated(kid: OrderedKID, local: int, shapes: set[tuple[int, ...]], runs: list[tuple[int | None, int]],
                       device: torch.device) -> tuple[int, set[tuple[int, ...]]]:
     """The number of generated images and their shapes over all ranks; when every batch came with
     its index, KID will take the gathered features in image-index order."""
@@ -179,7 +124,7 @@ def _gather_generated(kid: _OrderedKID, local: int, shapes: set[tuple[int, ...]]
     return num_images, all_shapes
 
 
-def _kid(kid: _OrderedKID, stats: ReferenceStats, num_images: int, kid_subset_size: int, seed: int,
+def _kid(kid: OrderedKID, stats: ReferenceStats, num_images: int, kid_subset_size: int, seed: int,
          notes: list[str]) -> dict:
     """{"kid", "kid_std", "kid_subset_size"}, or {} with a note saying why KID is unavailable."""
     num_reference_features = 0 if stats.features is None else len(stats.features)
