@@ -25,11 +25,13 @@ class DistributedContext:
         return is_distributed()
 
 
-def choose_device(requested: str, local_rank: int = 0) -> torch.device:
+def choose_device(requested: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """`requested` (auto, cpu, cuda, cuda:N) as a device; `setting` names where the user asked for it."""
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {requested!r} but CUDA is not available on this machine")
+        raise RuntimeError(f"{setting} is {requested!r} but CUDA is not available on this machine "
+                           "(auto picks a GPU where there is one)")
     if requested == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(requested)
@@ -42,12 +44,12 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def init_distributed(requested_device: str = "auto") -> DistributedContext:
+def init_distributed(requested_device: str = "auto", setting: str = "train.device") -> DistributedContext:
     """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = choose_device(requested_device, local_rank)
+    device = choose_device(requested_device, local_rank, setting)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ and not dist.is_initialized():

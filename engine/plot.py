@@ -140,7 +140,8 @@ def trajectory_grid(run_dir: str | Path, *, num_images: int = 4, num_frames: int
     from engine.schedule import schedule_from_config
     from kernels.registry import resolve_kernels_from_config
 
-    torch_device = choose_device(device)
+    with cli.reading_inputs():  # --device cuda where there is none
+        torch_device = choose_device(device, setting="--device")
     model, config, _ = load_run(run_dir, torch_device)
     if guidance is not None:  # checked as the config checks it: >= 0, and only for a class-conditional model
         config = with_sample(config, "--guidance", guidance=guidance)

@@ -167,7 +167,7 @@ def write_outputs(args: argparse.Namespace, sampler: Sampler, images: np.ndarray
 def sample_from_run(args: argparse.Namespace) -> None:
     """The command: every rank draws its share, rank 0 reports and writes the files."""
     with cli.reading_inputs():  # e.g. --device cuda where there is none
-        context = init_distributed(args.device)
+        context = init_distributed(args.device, setting="--device")
     try:
         sampler, step = load_sampler(args, context.device)
         started = time.perf_counter()

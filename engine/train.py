@@ -117,7 +117,8 @@ def dry_run(config: Config) -> int:
 
 def train(config: Config) -> dict[str, Any]:
     """Run (or resume) training to `train.steps`; returns a summary of the run."""
-    context = init_distributed(config.train.device)
+    with cli.reading_inputs():  # train.device=cuda where there is none
+        context = init_distributed(config.train.device)
     try:
         manifest = check_data(config)
         initial_weights = check_extras(config)

@@ -140,6 +140,15 @@ def test_missing_or_mismatched_data_is_one_clear_line(tmp_path, shapes16):
     assert mismatch.returncode == 2 and "data.image_size is 32" in mismatch.stderr and "Traceback" not in mismatch.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the mistake is asking for CUDA where there is none")
+def test_cuda_asked_for_on_a_machine_without_it_is_one_clear_line(tmp_path, shapes16, capsys):
+    returncode = engine.train.main([str(ROOT / "configs/tiny.yaml"), f"data.path={shapes16}", "train.device=cuda",
+                                    f"train.run_dir={tmp_path / 'run'}"])
+    stderr = capsys.readouterr().err
+    assert returncode == 2 and "train.device is 'cuda' but CUDA is not available" in stderr, stderr
+    assert "Traceback" not in stderr and not (tmp_path / "run").exists()
+
+
 def test_sample_cli_writes_a_grid_and_uint8_npz_with_ema_or_raw_weights(tmp_path, shapes16):
     run_dir = tmp_path / "run"
     assert train(run_dir, shapes16, "train.steps=3").returncode == 0

@@ -204,7 +204,7 @@ def _evaluate_command(args: argparse.Namespace) -> None:
     joined_here = not is_distributed()  # a caller's process group is the caller's to end
     with cli.one_line_warnings("evaluate"):
         with cli.reading_inputs():  # e.g. --device cuda without CUDA
-            context = init_distributed(args.device)
+            context = init_distributed(args.device, setting="--device")
         try:
             _run(args, context.is_main, context.device)
         finally:
