@@ -20,7 +20,7 @@ from test_trainer import CPU, small_config
 # What a checkpoint written by main holds, in this order; a checkpoint of this format must keep resuming.
 CHECKPOINT_KEYS = ["step", "model", "ema", "extra_emas", "post_hoc_emas", "optimizer", "lr_schedule", "scaler",
                    "kernels", "counters", "rng", "data_position", "config", "engine_version"]
-DATA_POSITION_KEYS = ["world_size", "num_workers", "batch_size", "seed", "positions", "next_workers"]
+DATA_POSITION_KEYS = ["world_size", "num_workers", "batch_size", "seed", "positions", "next_workers", "seeds"]
 
 
 def draws() -> tuple:
@@ -56,27 +56,33 @@ def test_the_stream_position_follows_the_batches_and_round_trips():
     for worker, position in ((0, 8), (1, 8), (0, 16)):
         stream.advance({"worker": worker, "position": position, "skipped": 0})
     stream.advance({"skipped": 0})  # the device cache's batches name no position: nothing moves
-    assert stream.state_dict() == {"positions": [16, 8], "next_worker": 1}
+    assert stream.state_dict() == {"seed": 7, "positions": [16, 8], "next_worker": 1}
     again = StreamPosition.fresh(seed=7, num_workers=2)
     again.load_state_dict(stream.state_dict())
     assert again == stream
     again.restart(seed=99)
     assert again == StreamPosition(seed=99, positions=[0, 0], next_worker=0)
+    resumed = StreamPosition.fresh(seed=7, num_workers=2)
+    resumed.load_state_dict(again.state_dict())
+    assert resumed.seed == 99, "a restarted stream resumes with its own seed"
+    older = {"positions": [16, 8], "next_worker": 1}  # before the seed was saved: the configured seed's stream
+    resumed.load_state_dict(older)
+    assert resumed == StreamPosition(seed=99, positions=[16, 8], next_worker=1)
     assert StreamPosition.fresh(seed=0, num_workers=0).positions == [0]  # no workers: the main process's stream
 
 
 def test_the_data_position_holds_the_layout_and_each_ranks_position_and_only_that_layout_reads_it():
     layout = stream_layout(world_size=2, num_workers=2, batch_size=4, seed=0)
-    states = [{"positions": [8, 4], "next_worker": 1}, {"positions": [4, 4], "next_worker": 0}]
+    states = [{"seed": 0, "positions": [8, 4], "next_worker": 1}, {"seed": 5, "positions": [4, 4], "next_worker": 0}]
     entry = data_position(layout, states)
     assert list(entry) == DATA_POSITION_KEYS
     assert entry == {"world_size": 2, "num_workers": 2, "batch_size": 4, "seed": 0, "positions": [[8, 4], [4, 4]],
-                     "next_workers": [1, 0]}
+                     "next_workers": [1, 0], "seeds": [0, 5]}
     assert [rank_position(entry, layout, rank) for rank in (0, 1)] == states
     for other in ({"world_size": 1}, {"num_workers": 1}, {"batch_size": 8}, {"seed": 1}):
         assert rank_position(entry, {**layout, **other}, 0) is None, other
     assert rank_position(None, layout, 0) is None
-    older = {key: value for key, value in entry.items() if key != "next_workers"}  # before next_workers was saved
+    older = {key: value for key, value in entry.items() if key not in ("next_workers", "seeds")}  # saved since
     assert rank_position(older, layout, 0) == {"positions": [8, 4], "next_worker": 0}
 
 
@@ -167,6 +173,9 @@ def test_another_world_size_resumes_from_the_step_mean_counters_reseeded_generat
     assert [line.split(":")[0] for line in logged] == [
         "the data stream starts afresh (seeded by the step)", "the checkpoint holds no generator states for this "
                                                               "world size"]
+    again, _ = the_parts(tmp_path / "resumed-again")  # killed again under the new layout: the same stream goes on
+    again.load_state_dict(restored.state_dict())
+    assert again.stream == restored.stream
 
 
 def test_checkpoints_from_before_the_counters_and_generators_were_saved_still_resume(tmp_path, trained):

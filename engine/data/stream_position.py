@@ -35,9 +35,11 @@ class StreamPosition:
         self.seed, self.positions, self.next_worker = seed, [0] * len(self.positions), 0
 
     def state_dict(self) -> dict:
-        return {"positions": list(self.positions), "next_worker": self.next_worker}
+        # the seed too: after a restart it is the step's, not train.seed, and a later resume must go on with it
+        return {"seed": self.seed, "positions": list(self.positions), "next_worker": self.next_worker}
 
     def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state.get("seed", self.seed))  # checkpoints from before seeds were saved: train.seed's
         self.positions, self.next_worker = [int(p) for p in state["positions"]], int(state["next_worker"])
 
 
@@ -47,9 +49,10 @@ def stream_layout(world_size: int, num_workers: int, batch_size: int, seed: int)
 
 
 def data_position(layout: dict[str, int], states: list[dict]) -> dict:
-    """The checkpoint's "data_position": the layout, and the ranks' positions and next workers (in rank order)."""
+    """The checkpoint's "data_position": the layout, and the ranks' positions, next workers and stream seeds (in rank
+    order)."""
     return {**layout, "positions": [state["positions"] for state in states],
-            "next_workers": [state["next_worker"] for state in states]}
+            "next_workers": [state["next_worker"] for state in states], "seeds": [state["seed"] for state in states]}
 
 
 def rank_position(saved: dict | None, layout: dict[str, int], rank: int) -> dict | None:
@@ -58,4 +61,5 @@ def rank_position(saved: dict | None, layout: dict[str, int], rank: int) -> dict
         return None
     # checkpoints from before next_workers was recorded: worker 0 (exact when the step ended a round)
     next_workers = saved.get("next_workers") or [0] * layout["world_size"]
-    return {"positions": saved["positions"][rank], "next_worker": next_workers[rank]}
+    seed = {"seed": saved["seeds"][rank]} if "seeds" in saved else {}  # before seeds were recorded: train.seed's
+    return {**seed, "positions": saved["positions"][rank], "next_worker": next_workers[rank]}
