@@ -67,8 +67,8 @@ class TrainingRun:
         ) if context.is_main else None
         # What runs between steps, built once: the sampler (compiled once), FID's network and reference, the held-out
         # images; the progress bar last, after the setup's own lines and bars.
-        self.sampler_model = self.trainer.ema.ema_model if config.sample.use_ema else self.trainer.model
-        self.sampler = Sampler(self.sampler_model, config, self.trainer.schedule, self.trainer.kernels, context.device)
+        sampler_model = self.trainer.ema.ema_model if config.sample.use_ema else self.trainer.model
+        self.sampler = Sampler(sampler_model, config, self.trainer.schedule, self.trainer.kernels, context.device)
         flops = model_flops_per_image(config)  # counted once, on the meta device
         peak = peak_bf16_flops(context.device) if self.trainer.dtype == torch.bfloat16 else None
         post_hoc = PostHocSnapshots(self.layout.post_hoc_ema, self.trainer.post_hoc_emas,
