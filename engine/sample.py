@@ -27,7 +27,7 @@ from engine.diffusers_format import is_diffusers_folder
 from engine.distributed import DistributedContext, gather_to_main, init_distributed, shutdown_distributed
 from engine.images import save_grid, save_image, to_uint8
 from engine.run_dir import EMA_HELP, RunDir, chosen_ema, load_run, weights_label
-from engine.sampling import Sampler
+from engine.sampling import Sampler, in_image_order
 from engine.schedule import schedule_from_config
 from kernels.registry import KernelError, resolve_kernels_from_config
 
@@ -139,8 +139,7 @@ def draw(args: argparse.Namespace, sampler: Sampler, context: DistributedContext
     shares = gather_to_main(mine)
     if shares is None:
         return None
-    batches = dict(pair for share in shares for pair in share)
-    return np.concatenate([batches[start] for start in sorted(batches)])
+    return np.concatenate(in_image_order(shares))
 
 
 def write_outputs(args: argparse.Namespace, sampler: Sampler, images: np.ndarray) -> None:

@@ -9,7 +9,7 @@ every batch of every call.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,6 +49,13 @@ def with_sample(config: Config, where: str, **changes) -> Config:
     raw = config.to_dict()
     raw["sample"].update(changes)
     return config_from_dict(raw, where=where)
+
+
+def in_image_order(shares: list[list[tuple[int, Any]]]) -> list[Any]:
+    """The ranks' (first image index, batch) pairs, as `batches` yields them and gathered, as one list of batches in
+    image order: ranks take batches in turn, so the order does not depend on the world size."""
+    batches = dict(pair for share in shares for pair in share)
+    return [batches[start] for start in sorted(batches)]
 
 
 def batch_starts(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -201,5 +208,4 @@ class Sampler:
         rank, world_size = rank_and_world_size()
         mine = list(self.batches(num_images, seed, batch_size, rank=rank, world_size=world_size,
                                  progress=progress and rank == 0))
-        batches = dict(pair for share in all_gather_objects(mine) for pair in share)
-        return torch.cat([batches[start] for start in sorted(batches)])
+        return torch.cat(in_image_order(all_gather_objects(mine)))
