@@ -19,6 +19,7 @@ from engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.schedule import NoiseSchedule
 from engine.unet import UNet
+from forked_cli import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model and run small enough for seconds on 2 cores; every other setting comes from the preset.
@@ -36,9 +37,13 @@ RECIPE_OPTIONS = ["diffusion.target=edm", "diffusion.sigma_data=0.5", "diffusion
 
 
 def run(module, *args, timeout=900, launcher=None):  # a hang guard, far above a loaded machine
-    command = [*(launcher or [sys.executable, "-m"]), module, *map(str, args)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    """`python -m module args` (in a fork of this process where that is safe: tests/forked_cli.py), or `launcher`'s
+    command (e.g. torchrun) in a fresh one."""
+    quiet = {"PYTHONWARNINGS": "ignore::UserWarning"}
+    if launcher is None:
+        return run_module(module, args, cwd=ROOT, env=quiet, timeout=timeout)
+    command = [*launcher, module, *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **quiet})
 
 
 def train(run_dir, data, *overrides, launcher=None):
