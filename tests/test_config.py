@@ -1,12 +1,11 @@
 """Config loading: presets, overrides, and one clear line for every mistake."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.config import ConfigError, load_config
+from forked_cli import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -86,8 +85,7 @@ def test_missing_config_file_is_a_config_error(tmp_path):
 
 def test_cli_config_error_exits_2_with_one_line(tmp_path):
     path = write(tmp_path, "optim:\n  lr: -1\n")
-    result = subprocess.run([sys.executable, "-m", "engine.train", str(path), "--dry-run"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = run_module("engine.train", [path, "--dry-run"], cwd=ROOT, timeout=600)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.lr must be positive" in lines[0] and str(path) in lines[0]

@@ -12,7 +12,6 @@ import json
 import pickle
 import shutil
 import subprocess
-import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from engine.data import (SHAPE_CLASSES, DataError, build_train_loader, is_image_
                          open_images, open_source, random_flip_mask, read_manifest)
 from engine.data.prepare import prepare
 from kernels.q_sample import images_to_unit_range
+from forked_cli import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
@@ -590,8 +590,7 @@ def test_every_public_name_of_the_data_package_loads():
 
 
 def run_prepare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.data.prepare", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return run_module("engine.data.prepare", args, cwd=REPO, timeout=600)
 
 
 def test_cli_writes_array_shards_with_format_array(tmp_path):

@@ -7,8 +7,6 @@ every refusal are checked without it.
 import inspect
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from engine.parallel import full_model_state
 from engine.run_dir import load_run
 from engine.schedule import make_betas
 from engine.unet import UNet, build_unet
+from forked_cli import run_module
 from test_train_cli import ROOT
 
 # The smallest model UNet2DModel can express: widths must be multiples of its 32 norm groups.
@@ -81,8 +80,7 @@ def run_dir(tmp_path_factory):
 def exported(run_dir, tmp_path_factory):
     """The CLI as a user runs it: python -m engine.export RUN_DIR --format diffusers OUT_DIR."""
     out = tmp_path_factory.mktemp("exports") / "tiny-diffusers"
-    result = subprocess.run([sys.executable, "-m", "engine.export", str(run_dir), "--format", "diffusers", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_module("engine.export", [run_dir, "--format", "diffusers", out], cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "EMA weights" in result.stdout and "step 7" in result.stdout
     return out
@@ -366,8 +364,7 @@ def test_export_cli_errors_are_one_line_with_exit_status_2(run_dir, tmp_path, ca
     fails(tmp_path / "narrow", tmp_path / "narrow-out", expect="multiple of 32")
     assert not (tmp_path / "narrow-out").exists()
 
-    result = subprocess.run([sys.executable, "-m", "engine.export", str(tmp_path / "narrow"), str(tmp_path / "x")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_module("engine.export", [tmp_path / "narrow", tmp_path / "x"], cwd=ROOT, timeout=600)
     assert result.returncode == 2 and one_line(result.stderr) and "model.base_channels=16" in result.stderr
 
 

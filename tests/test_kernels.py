@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from kernels.check import make_cases, run_conformance
 from kernels.posterior_step import schedule_tables
 from kernels.registry import OPS, KernelError, load_implementation, register_kernel, resolve_kernels
 from kernels.triton_support import interpreting
+from forked_cli import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 1000
@@ -596,9 +596,7 @@ def test_start_up_check_rejects_crashing_and_wrong_signature_kernels(path, messa
 
 
 def check_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "kernels.check", *args, "--device", "cpu"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_module("kernels.check", [*args, "--device", "cpu"], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout=900)
 
 
 def case_lines(stdout: str) -> list[str]:

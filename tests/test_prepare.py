@@ -3,7 +3,6 @@ every kind of source (zip, LMDB, Hugging Face save_to_disk, parquet). Every file
 
 import io
 import json
-import subprocess
 import sys
 import tarfile
 import zipfile
@@ -16,6 +15,7 @@ from PIL import Image
 from engine.data import DataError, read_manifest
 from engine.data.prepare import prepare
 from engine.data.transforms import crop_square, resize_shorter_side
+from forked_cli import run_module
 from test_data import shard_contents
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,9 +317,8 @@ def test_a_source_named_with_the_wrong_kind_is_a_clear_error(tmp_path, named, so
 @pytest.mark.slow
 def test_cli_resizes_with_workers_and_reports_skipped_and_upsampled(mixed_folder, tmp_path):
     root, _ = mixed_folder
-    result = subprocess.run([sys.executable, "-m", "engine.data.prepare", str(root), str(tmp_path), "--image-size",
-                             str(N), "--workers", "2", "--crop", "random", "--background", "black"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_module("engine.data.prepare", [root, tmp_path, "--image-size", N, "--workers", 2, "--crop", "random",
+                                                "--background", "black"], cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "wrote 11 samples (16x16x3, 1 classes)" in result.stdout
     assert "skipped 2 unreadable files, upsampled 2 smaller images" in result.stdout
