@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.distributed import DistributedContext
 from engine.unet import AttentionBlock, ResnetBlock
 
+
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The units FSDP shards and `compile_scope: blocks` compiles: every residual and attention block.
 

@@ -55,7 +55,9 @@ def _fid_reference_states(stats: ReferenceStats, device: torch.device) -> dict[s
             "real_features_num_samples": torch.tensor(n, dtype=torch.long, device=device)}
 
 
-def metrics_holding_reference(stats: ReferenceStats, num_features: int, kid_subsets: int, device: torch.device):
+def metrics_holding_reference(stats: ReferenceStats, num_features: int, kid_subsets: int,
+                              device: torch.device) -> tuple[FrechetInceptionDistance, OrderedKID]:
+    """FID and KID metrics that take `num_features`-wide features and already hold this rank's part of `stats`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # KID's "saves all features in a buffer": that is the point
         fid = FrechetInceptionDistance(feature=_Precomputed(num_features)).to(device)
