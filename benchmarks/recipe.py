@@ -325,12 +325,19 @@ def train_all(bench: Bench, runs: list[tuple[Recipe, int]], budgets: int | None 
 
 def curves(bench: Bench, recipes: list[Recipe], seeds: tuple[int, ...],
            budgets: int | None = None) -> dict[str, dict[int, list]]:
-    """recipe -> seed -> [(images, FD)] at every budget (the first `budgets`)."""
+    """recipe -> seed -> [(images, FD)] at every budget (the first `budgets`). The scores of all the runs share the
+    `bench.jobs` workers: one run's unscored checkpoints may be fewer than the workers."""
     run_dirs = train_all(bench, [(recipe, seed) for recipe in recipes for seed in seeds], budgets)
+    tasks = [(name, seed, images, checkpoint) for (name, seed), run_dir in run_dirs.items()
+             for images, checkpoint in budget_checkpoints(run_dir)[:budgets]]
+    with ThreadPoolExecutor(bench.jobs) as pool:
+        fds = list(pool.map(lambda task: score(bench, task[3]), tasks))
     found: dict[str, dict[int, list]] = {}
-    for (name, seed), run_dir in run_dirs.items():
-        found.setdefault(name, {})[seed] = curve(bench, run_dir, budgets=budgets)
-        print(f"{name}, seed {seed}: {found[name][seed]}", flush=True)
+    for (name, seed, images, _), fd in zip(tasks, fds):
+        found.setdefault(name, {}).setdefault(seed, []).append((images, fd))
+    for name, seeds in found.items():
+        for seed, points in seeds.items():
+            print(f"{name}, seed {seed}: {points}", flush=True)
     return found
 
 
