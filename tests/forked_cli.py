@@ -88,10 +88,12 @@ def _run_in_child(main, args: list[str], cwd, env: dict[str, str], out: int, err
         _fresh_interpreter_state()
         code = main(args)
         code = 0 if code is None else code
-    except SystemExit as exit:  # argparse's exit 2, or sys.exit(...) inside
-        code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
-        if not isinstance(exit.code, (int, type(None))):
+    except SystemExit as exit:  # argparse's exit 2, or sys.exit(...) inside: as the interpreter treats it
+        if exit.code is None or isinstance(exit.code, int):
+            code = exit.code or 0
+        else:
             print(exit.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
         code = 1
