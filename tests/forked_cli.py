@@ -7,7 +7,7 @@ stdout, stderr, working directory, environment, warnings filters, signal handler
 returns what `subprocess.run(..., capture_output=True, text=True)` returns.
 
 Forking is used only where the test process runs torch on one thread (`make test`'s pytest-xdist workers):
-OpenMP's thread pool does not survive a fork. Elsewhere, and for torchrun, a fresh interpreter runs it.
+OpenMP's thread pool does not survive a fork. Elsewhere a fresh interpreter runs it (torchrun for ranks).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import importlib
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,40 +37,77 @@ def can_fork() -> bool:
     return hasattr(os, "fork") and torch.get_num_threads() == 1 and os.environ.get("OMP_NUM_THREADS") == "1"
 
 
-def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = None,
-               timeout: float) -> subprocess.CompletedProcess:
-    """`python -m module args` with `env` added to the environment; its exit status, stdout and stderr."""
+def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = None, timeout: float,
+               ranks: int = 0) -> subprocess.CompletedProcess:
+    """`python -m module args` with `env` added to the environment; its exit status, stdout and stderr.
+
+    ranks=N: as `torchrun --standalone --nproc_per_node N -m module args`, the ranks forked with the environment
+    torchrun gives them (RANK, WORLD_SIZE, MASTER_ADDR, ...), their outputs rank by rank. The engine reads only
+    that environment; torchrun's own part (the rendezvous, forwarding signals) keeps its tests that launch it."""
     args, env = [str(arg) for arg in args], env or {}
-    command = [sys.executable, "-m", module, *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    command = [*(launcher if ranks else [sys.executable]), "-m", module, *args]
     if not can_fork():
         return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **env})
     main = importlib.import_module(module).main  # imported here, once, rather than in every child
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    port = _free_port() if ranks else None
+    rank_envs = [{**env, **_torchrun_environment(rank, ranks, port)} for rank in range(ranks)] if ranks else [env]
+    files = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in rank_envs]
+    try:
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _run_in_child(main, args, cwd, env, out.fileno(), err.fileno())  # never returns
-        returncode = _wait(pid, timeout, command)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(command, returncode, out.read().decode(errors="replace"),
-                                           err.read().decode(errors="replace"))
-
-
-def _wait(pid: int, timeout: float, command: list[str]) -> int:
-    deadline, finished = time.monotonic() + timeout, False
-    try:
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                finished = True
-                return os.waitstatus_to_exitcode(status)
-            time.sleep(0.02)
-        raise subprocess.TimeoutExpired(command, timeout)
+        pids = []
+        for rank_env, (out, err) in zip(rank_envs, files):
+            pid = os.fork()
+            if pid == 0:
+                _run_in_child(main, args, cwd, rank_env, out.fileno(), err.fileno())  # never returns
+            pids.append(pid)
+        returncode = _wait(pids, timeout, command)
+        return subprocess.CompletedProcess(command, returncode, *(_read(stream) for stream in zip(*files)))
     finally:
-        if not finished:  # timed out, or the test was interrupted: the child must not outlive it
+        for out, err in files:
+            out.close()
+            err.close()
+
+
+def _torchrun_environment(rank: int, ranks: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(ranks),
+            "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _read(files) -> str:
+    """The outputs of the ranks, rank 0's first."""
+    texts = []
+    for file in files:
+        file.seek(0)
+        texts.append(file.read().decode(errors="replace"))
+    return "".join(texts)
+
+
+def _wait(pids: list[int], timeout: float, command: list[str]) -> int:
+    """The first failing exit status, else 0. A failed rank stops the others, as torchrun does: they would wait
+    for it in a collective."""
+    deadline, running, returncode = time.monotonic() + timeout, list(pids), 0
+    try:
+        while running and not returncode:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(command, timeout)
+            for pid in list(running):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    running.remove(pid)
+                    returncode = returncode or os.waitstatus_to_exitcode(status)
+            time.sleep(0.02)
+        return returncode
+    finally:
+        for pid in running:  # a rank failed or timed out, or the test was interrupted: none may outlive it
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 

@@ -1,6 +1,9 @@
 """Parallel training on the CPU (gloo) under torchrun: DDP, FSDP2, gradient accumulation and compile
 all follow the same loss trajectory as one eager process with the same global batch.
 
+Most runs fork their two ranks with torchrun's environment (tests/forked_cli.py: no fresh interpreters); torchrun
+itself launches the runs that test what it adds, a kill -9 of the whole group and a SIGTERM it forwards.
+
 The data set holds one image repeated, so the loss does not depend on which rank streams which
 shard; timesteps, flips and noise come from counters over the global batch, so they match too.
 """
@@ -59,7 +62,7 @@ def _assert_same_trajectory(got: dict, single_run, rel: float = 1e-4) -> None:
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_follow_the_single_process_trajectory_and_resume(tmp_path, repeated_image, single_process, parallel):
     run_dir = tmp_path / parallel
-    result = train(run_dir, repeated_image, *STEPS, f"train.parallel={parallel}", launcher=TORCHRUN)
+    result = train(run_dir, repeated_image, *STEPS, f"train.parallel={parallel}", ranks=2)
     assert result.returncode == 0, result.stderr
     _assert_same_trajectory(losses(run_dir), single_process)
     state, _ = load_latest_checkpoint(run_dir)
@@ -70,7 +73,7 @@ def test_two_ranks_follow_the_single_process_trajectory_and_resume(tmp_path, rep
     for name, value in single["ema"].items():
         torch.testing.assert_close(state["ema"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     # The same command with more steps resumes from the 2-rank checkpoint.
-    again = train(run_dir, repeated_image, *STEPS[1:], "train.steps=6", f"train.parallel={parallel}", launcher=TORCHRUN)
+    again = train(run_dir, repeated_image, *STEPS[1:], "train.steps=6", f"train.parallel={parallel}", ranks=2)
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stderr and sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
 
@@ -88,7 +91,7 @@ def test_a_conditional_model_trains_under_fsdp_as_in_one_process_and_its_checkpo
     single = train(tmp_path / "single", repeated_image, *conditional)
     assert single.returncode == 0, single.stderr
     result = train(tmp_path / "fsdp", repeated_image, *conditional, "train.parallel=fsdp",
-                   "model.activation_checkpointing=all", launcher=TORCHRUN)
+                   "model.activation_checkpointing=all", ranks=2)
     assert result.returncode == 0, result.stderr
     _assert_same_trajectory(losses(tmp_path / "fsdp"), tmp_path / "single")
     single_state, fsdp_state = (load_latest_checkpoint(tmp_path / name)[0] for name in ("single", "fsdp"))
@@ -128,13 +131,13 @@ def test_the_recipe_options_train_under_fsdp_with_gradient_accumulation_as_in_on
     single = train(tmp_path / "single", repeated_image, *STEPS, *RECIPE_OPTIONS)
     assert single.returncode == 0, single.stderr
     result = train(tmp_path / "fsdp", repeated_image, *STEPS, *RECIPE_OPTIONS, "train.parallel=fsdp",
-                   "train.grad_accum_steps=2", launcher=TORCHRUN)
+                   "train.grad_accum_steps=2", ranks=2)
     assert result.returncode == 0, result.stderr
     _assert_same_trajectory(losses(tmp_path / "fsdp"), tmp_path / "single")
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] > lrs[-1] > 0  # the rate decays (inverse_sqrt from step 3)
     again = train(tmp_path / "fsdp", repeated_image, *STEPS[1:], *RECIPE_OPTIONS, "train.steps=6",
-                  "train.parallel=fsdp", "train.grad_accum_steps=2", launcher=TORCHRUN)
+                  "train.parallel=fsdp", "train.grad_accum_steps=2", ranks=2)
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stderr and sorted(losses(tmp_path / "fsdp")) == [1, 2, 3, 4, 5, 6]
 
@@ -148,7 +151,7 @@ def test_a_compiled_model_follows_the_eager_trajectory(tmp_path, repeated_image,
 
 def test_a_global_batch_that_does_not_split_is_one_clear_line(tmp_path, repeated_image):
     result = train(tmp_path / "run", repeated_image, *STEPS, "train.batch_size=6", "train.grad_accum_steps=2",
-                   launcher=TORCHRUN)
+                   ranks=2)
     assert result.returncode != 0
     assert "train.batch_size (6) must be divisible by the world size (2) x train.grad_accum_steps (2)" in result.stderr
 
@@ -183,7 +186,7 @@ def test_precisions_and_channels_last_follow_the_fp32_trajectory(tmp_path, repea
 def test_a_killed_two_rank_ddp_run_resumes_to_the_uninterrupted_losses(tmp_path, repeated_image):
     """kill -9 of torchrun and both ranks; the same command then follows the uninterrupted trajectory."""
     exact = [*STEPS[1:], "train.steps=12", "train.checkpoint_every=3", "model.dropout=0.1", "data.num_workers=1"]
-    straight = train(tmp_path / "straight", repeated_image, *exact, launcher=TORCHRUN)
+    straight = train(tmp_path / "straight", repeated_image, *exact, ranks=2)
     assert straight.returncode == 0, straight.stderr
     run_dir = tmp_path / "killed"
     train_until_killed(run_dir, repeated_image, 7, *exact, launcher=TORCHRUN)
@@ -201,7 +204,7 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path, repeated_ima
     """The reverse of FSDP -> 1: the same weights, optimizer and EMA continue under DDP on 2 ranks."""
     run_dir = tmp_path / "run"
     shutil.copytree(single_process, run_dir)  # 4 steps in one process
-    result = train(run_dir, repeated_image, *STEPS[1:], "train.steps=6", launcher=TORCHRUN)
+    result = train(run_dir, repeated_image, *STEPS[1:], "train.steps=6", ranks=2)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr and "starts afresh" in result.stderr  # the documented data semantics
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
@@ -222,5 +225,5 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_step(tmp_path, repeat
     assert "stopped by SIGTERM" in stderr
     state, _ = load_latest_checkpoint(run_dir)
     assert state["step"] % 10 == 0  # the ranks agree every 10 steps, and stop together there
-    again = train(run_dir, repeated_image, *STEPS[1:], f"train.steps={state['step'] + 2}", launcher=TORCHRUN)
+    again = train(run_dir, repeated_image, *STEPS[1:], f"train.steps={state['step'] + 2}", ranks=2)
     assert again.returncode == 0 and f"at step {state['step']}" in again.stderr

@@ -11,7 +11,6 @@ from engine.sampling import Sampler, batch_starts
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet
 from kernels.registry import resolve_kernels_from_config
-from test_distributed import TORCHRUN
 from test_train_cli import ROOT, SMALL, run, train
 
 
@@ -51,7 +50,7 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, trained_run):
     one = run("engine.sample", trained_run, *common, "--out", tmp_path / "one.png", "--npz", tmp_path / "one.npz")
     assert one.returncode == 0, one.stderr
     two = run("engine.sample", trained_run, *common, "--out", tmp_path / "two.png", "--npz", tmp_path / "two.npz",
-              "--png-dir", tmp_path / "pngs", launcher=TORCHRUN)
+              "--png-dir", tmp_path / "pngs", ranks=2)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("sampled 5 images") == 1, "rank 0 alone reports"
     images = np.load(tmp_path / "one.npz")["arr_0"]

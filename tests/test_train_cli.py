@@ -36,19 +36,19 @@ RECIPE_OPTIONS = ["diffusion.target=edm", "diffusion.sigma_data=0.5", "diffusion
                   "optim.betas=[0.9,0.99]"]
 
 
-def run(module, *args, timeout=900, launcher=None):  # a hang guard, far above a loaded machine
-    """`python -m module args` (in a fork of this process where that is safe: tests/forked_cli.py), or `launcher`'s
-    command (e.g. torchrun) in a fresh one."""
+def run(module, *args, timeout=900, launcher=None, ranks=0):  # a hang guard, far above a loaded machine
+    """`python -m module args` (in a fork of this process where that is safe: tests/forked_cli.py), as `ranks`
+    torchrun ranks if given, or `launcher`'s command (e.g. torchrun itself) in a fresh interpreter."""
     quiet = {"PYTHONWARNINGS": "ignore::UserWarning"}
     if launcher is None:
-        return run_module(module, args, cwd=ROOT, env=quiet, timeout=timeout)
+        return run_module(module, args, cwd=ROOT, env=quiet, timeout=timeout, ranks=ranks)
     command = [*launcher, module, *map(str, args)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **quiet})
 
 
-def train(run_dir, data, *overrides, launcher=None):
+def train(run_dir, data, *overrides, launcher=None, ranks=0):
     return run("engine.train", "configs/tiny.yaml", *SMALL, f"data.path={data}", f"train.run_dir={run_dir}",
-               *overrides, launcher=launcher)
+               *overrides, launcher=launcher, ranks=ranks)
 
 
 def losses(run_dir):
