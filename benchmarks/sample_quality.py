@@ -60,6 +60,7 @@ class Preset:
     train_images: int = 45000  # training images (at most those not held out)
     held_out: int = 5000  # images kept from every model (diffusion and classifier): the reference set
     every: int = 1  # use every k-th CIFAR-10 image (in file-name order, so the classes stay balanced)
+    classifier_width: int = 64  # the feature network's channels (FeatureNet)
 
     def model_overrides(self) -> list[str]:
         top = self.image_size  # attention at the top level: 16x16 in the protocol, the top of a 16x16 model too
@@ -74,7 +75,8 @@ PRESETS = {
     "quick": Preset(image_size=16, train_steps=1200, num_images=500),
     # the guard test's size (tests/test_sample_quality.py): minutes on 2 cores
     "test": Preset(image_size=16, train_steps=150, num_images=200, batch_size=32, ddim_steps=20, base_channels=32,
-                   channel_mult=(1, 2), num_res_blocks=1, train_images=8000, held_out=2000, every=5),
+                   channel_mult=(1, 2), num_res_blocks=1, train_images=8000, held_out=2000, every=5,
+                   classifier_width=32),
 }
 
 
@@ -162,16 +164,16 @@ class FeatureNet(torch.nn.Module):
 
 
 def feature_net(train: tuple[np.ndarray, np.ndarray], held: tuple[np.ndarray, np.ndarray], cache: Path,
-                epochs: int = 3) -> tuple[FeatureNet, float]:
+                epochs: int = 3, width: int = 64) -> tuple[FeatureNet, float]:
     """The classifier trained on the training split (seeded, a few epochs), cached; and its held-out accuracy."""
     images, labels = train
     tag = hashlib.sha256(images[:64].tobytes() + str((images.shape, epochs)).encode()).hexdigest()[:12]
-    path = cache / f"classifier-{images.shape[1]}-{tag}.pt"
-    net = FeatureNet()
+    path = cache / f"classifier-{images.shape[1]}-{tag}{'' if width == 64 else f'-w{width}'}.pt"
+    torch.manual_seed(0)  # the initial weights too: the features, and so every FD, depend on them
+    net = FeatureNet(width)
     if path.exists():
         net.load_state_dict(torch.load(path, weights_only=True))
     else:
-        torch.manual_seed(0)
         optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
         order_rng = np.random.default_rng(0)
         steps = epochs * len(images) // 128
@@ -441,6 +443,7 @@ def prepare_models(preset: Preset, train: tuple[np.ndarray, np.ndarray], out: Pa
     theirs_dir = out / f"diffusers-seed{seed}"
     if not (theirs_dir / "model_index.json").exists():
         started = time.perf_counter()
+        torch.manual_seed(seed)  # its initial weights from the seed, as train.seed gives ours theirs
         unet = train_diffusers_way(diffusers_unet(preset), preset, train[0], seed)
         seconds["diffusers"] = time.perf_counter() - started
         diffusers.DDPMPipeline(unet=unet, scheduler=diffusers_scheduler()).save_pretrained(theirs_dir)
@@ -457,7 +460,7 @@ def run(preset: Preset, cifar: Path, out: Path, cache: Path, seed: int = 0, rows
     """Trains both models, samples every row (or the `rows` named) and scores them; returns the results."""
     train, held = split(*load_cifar(cifar, preset.image_size, cache, preset.every), preset.held_out)
     train = (train[0][:preset.train_images], train[1][:preset.train_images])
-    net, accuracy = feature_net(train, held, cache)
+    net, accuracy = feature_net(train, held, cache, width=preset.classifier_width)
     measure = QualityMeasure(net, held[0])
     out.mkdir(parents=True, exist_ok=True)
     ours, theirs_dir, theirs, exported, seconds = prepare_models(preset, train, out, cache, seed)

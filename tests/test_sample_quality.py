@@ -15,8 +15,8 @@ OURS = "ours model, engine.sample now (network's eps)"
 OURS_IN_THEIRS = "ours model, diffusers DDIM"
 # Calibration (benchmarks/SAMPLE_QUALITY.md). At 300 steps, training seeds 0 and 1: ours 5.5 / 8.8, diffusers
 # 25.5 / 25.5, our sampler minus diffusers' on our weights -0.4 / +0.8, the old clipped-eps convention 15.1 / 14.4.
-# At this test's 150 steps, seeds 0 and 1: ours 12.5 / 13.1, diffusers 34.2 / 39.0, diffusers' sampler on our
-# weights 13.7 / 13.7, the old convention 51.0 / 54.4 (at 200 steps, seed 0: 5.9, 26.6, 5.7, 44.7).
+# At this test's 150 steps and 32-wide classifier, seeds 0 and 1: ours 9.5 / 10.5, diffusers 22.4 / 23.2,
+# diffusers' sampler on our weights 9.4 / 10.3, the old convention 27.4 / 29.9.
 TRAINING_SPREAD = 3.5
 SAMPLER_SPREAD = 2.0
 
