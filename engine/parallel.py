@@ -93,42 +93,39 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def _save_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+def _state_dicts():
+    """torch.distributed.checkpoint.state_dict, imported on first use (this module's docstring says why)."""
+    import torch.distributed.checkpoint.state_dict as state_dicts
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets every tensor, on the CPU
+    return state_dicts
+
+
+def _save_options():
+    # rank 0 gets every tensor, on the CPU
+    return _state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _load_options(context: DistributedContext):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     # under torchrun: rank 0's tensors, sharded or copied out to the other ranks
-    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=context.is_distributed)
+    return _state_dicts().StateDictOptions(full_state_dict=True, broadcast_from_rank0=context.is_distributed)
 
 
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on the CPU: on rank 0 under torchrun (other ranks get {})."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(module, options=_save_options())
+    return _state_dicts().get_model_state_dict(module, options=_save_options())
 
 
 def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor] | None, context: DistributedContext) -> None:
     """Load a full state dict, read on rank 0 only, into a plain, DDP-replicated or sharded module."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(module, state if context.is_main else {}, options=_load_options(context))
+    _state_dicts().set_model_state_dict(module, state if context.is_main else {}, options=_load_options(context))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state keyed by parameter name (not position), unsharded, on rank 0."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_save_options())
+    return _state_dicts().get_optimizer_state_dict(model, optimizer, options=_save_options())
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None,
                               context: DistributedContext) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state if context.is_main else {}, options=_load_options(context))
+    _state_dicts().set_optimizer_state_dict(model, optimizer, state if context.is_main else {},
+                                            options=_load_options(context))
