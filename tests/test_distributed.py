@@ -23,7 +23,7 @@ from PIL import Image
 from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.post_hoc_ema import list_snapshots
-from test_train_cli import RECIPE_OPTIONS, ROOT, SMALL, losses, train, train_until_killed
+from test_train_cli import ONE_LEVEL, RECIPE_OPTIONS, ROOT, SMALL, losses, train, train_until_killed
 
 # torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
 # --standalone: a free port of its own, so that torchrun tests running at the same time (make test runs two
@@ -142,11 +142,13 @@ def test_the_recipe_options_train_under_fsdp_with_gradient_accumulation_as_in_on
     assert "resumed from" in again.stderr and sorted(losses(tmp_path / "fsdp")) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_compiled_model_follows_the_eager_trajectory(tmp_path, repeated_image, single_process):
-    run_dir = tmp_path / "compiled"
-    result = train(run_dir, repeated_image, *STEPS, "train.compile=true", "train.compile_scope=blocks")
+def test_a_compiled_model_follows_the_eager_trajectory(tmp_path, repeated_image):
+    eager = train(tmp_path / "eager", repeated_image, *STEPS, *ONE_LEVEL)
+    assert eager.returncode == 0, eager.stderr
+    result = train(tmp_path / "compiled", repeated_image, *STEPS, *ONE_LEVEL, "train.compile=true",
+                   "train.compile_scope=blocks")
     assert result.returncode == 0, result.stderr
-    _assert_same_trajectory(losses(run_dir), single_process, rel=1e-3)
+    _assert_same_trajectory(losses(tmp_path / "compiled"), tmp_path / "eager", rel=1e-3)
 
 
 def test_a_global_batch_that_does_not_split_is_one_clear_line(tmp_path, repeated_image):

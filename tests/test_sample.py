@@ -11,7 +11,7 @@ from engine.sampling import Sampler, batch_starts
 from engine.schedule import schedule_from_config
 from engine.unet import build_unet
 from kernels.registry import resolve_kernels_from_config
-from test_train_cli import ROOT, SMALL, run, train
+from test_train_cli import ONE_LEVEL, ROOT, SMALL, run, train
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_ranks_draw_disjoint_equal_shares_covering_every_image(num_images, batch
 
 
 def test_the_compiled_denoising_step_samples_what_the_eager_one_does():
-    config = load_config(ROOT / "configs/tiny.yaml", SMALL + ["model.dropout=0.0", "sample.steps=3"])
+    config = load_config(ROOT / "configs/tiny.yaml", SMALL + ["model.dropout=0.0", "sample.steps=3", *ONE_LEVEL])
     torch.manual_seed(0)
     model = build_unet(config, "cpu")
     schedule = schedule_from_config(config.diffusion)

@@ -27,6 +27,9 @@ SMALL = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.attention_
          "data.image_size=16", "diffusion.num_timesteps=50", "train.batch_size=8", "train.log_every=2",
          "train.checkpoint_every=3", "train.sample_every=0", "sample.num_images=4", "sample.batch_size=4",
          "sample.sampler=ddim", "sample.steps=4", "data.num_workers=0", "data.shuffle_buffer=16"]
+# One resolution level, attention included: the smallest UNet with every kind of block, for the tests that compile
+# it (a cold Inductor compile costs about a second per generated kernel, and SMALL's two levels double them)
+ONE_LEVEL = ["model.channel_mult=[1]", "model.attention_resolutions=[16]"]
 
 # Issue 26's recipe options all at once (what configs/cifar-fast.yaml combines), for the tests that hold every
 # option to DDP/FSDP, gradient accumulation, compile and exact resume
