@@ -263,13 +263,14 @@ def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = Non
 
 
 def budget_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(images seen, checkpoint) at each budget: the first budget's step times 1, 2, 4, ..."""
+    """(images seen, checkpoint) at each budget: the first budget's step (the run's checkpoint_every) times 1, 2,
+    4, ...; a checkpoint off that grid (a stopped run's, e.g. after SIGTERM) is not a budget."""
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*.pt"))
     steps = [int(path.stem.removeprefix("step-")) for path in checkpoints]
     config = load_config(run_dir / "config.yaml")
-    first = steps[0]
+    first = config.train.checkpoint_every
     return [(step * config.train.batch_size, path) for step, path in zip(steps, checkpoints)
-            if step // first and (step // first) & (step // first - 1) == 0 and step % first == 0]
+            if step > 0 and step % first == 0 and (step // first) & (step // first - 1) == 0]
 
 
 def score(bench: Bench, checkpoint: Path, sampler: str = "ddim", steps: int | None = None,

@@ -83,6 +83,17 @@ def test_the_report_gives_the_ablation_against_fast_and_the_batch_table():
     assert "| unipc-3 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 |" in text
 
 
+def test_the_budgets_are_the_runs_checkpoint_grid_and_a_stopped_runs_checkpoint_is_not_one(tmp_path):
+    """A run stopped by SIGTERM at step 13 and resumed keeps step-13's checkpoint; the budgets stay 48, 96, 192."""
+    config = load_config(bench_recipe.PRESETS["fast"], ["train.batch_size=128", "train.checkpoint_every=48"])
+    (tmp_path / "config.yaml").write_text(config.to_yaml())
+    (tmp_path / "checkpoints").mkdir()
+    for step in (13, 48, 96, 144, 192):
+        (tmp_path / "checkpoints" / f"step-{step:08d}.pt").touch()
+    assert [(images, path.name) for images, path in bench_recipe.budget_checkpoints(tmp_path)] == [
+        (6144, "step-00000048.pt"), (12288, "step-00000096.pt"), (24576, "step-00000192.pt")]
+
+
 def test_a_missing_cifar_archive_is_one_line_and_status_2(tmp_path, capsys):
     missing = tmp_path / "cifar.tar.gz"
     assert bench_recipe.main(["--cifar", str(missing), "--out", str(tmp_path / "out")]) == 2
