@@ -443,7 +443,7 @@ def prepare_models(preset: Preset, train: tuple[np.ndarray, np.ndarray], out: Pa
     theirs_dir = out / f"diffusers-seed{seed}"
     if not (theirs_dir / "model_index.json").exists():
         started = time.perf_counter()
-        torch.manual_seed(seed)  # its initial weights from the seed, as train.seed gives ours theirs
+        torch.manual_seed(seed)  # its initial weights from the seed too, as train.seed seeds ours
         unet = train_diffusers_way(diffusers_unet(preset), preset, train[0], seed)
         seconds["diffusers"] = time.perf_counter() - started
         diffusers.DDPMPipeline(unet=unet, scheduler=diffusers_scheduler()).save_pretrained(theirs_dir)
