@@ -300,9 +300,14 @@ def score(bench: Bench, checkpoint: Path, sampler: str = "ddim", steps: int | No
 def curve(bench: Bench, run_dir: Path, options: tuple[str, ...] = (), budgets: int | None = None) -> list[tuple[int, float]]:
     """(images seen, FD) at every budget of a run (the first `budgets`), `options` to `engine.sample`."""
     checkpoints = budget_checkpoints(run_dir)[:budgets]
-    with ThreadPoolExecutor(bench.jobs) as pool:
-        fds = list(pool.map(lambda item: score(bench, item[1], options=options), checkpoints))
+    fds = score_all(bench, [(checkpoint, {"options": options}) for _, checkpoint in checkpoints])
     return [(images, fd) for (images, _), fd in zip(checkpoints, fds)]
+
+
+def score_all(bench: Bench, tasks: list[tuple[Path, dict]]) -> list[float]:
+    """`score` of each (checkpoint, `score`'s keyword arguments), `bench.jobs` at a time, in order."""
+    with ThreadPoolExecutor(bench.jobs) as pool:
+        return list(pool.map(lambda task: score(bench, task[0], **task[1]), tasks))
 
 
 def images_to_reach(points: list[tuple[int, float]], target: float) -> float | None:
@@ -331,8 +336,7 @@ def curves(bench: Bench, recipes: list[Recipe], seeds: tuple[int, ...],
     run_dirs = train_all(bench, [(recipe, seed) for recipe in recipes for seed in seeds], budgets)
     tasks = [(name, seed, images, checkpoint) for (name, seed), run_dir in run_dirs.items()
              for images, checkpoint in budget_checkpoints(run_dir)[:budgets]]
-    with ThreadPoolExecutor(bench.jobs) as pool:
-        fds = list(pool.map(lambda task: score(bench, task[3]), tasks))
+    fds = score_all(bench, [(checkpoint, {}) for *_, checkpoint in tasks])
     found: dict[str, dict[int, list]] = {}
     for (name, seed, images, _), fd in zip(tasks, fds):
         found.setdefault(name, {}).setdefault(seed, []).append((images, fd))
@@ -359,8 +363,7 @@ def ablation(bench: Bench) -> dict[str, dict[int, list]]:
 
 def scored_table(bench: Bench, tasks: list[tuple[str, str, Path, dict]]) -> dict[str, dict[str, float]]:
     """(recipe, label, checkpoint, `score`'s keyword arguments) -> recipe -> label -> FD, `bench.jobs` at a time."""
-    with ThreadPoolExecutor(bench.jobs) as pool:
-        fds = list(pool.map(lambda task: score(bench, task[2], **task[3]), tasks))
+    fds = score_all(bench, [(checkpoint, options) for _, _, checkpoint, options in tasks])
     table: dict[str, dict[str, float]] = {}
     for (name, label, *_), fd in zip(tasks, fds):
         table.setdefault(name, {})[label] = fd

@@ -37,6 +37,12 @@ def can_fork() -> bool:
     return hasattr(os, "fork") and torch.get_num_threads() == 1 and os.environ.get("OMP_NUM_THREADS") == "1"
 
 
+def torchrun(ranks: int) -> list[str]:
+    """The torchrun command before `-m module`: `python -m torch.distributed.run`, so the same interpreter whatever
+    is on PATH; --standalone, a free port of its own, so that torchrun tests running at once do not collide."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+
+
 def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = None, timeout: float,
                ranks: int = 0) -> subprocess.CompletedProcess:
     """`python -m module args` with `env` added to the environment; its exit status, stdout and stderr.
@@ -45,8 +51,7 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
     torchrun gives them (RANK, WORLD_SIZE, MASTER_ADDR, ...), their outputs rank by rank. The engine reads only
     that environment; torchrun's own part (the rendezvous, forwarding signals) keeps its tests that launch it."""
     args, env = [str(arg) for arg in args], env or {}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-    command = [*(launcher if ranks else [sys.executable]), "-m", module, *args]
+    command = [*(torchrun(ranks) if ranks else [sys.executable]), "-m", module, *args]
     if not can_fork():
         return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **env})

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -23,12 +22,10 @@ from PIL import Image
 from engine.checkpoint import load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.post_hoc_ema import list_snapshots
+from forked_cli import torchrun
 from test_train_cli import ONE_LEVEL, RECIPE_OPTIONS, ROOT, SMALL, losses, train, train_until_killed
 
-# torchrun as `python -m torch.distributed.run`: the same interpreter, whatever is on PATH
-# --standalone: a free port of its own, so that torchrun tests running at the same time (make test runs two
-# pytest workers) do not collide
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+TORCHRUN = [*torchrun(2), "-m"]
 STEPS = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=4", "train.batch_size=8"]
 
 

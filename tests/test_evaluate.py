@@ -7,7 +7,6 @@ calling convention, loaded through the same code as the real file.
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,11 @@ from engine.data.shapes import iter_shapes
 from engine.evaluate import (INCEPTION_ENV, INCEPTION_URL, EvaluationError, evaluate, load_feature_network, main,
                              read_reference, reference_statistics, save_reference)
 from feature_network import make_feature_network
+from forked_cli import torchrun
 from test_train_cli import run
 
 CIFAR_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train.tar.gz"
-# --standalone: a free port of its own, so that other torchrun tests running meanwhile do not collide
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TORCHRUN = torchrun(2)
 KID = {"kid_subset_size": 128, "kid_subsets": 50}
 
 

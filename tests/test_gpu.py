@@ -4,16 +4,16 @@ Beside these, the gpu_check runs tests/test_kernels.py (every Triton kernel agai
 device), the device-resident data's and the training step's host-sync checks.
 """
 
-import sys
 
 import pytest
 import torch
 
+from forked_cli import torchrun
 from test_distributed import STEPS, repeated_image  # noqa: F401 (a fixture)
 from test_train_cli import losses, run, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-ONE_RANK = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"]
+ONE_RANK = [*torchrun(1), "-m"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

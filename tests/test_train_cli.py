@@ -19,7 +19,7 @@ from engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.schedule import NoiseSchedule
 from engine.unet import UNet
-from forked_cli import run_module
+from forked_cli import run_module, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model and run small enough for seconds on 2 cores; every other setting comes from the preset.
@@ -110,8 +110,7 @@ def test_train_writes_the_run_directory_and_the_same_command_resumes(tmp_path, s
 def test_torchrun_with_one_process_trains_the_same_as_python_m(tmp_path, shapes16):
     plain = train(tmp_path / "plain", shapes16, "train.steps=4")
     assert plain.returncode == 0, plain.stderr
-    launched = train(tmp_path / "torchrun", shapes16, "train.steps=4",
-                     launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"])
+    launched = train(tmp_path / "torchrun", shapes16, "train.steps=4", launcher=[*torchrun(1), "-m"])
     assert launched.returncode == 0, launched.stderr
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "torchrun"), rel=1e-5)
 
