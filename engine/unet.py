@@ -116,14 +116,22 @@ class AttentionBlock(Checkpointable):
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        h = self.norm(x)
+        # The 1x1 convolutions run as matmuls over the (B, H*W, C) tokens: each head's features then lie
+        # contiguous, which the fused SDPA kernels need (strided features send scaled_dot_product_attention to
+        # its unfused math path), and on the CPU a matmul is far cheaper than a 1x1 convolution.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, heads, H*W, head_dim)
-            return t.reshape(batch, self.num_heads, channels // self.num_heads, height * width).transpose(-2, -1)
+        def heads(conv: nn.Conv2d) -> torch.Tensor:  # -> (B, heads, H*W, head_dim)
+            return _pointwise(conv, tokens).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-        h = attend(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), self.backend)
-        h = h.transpose(-2, -1).reshape(batch, channels, height, width)
-        return x + self.proj_out(h)
+        h = attend(heads(self.q), heads(self.k), heads(self.v), self.backend)
+        h = _pointwise(self.proj_out, h.transpose(1, 2).flatten(2))
+        return x + h.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+def _pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to (..., C) tokens: the same weights, as a linear layer."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 class Downsample(nn.Module):

@@ -106,6 +106,23 @@ def test_math_and_sdpa_unets_agree(num_heads):
         torch.testing.assert_close(math(x, t), sdpa(x, t), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_heads, channels_last", [(1, False), (4, True)])
+def test_attention_takes_the_fused_sdpa_kernel_forward_and_backward(num_heads, channels_last):
+    """PyTorch's fused attention kernels (flash, memory-efficient, cuDNN) take only inputs whose features lie
+    contiguous and otherwise fall back, silently, to the unfused math path. Allowed flash alone (which also
+    runs on the CPU), scaled_dot_product_attention raises instead of falling back."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _perturbed(UNet(**SMALL, num_heads=num_heads)).train()
+    x, t = _inputs(SMALL)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        model(x, t).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers has no CPU kernels")
 def test_xformers_and_sdpa_cifar_unets_agree_in_bf16_on_cuda():
     """The real model, single-head with head dimension 256 at 16x16 as the DDPM reference."""
