@@ -175,12 +175,13 @@ def run_steps(trainer, batches, steps):
     return [float(train_step(trainer, step, lambda: {"image": batches[step], "skipped": 0}).loss) for step in steps]
 
 
-@pytest.mark.parametrize("recipe", [(), tuple(RECIPE_OPTIONS)], ids=["default", "recipe-options"])
-def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exactly(monkeypatch, recipe):
-    """Also with issue 26's recipe options: the decaying rate is a device tensor the compiled graph reads."""
+def test_the_step_compiled_trainer_follows_the_eager_trajectory_and_resumes_exactly(monkeypatch):
+    """With issue 26's recipe options: a warmup, then an inverse-square-root decay of the rate, a device tensor the
+    compiled graph reads. The paper's recipe drives the same update and the same tensor (a warmup, then constant),
+    and the model, where the recipes differ, runs eagerly here: a second run with it cost 25 s and proved no more."""
     batches = fixed_batches()
     smaller = ("model.channel_mult=[1]", "model.attention_resolutions=[]", "train.post_hoc_ema_sigma_rels=[0.05,0.2]",
-               *recipe)
+               *RECIPE_OPTIONS)
     eager_trainer = build_trainer(small_config("model.dropout=0.0", *smaller), CPU)
     eager = run_steps(eager_trainer, batches, range(20))
     trainer = step_scope_trainer(monkeypatch, *smaller)
