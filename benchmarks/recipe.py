@@ -49,6 +49,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -202,6 +203,16 @@ def scaled_overrides(recipe: Recipe, scale: Scale) -> list[str]:
 # ----------------------------------------------------------------------------- training and scoring
 
 
+def launch(module: str, args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root in a fresh interpreter: its output appended to `log` as it
+    comes (a training's progress can be followed there), or else captured."""
+    command = [sys.executable, "-m", module, *args]
+    if log is None:
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    with open(log, "a") as stream:
+        return subprocess.run(command, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
+
+
 @dataclasses.dataclass
 class Bench:
     scale: Scale
@@ -212,6 +223,7 @@ class Bench:
     scores: dict  # "run|checkpoint|sampler" -> FD, saved as it grows
     floor: float = 0.0  # real training images against the held-out ones
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    launch: Callable[..., subprocess.CompletedProcess] = launch  # how engine.train and engine.sample are run
 
     def environment(self) -> dict:
         threads = "1" if self.jobs > 1 else os.environ.get("OMP_NUM_THREADS", "")
@@ -244,21 +256,21 @@ def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = Non
     if budgets:
         overrides = [o for o in overrides if not o.startswith("train.steps=")]
         overrides.append(f"train.steps={every * 2 ** (budgets - 1)}")
-    command = [sys.executable, "-m", "engine.train", str(PRESETS[recipe.preset]), *overrides,
-               f"data.path={bench.data}", f"train.run_dir={run_dir}", f"train.seed={seed}", "train.device=cpu",
-               "data.cache=device", f"train.checkpoint_every={every}", "train.keep_checkpoints=100000",
-               f"train.post_hoc_ema_every={every}", f"train.log_every={every}", "train.sample_every=0",
-               "eval.every=0", "eval.val_every=0", "sample.num_images=16", "sample.batch_size=16",
-               "sample.sampler=ddim", "sample.steps=10", "sample.timestep_spacing=linspace"]  # every score's, whatever the preset says
+    # the same sample settings for every recipe, whatever its preset says
+    args = [str(PRESETS[recipe.preset]), *overrides, f"data.path={bench.data}", f"train.run_dir={run_dir}",
+            f"train.seed={seed}", "train.device=cpu", "data.cache=device", f"train.checkpoint_every={every}",
+            "train.keep_checkpoints=100000", f"train.post_hoc_ema_every={every}", f"train.log_every={every}",
+            "train.sample_every=0", "eval.every=0", "eval.val_every=0", "sample.num_images=16", "sample.batch_size=16",
+            "sample.sampler=ddim", "sample.steps=10", "sample.timestep_spacing=linspace"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    recorded, resolved = run_dir / "benchmark-config.json", load_config(command[3], command[4:]).to_dict()
+    recorded, resolved = run_dir / "benchmark-config.json", load_config(args[0], args[1:]).to_dict()
     if recorded.exists() and json.loads(recorded.read_text()) != resolved:  # a preset changed since: not this run
         raise RuntimeError(f"{run_dir} was trained with other settings ({recorded}); delete it, or pass another --out")
     recorded.write_text(json.dumps(resolved))
-    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
-        result = subprocess.run(command, cwd=ROOT, env=bench.environment(), stdout=log, stderr=subprocess.STDOUT)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    result = bench.launch("engine.train", args, bench.environment(), log)
     if result.returncode != 0:
-        raise RuntimeError(f"training {run_dir.name} failed ({result.returncode}); see {log.name}")
+        raise RuntimeError(f"training {run_dir.name} failed ({result.returncode}); see {log}")
     return run_dir
 
 
@@ -282,11 +294,10 @@ def score(bench: Bench, checkpoint: Path, sampler: str = "ddim", steps: int | No
         return bench.scores[key]
     npz = bench.out / "samples" / f"{key.replace('/', '_').replace('|', '_').replace(',', '_')}.npz"
     npz.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "engine.sample", str(checkpoint), *options, "--sampler", sampler, "--steps",
-               str(steps), "--eta", "0", "--num-images", str(bench.scale.num_images), "--batch-size", "250",
-               "--seed", "0", "--device", "cpu", "--precision", "fp32", "--no-compile", "--grid-size", "64",
-               "--out", str(npz.with_suffix(".png")), "--npz", str(npz)]
-    result = subprocess.run(command, cwd=ROOT, env=bench.environment(), capture_output=True, text=True)
+    args = [str(checkpoint), *options, "--sampler", sampler, "--steps", str(steps), "--eta", "0", "--num-images",
+            str(bench.scale.num_images), "--batch-size", "250", "--seed", "0", "--device", "cpu", "--precision", "fp32",
+            "--no-compile", "--grid-size", "64", "--out", str(npz.with_suffix(".png")), "--npz", str(npz)]
+    result = bench.launch("engine.sample", args, bench.environment())
     if result.returncode != 0:
         raise RuntimeError(f"engine.sample {checkpoint} failed:\n{result.stderr[-2000:]}")
     with np.load(npz) as saved:
