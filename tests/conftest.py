@@ -30,6 +30,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     import torch
+    import torch._inductor.config
 
     if os.environ.get("PYTEST_XDIST_WORKER"):  # in case torch was imported before OMP_NUM_THREADS was set
         torch.set_num_threads(1)
