@@ -4,7 +4,6 @@ Beside these, the gpu_check runs tests/test_kernels.py (every Triton kernel agai
 device), the device-resident data's and the training step's host-sync checks.
 """
 
-
 import pytest
 import torch
 
