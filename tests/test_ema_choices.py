@@ -89,7 +89,7 @@ def test_sample_takes_an_ema_by_name_or_a_post_hoc_length_and_the_default_is_the
     early, _, step = load_run(run_dir / "checkpoints" / "step-00000002.pt", cpu, ema="0.05")
     assert step == 2 and any(not torch.allclose(early.state_dict()[key], value)
                              for key, value in models["0.05"].items())
-    # sample.ema: the run's own default (configs/cifar-fast.yaml's post-hoc length); --raw still means raw
+    # sample.ema: the run's own default (a post-hoc length, as configs/cifar-fast.yaml sets); --raw still means raw
     state = torch.load(run_dir / "checkpoints" / "step-00000003.pt", weights_only=True)
     state["config"]["sample"]["ema"] = "0.1"
     torch.save(state, run_dir / "checkpoints" / "with-sample-ema.pt")
