@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.sample_quality import (DEFAULT_CACHE, DEFAULT_CIFAR, QualityMeasure, cifar_missing, feature_net,
-                                       load_cifar, split, write_engine_data)
+                                       launch, load_cifar, split, write_engine_data)
 from engine.config import Config, load_config
 from engine.ema import ema_name
 
@@ -201,16 +201,6 @@ def scaled_overrides(recipe: Recipe, scale: Scale) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- training and scoring
-
-
-def launch(module: str, args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m module args` from the repository root in a fresh interpreter: its output appended to `log` as it
-    comes (a training's progress can be followed there), or else captured."""
-    command = [sys.executable, "-m", module, *args]
-    if log is None:
-        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    with open(log, "a") as stream:
-        return subprocess.run(command, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
 
 
 @dataclasses.dataclass

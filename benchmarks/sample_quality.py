@@ -236,10 +236,21 @@ class QualityMeasure:
 # ----------------------------------------------------------------------------- training, both ways
 
 
-def engine_train_command(preset: Preset, data: Path, run_dir: Path, seed: int) -> list[str]:
+def launch(module: str, args: list[str], env: dict[str, str] | None = None,
+           log: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root in a fresh interpreter: its output appended to `log` as it
+    comes (a training's progress can be followed there), or else captured. The tests pass a fork instead."""
+    command = [sys.executable, "-m", module, *args]
+    if log is None:
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    with open(log, "a") as stream:
+        return subprocess.run(command, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
+
+
+def engine_train_args(preset: Preset, data: Path, run_dir: Path, seed: int) -> list[str]:
     """The engine's own CLI, `configs/cifar.yaml` with the protocol's overrides."""
     steps = preset.train_steps
-    return [sys.executable, "-m", "engine.train", "configs/cifar.yaml", *preset.model_overrides(),
+    return ["configs/cifar.yaml", *preset.model_overrides(),
             f"data.path={data}", f"train.run_dir={run_dir}", f"train.steps={steps}",
             f"train.batch_size={preset.batch_size}", f"optim.lr={preset.lr}", f"optim.warmup_steps={preset.warmup_steps}",
             f"train.seed={seed}", "train.device=cpu", "train.log_every=100", f"train.checkpoint_every={steps}",
@@ -247,9 +258,9 @@ def engine_train_command(preset: Preset, data: Path, run_dir: Path, seed: int) -
             "sample.batch_size=16", "data.num_workers=1", "data.shuffle_buffer=5000"]
 
 
-def train_ours(preset: Preset, data: Path, run_dir: Path, seed: int) -> Path:
+def train_ours(preset: Preset, data: Path, run_dir: Path, seed: int, launch=launch) -> Path:
     """Trains (or, when the run is complete, only reopens) with `python -m engine.train`."""
-    result = subprocess.run(engine_train_command(preset, data, run_dir, seed), cwd=ROOT, capture_output=True, text=True)
+    result = launch("engine.train", engine_train_args(preset, data, run_dir, seed))
     if result.returncode != 0:
         raise RuntimeError(f"engine.train failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return run_dir
@@ -429,7 +440,8 @@ def sampling_rows(ours: Path, theirs_dir: Path, theirs, exported, preset: Preset
     }
 
 
-def prepare_models(preset: Preset, train: tuple[np.ndarray, np.ndarray], out: Path, cache: Path, seed: int):
+def prepare_models(preset: Preset, train: tuple[np.ndarray, np.ndarray], out: Path, cache: Path, seed: int,
+                   launch=launch):
     """Both models trained from `seed` (reused when already in OUT), ours exported for diffusers."""
     import diffusers
 
@@ -438,7 +450,7 @@ def prepare_models(preset: Preset, train: tuple[np.ndarray, np.ndarray], out: Pa
     tag = f"{preset.image_size}px-{len(train[0])}"
     data = write_engine_data(*train, cache / f"engine-data-{tag}")
     started = time.perf_counter()
-    ours = train_ours(preset, data, out / f"ours-seed{seed}", seed)
+    ours = train_ours(preset, data, out / f"ours-seed{seed}", seed, launch)
     seconds = {"ours": time.perf_counter() - started}
     theirs_dir = out / f"diffusers-seed{seed}"
     if not (theirs_dir / "model_index.json").exists():
@@ -456,14 +468,15 @@ def prepare_models(preset: Preset, train: tuple[np.ndarray, np.ndarray], out: Pa
 
 
 def run(preset: Preset, cifar: Path, out: Path, cache: Path, seed: int = 0, rows: list[str] | None = None,
-        compare: bool = True) -> dict:
-    """Trains both models, samples every row (or the `rows` named) and scores them; returns the results."""
+        compare: bool = True, launch=launch) -> dict:
+    """Trains both models, samples every row (or the `rows` named) and scores them; returns the results. `launch`
+    runs engine.train (`launch`'s signature)."""
     train, held = split(*load_cifar(cifar, preset.image_size, cache, preset.every), preset.held_out)
     train = (train[0][:preset.train_images], train[1][:preset.train_images])
     net, accuracy = feature_net(train, held, cache, width=preset.classifier_width)
     measure = QualityMeasure(net, held[0])
     out.mkdir(parents=True, exist_ok=True)
-    ours, theirs_dir, theirs, exported, seconds = prepare_models(preset, train, out, cache, seed)
+    ours, theirs_dir, theirs, exported, seconds = prepare_models(preset, train, out, cache, seed, launch)
     results = {"preset": dataclasses.asdict(preset), "seed": seed, "classifier_accuracy": round(accuracy, 3),
                "train_seconds": seconds, "held_out": measure.reference_stats,
                "real_floor": measure(train[0][:preset.num_images]), "rows": {}}

@@ -24,6 +24,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,16 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
         for out, err in files:
             out.close()
             err.close()
+
+
+def launch(module: str, args: list[str], env: dict[str, str] | None = None, log=None) -> subprocess.CompletedProcess:
+    """The benchmarks' `launch` (benchmarks/sample_quality.py) by `run_module`, from the repository root: its output
+    appended to `log` when one is given."""
+    result = run_module(module, args, cwd=Path(__file__).resolve().parents[1], env=env, timeout=900)
+    if log is not None:
+        with open(log, "a") as stream:
+            stream.write(result.stdout + result.stderr)
+    return result
 
 
 def _torchrun_environment(rank: int, ranks: int, port: int) -> dict[str, str]:

@@ -11,8 +11,7 @@ import pytest
 from benchmarks import recipe as bench_recipe
 from engine.config import load_config
 from engine.lr_schedule import peak_lr
-from forked_cli import run_module
-from test_train_cli import ROOT
+import forked_cli
 
 
 def test_images_to_reach_interpolates_in_log_images_and_says_when_never():
@@ -119,22 +118,13 @@ def test_the_benchmark_launches_a_cli_in_a_fresh_interpreter_appending_to_its_lo
     assert log.read_text().startswith("before\nusage: ")
 
 
-def forked_launch(module: str, args: list[str], env: dict[str, str], log=None):
-    """The benchmark's `launch`, in a fork of this process where that is safe (tests/forked_cli.py)."""
-    result = run_module(module, args, cwd=ROOT, env=env, timeout=900)
-    if log is not None:
-        with open(log, "a") as stream:
-            stream.write(result.stdout + result.stderr)
-    return result
-
-
 @pytest.mark.slow
 def test_the_benchmark_trains_presets_at_budgets_and_scores_each(tmp_path, shapes16):
     """Both presets trained at the test scale from their files (post-hoc EMA synthesized at each budget for fast),
     scored at every budget; the scores are kept, so a second pass samples nothing. One job at a time: the CLIs are
     forked from the benchmark's worker thread, with no other thread of the benchmark's running."""
     scale = bench_recipe.SCALES["test"]
-    bench = bench_recipe.Bench(scale, tmp_path, shapes16, PixelMeans(), jobs=1, scores={}, launch=forked_launch)
+    bench = bench_recipe.Bench(scale, tmp_path, shapes16, PixelMeans(), jobs=1, scores={}, launch=forked_cli.launch)
     recipes = [bench_recipe.Recipe("paper", "paper"), bench_recipe.Recipe("fast", "fast")]
     curves = bench_recipe.curves(bench, recipes, (0,))
     for name in ("paper", "fast"):

@@ -7,6 +7,7 @@ sampler against diffusers' DDIMScheduler on the same weights, which is what issu
 
 import pytest
 
+import forked_cli
 from benchmarks import sample_quality
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,8 @@ def test_our_samples_are_at_least_as_good_as_diffusers_at_equal_budget(tmp_path)
     pytest.importorskip("diffusers")
     preset = sample_quality.PRESETS["test"]
     results = sample_quality.run(preset, sample_quality.DEFAULT_CIFAR, tmp_path / "out", tmp_path / "cache",
-                                 seed=0, rows=[THEIRS, OURS, OURS_IN_THEIRS], compare=False)
+                                 seed=0, rows=[THEIRS, OURS, OURS_IN_THEIRS], compare=False,
+                                 launch=forked_cli.launch)
     rows = results["rows"]
     assert results["classifier_accuracy"] > 0.4, "the feature network must tell CIFAR-10 classes apart"
     assert results["real_floor"]["fd"] < 0.25 * rows[OURS]["fd"], "the measure must separate real from generated"
