@@ -17,6 +17,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Inductor trusts the CPU's flags for its SIMD instruction sets instead of building and loading a probe program for
 # each in every new process (about 1.5 s per compiling process, 15 s with the empty cache CI starts with).
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
+# Inductor compiles in the compiling process, without its pool of compile workers: a CLI forked from a worker whose
+# test compiled before (tests/forked_cli.py) inherits the pool without the thread that reads its results, and its
+# own compile then waits forever (seen: the compiled sampling test, then the compiled two-rank run, in one worker).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 import pytest  # noqa: E402 (after TRITON_INTERPRET, which must come first)
@@ -38,6 +42,7 @@ def pytest_configure(config):
     # faster than vectorised ones. The tests hold our graphs to eager (no graph breaks, the same numbers);
     # vectorising them is Inductor's own concern, and on a GPU the kernels are Triton's anyway.
     torch._inductor.config.cpp.simdlen = 0
+    torch._inductor.config.compile_threads = 1  # read from the environment above unless torch came in earlier
 
 
 @pytest.fixture(scope="module")
