@@ -13,6 +13,7 @@ import pickle
 import shutil
 import subprocess
 import tarfile
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -374,6 +375,34 @@ def write_cifar10_python(path: Path, rng) -> dict[str, tuple[np.ndarray, list[in
                        b"filenames": [b"x.png"] * count})
             contents[name] = (rows, labels)
     return contents
+
+
+def test_a_tar_source_holds_an_index_not_the_images_and_reads_each_when_taken(tmp_path):
+    """An archive may be far larger than memory. Opening one indexes its members: a compressed one is spooled in one
+    pass to a temporary file (tracemalloc's peak stays a fraction of it), an uncompressed one is read in place (cut
+    short after opening, the image it no longer holds is one clear error)."""
+    payload = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()  # incompressible
+    for name, mode in (("images.tar.gz", "w:gz"), ("images.tar", "w")):
+        path = tmp_path / name
+        with tarfile.open(path, mode, compresslevel=1) if mode == "w:gz" else tarfile.open(path, mode) as tar:
+            member = tarfile.TarInfo("train/noise/big.png")
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+        tracemalloc.start()
+        try:
+            source = open_source(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert source.kind == "image-folder-tar" and source.classes == ["noise"]
+        assert peak < len(payload) // 4, f"{name}: {peak} bytes at the peak of opening it"
+        if mode == "w":
+            with open(path, "r+b") as archive:
+                archive.truncate(len(payload) // 2)
+            with pytest.raises(DataError, match="big.png from .*images.tar: the archive ends inside it"):
+                next(source.samples)
+        else:
+            assert next(source.samples).data == payload
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

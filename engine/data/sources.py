@@ -6,7 +6,8 @@ Sources (SOURCE_KINDS; `open_source` detects the kind, or checks the one it is g
   folder (`train/<class>/<image>`). An image's class is its parent folder; classes sorted by name
   give the label indices. A flat layout, every image directly in the root, is one class named
   after the folder (or the archive, less its suffix); images both in the root and in folders are an
-  error. The images come in a seeded random order, so that every shard holds a mix of classes.
+  error. The images come in a seeded random order, so that every shard holds a mix of classes; an archive is
+  indexed first and each image read when its turn comes (memory holds the index, not the images).
 - cifar10: the official CIFAR-10 python archive `cifar-10-python.tar.gz`, recognised by its members;
 - lmdb, hf, parquet: encoded images as records of a database or table (engine.data.table_sources);
 - shapes: the procedural data set of `engine.data.shapes`.
@@ -17,11 +18,15 @@ Samples carry the encoded bytes as stored; `prepare` decodes, converts and resiz
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import posixpath
 import re
+import shutil
 import tarfile
+import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -267,26 +272,61 @@ def _zip_source(path: Path, num: int | None, seed: int) -> Source:
 # ----------------------------------------------------------------------------- archives
 
 
-def _read_tar(path: Path) -> dict[str, bytes]:
-    """All regular files of a tar(.gz) by normalised name, in memory: one streaming pass, nothing
-    extracted to disk."""
-    members: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if member.isfile():
-                    members[posixpath.normpath(member.name)] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        raise DataError(f"cannot read {path} as a tar archive: {exn}") from exn
-    return members
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
 
-def _is_cifar10_python(members: dict[str, bytes]) -> bool:
+class _TarMembers(Mapping):
+    """A tar(.gz)'s regular files by normalised name, each read when asked for: memory holds the index, not the
+    images (an archive may be far larger than memory). An uncompressed tar is read in place; a compressed one is
+    decompressed once, in one streaming pass, into a temporary file (random access into a compressed stream would
+    decompress it again for every image taken in shuffled order)."""
+
+    def __init__(self, path: Path):
+        self.path, self._where = path, {}  # name -> (offset, size) in self._file
+        with open(path, "rb") as probe:
+            compressed = probe.read(6).startswith(_COMPRESSED_MAGIC)
+        self._file = tempfile.TemporaryFile() if compressed else open(path, "rb")
+        try:
+            with tarfile.open(path, "r|*" if compressed else "r:") as tar:
+                while (member := tar.next()) is not None:
+                    tar.members.clear()  # the index is ours: TarFile's own list would keep every header
+                    if member.isfile():
+                        self._where[posixpath.normpath(member.name)] = self._locate(tar, member, compressed)
+            self._file.flush()  # what was spooled, visible to pread
+        except (tarfile.TarError, OSError, EOFError) as exn:
+            self._file.close()
+            raise DataError(f"cannot read {path} as a tar archive: {exn}") from exn
+
+    def _locate(self, tar: tarfile.TarFile, member: tarfile.TarInfo, compressed: bool) -> tuple[int, int]:
+        if not compressed:
+            return member.offset_data, member.size
+        offset = self._file.tell()
+        shutil.copyfileobj(tar.extractfile(member), self._file)
+        return offset, member.size
+
+    def __getitem__(self, name: str) -> bytes:
+        offset, size = self._where[name]
+        try:
+            data = os.pread(self._file.fileno(), size, offset)
+        except OSError as exn:
+            raise DataError(f"cannot read {name} from {self.path}: {exn}") from exn
+        if len(data) != size:
+            raise DataError(f"cannot read {name} from {self.path}: the archive ends inside it (changed since opened?)")
+        return data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _is_cifar10_python(members: Mapping) -> bool:
     return any(name.endswith(f"{CIFAR10_FOLDER}/batches.meta") for name in members)
 
 
 def _tar_source(path: Path, num: int | None, seed: int, split: str | None, kind: str | None) -> Source:
-    members = _read_tar(path)
+    members = _TarMembers(path)
     is_cifar10 = _is_cifar10_python(members)
     if kind is not None and is_cifar10 != (kind == "cifar10"):
         found = "cifar10" if is_cifar10 else "tar"
@@ -334,7 +374,7 @@ def _cifar10_batch(batch: dict, where: str) -> tuple[np.ndarray, list[int]]:
     return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def _cifar10_source(path: Path, members: dict[str, bytes], num: int | None, split: str) -> Source:
+def _cifar10_source(path: Path, members: Mapping, num: int | None, split: str) -> Source:
     folder = posixpath.dirname(next(name for name in members if name.endswith(f"{CIFAR10_FOLDER}/batches.meta")))
     in_folder = {posixpath.basename(name): name for name in members if posixpath.dirname(name) == folder}
     if split == "train":
