@@ -287,7 +287,7 @@ def write_image_folder(root: Path, rng) -> dict[str, tuple[str, np.ndarray, byte
     return images
 
 
-@pytest.mark.parametrize("packed", ["folder", "tar.gz"])
+@pytest.mark.parametrize("packed", ["folder", "tar.gz", "zip"])
 def test_prepare_image_folder_labels_follow_sorted_class_names(tmp_path, packed):
     rng = np.random.default_rng(0)
     images = write_image_folder(tmp_path / "src" / "train", rng)
@@ -316,7 +316,7 @@ def test_prepare_image_folder_labels_follow_sorted_class_names(tmp_path, packed)
     assert labels != sorted(labels)
 
 
-@pytest.mark.parametrize("packed", ["folder", "tar.gz"])
+@pytest.mark.parametrize("packed", ["folder", "tar.gz", "zip"])
 def test_hidden_files_and_macos_resource_forks_are_images_neither_of_a_source_nor_of_an_evaluation_set(tmp_path,
                                                                                                       packed):
     rng = np.random.default_rng(0)
@@ -335,6 +335,8 @@ def test_hidden_files_and_macos_resource_forks_are_images_neither_of_a_source_no
         source = tmp_path / "images.tar.gz"
         with tarfile.open(source, "w:gz") as tar:
             tar.add(root, arcname="images")
+    elif packed == "zip":
+        source = shutil.make_archive(str(tmp_path / "images"), "zip", tmp_path, "images")
     prepared = open_source(source)
     assert prepared.classes == ["cat", "dog"] and sorted(sample.origin.rsplit("/", 2)[-2] for sample in
                                                          prepared.samples) == ["cat", "dog"]

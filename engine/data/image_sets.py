@@ -2,8 +2,9 @@
 
 `open_images` reads an `.npz` of images (`arr_0`, (N, H, W, C), as `engine.sample --npz` writes it),
 a data set prepared by `engine.data.prepare` (a folder with manifest.json, or its URL), a folder of
-image files (any layout, sorted by path; which files count is `engine.data.sources.is_image_path`), a
-.tar/.tar.gz of one, the CIFAR-10 python archive, or `shapes`. `image_batches` cuts images in memory (numpy or
+image files (any layout, sorted by path; which files count is `engine.data.sources.is_image_path`), or
+any other source `engine.data.prepare` reads (a .tar/.tar.gz/.zip of an image folder, the CIFAR-10 python
+archive, an LMDB, a Hugging Face folder or parquet files, `shapes`). `image_batches` cuts images in memory (numpy or
 torch, one array or a stream of batches) into the same batches. Files that do not decode are skipped
 with a warning; every other problem is a DataError.
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 from engine.data import DataError
 from engine.data.prepare import MANIFEST_NAME, read_manifest
 from engine.data.remote import is_url
-from engine.data.sources import IMAGE_EXTENSIONS, TAR_SUFFIXES, decode_image, is_image_path, open_source
+from engine.data.sources import IMAGE_EXTENSIONS, decode_image, detect_source_kind, is_image_path, open_source
 from engine.images import unit_range_to_uint8
 
 # A prepared set is read by the loader's workers, whose batches interleave: a fixed worker count and
@@ -178,7 +179,7 @@ def _folder_images(path: Path, num: int | None) -> ImageSet:
 
 
 def _archive_images(source: str | Path, num: int | None) -> ImageSet:
-    opened = [open_source(source, num=num)]  # reads a whole archive: keep it for the first pass
+    opened = [open_source(source, num=num)]  # opening indexes an archive (or a table): keep it for the first pass
 
     def read(batch_size: int, select: range | None) -> Iterator[Tensor]:
         samples = (opened.pop() if opened else open_source(source, num=num)).samples
@@ -192,22 +193,22 @@ def _archive_images(source: str | Path, num: int | None) -> ImageSet:
 def open_images(source: str | Path, *, num: int | None = None) -> ImageSet:
     """The images of `source`: an `.npz` (arr_0), a prepared data set folder (manifest.json) or its URL
     (http(s)://, s3:// and other fsspec schemes, pipe:COMMAND: see engine.data.remote), a folder
-    of image files (any layout, sorted by path, `is_image_path` deciding which files count), a
-    .tar/.tar.gz of an image folder, the CIFAR-10 python archive, or `shapes`. `num` keeps the first
-    `num` images."""
+    of image files (any layout, sorted by path, `is_image_path` deciding which files count), or any
+    other source `engine.data.sources.open_source` reads. `num` keeps the first `num` images."""
     if num is not None and num < 1:
         raise DataError(f"the number of images must be at least 1, not {num}")
     if is_url(source):  # only a prepared set is read from a URL: its shards stream through the loader
         return _prepared_images(source, num)
     path = Path(source)
-    if str(source) == "shapes" or path.name.lower().endswith(TAR_SUFFIXES):
+    if str(source) == "shapes":
         return _archive_images(source, num)
     if not path.exists():
         raise DataError(f"{source} does not exist (expected an .npz of images, a prepared data set, "
-                        "an image folder or a .tar/.tar.gz of one)")
+                        "an image folder or any source engine.data.prepare reads)")
     if path.suffix.lower() == ".npz" and path.is_file():
         return _npz_images(path, num)
-    if path.is_dir():
-        return _prepared_images(path, num) if (path / MANIFEST_NAME).is_file() else _folder_images(path, num)
-    raise DataError(f"unknown image source {source} (expected an .npz of images, a prepared data set, "
-                    "an image folder or a .tar/.tar.gz of one)")
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return _prepared_images(path, num)
+    if detect_source_kind(path) == "folder":  # any layout, sorted by path (a DataError names what it expects)
+        return _folder_images(path, num)
+    return _archive_images(source, num)  # an archive, an LMDB, a Hugging Face folder or parquet files
