@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import recipe as bench_recipe
+from benchmarks import sample_quality
 from engine.config import load_config
 from engine.lr_schedule import peak_lr
 import forked_cli
@@ -113,7 +114,7 @@ class PixelMeans:
 def test_the_benchmark_launches_a_cli_in_a_fresh_interpreter_appending_to_its_log(tmp_path):
     log = tmp_path / "run.log"
     log.write_text("before\n")
-    result = bench_recipe.launch("engine.train", ["--help"], dict(os.environ), log)
+    result = sample_quality.launch("engine.train", ["--help"], dict(os.environ), log)
     assert result.returncode == 0 and result.stdout is None  # it went to the log
     assert log.read_text().startswith("before\nusage: ")
 
