@@ -9,6 +9,10 @@ diffusers' option of that name): with an undertrained network the second keeps x
 noise, which lowers sample quality (issue 12);
 sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev));
 x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z.
+The direction's scale is computed as sqrt((1 - abar_prev) ((1 - eta^2) + eta^2 abar_t (1 - abar_prev) /
+(abar_prev (1 - abar_t)))), the same number without the cancellation: at eta = 1 and the first step of a
+cosine schedule, 1 - abar_prev - sigma^2 is 1e-9 of its terms, and in float32 it came out as 0 or as
+rounding noise of ~2e-4 by the order of the float operations (so the samples depended on the machine).
 t_prev = -1 means the data end (abar_prev = 1). With eta = 0 the update is deterministic; otherwise z
 is drawn inside the kernel from (noise_keys[b], t[b]) as `kernels.noise` specifies.
 """
@@ -34,9 +38,17 @@ def formula(x_t, eps, t, t_prev, noise, alphas_cumprod, eta: float, clip_denoise
         x0 = x0.clamp(-1.0, 1.0)
         if use_clipped_model_output:
             eps = (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
-    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
-    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp_min(0).sqrt() * eps
+    sigma, direction_scale = noise_and_direction_scales(abar_t, abar_prev, eta)
+    x_prev = abar_prev.sqrt() * x0 + direction_scale * eps
     return x_prev + sigma * noise if eta > 0 else x_prev
+
+
+def noise_and_direction_scales(abar_t, abar_prev, eta: float):
+    """sigma and sqrt(1 - abar_prev - sigma^2), the second in its cancellation-free form (module docstring)."""
+    one_minus_prev = 1 - abar_prev
+    sigma = eta * (one_minus_prev / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    kept = (1 - eta * eta) + eta * eta * abar_t * one_minus_prev / (abar_prev * (1 - abar_t))
+    return sigma, (one_minus_prev * kept).clamp_min(0).sqrt()
 
 
 @register_kernel("ddim_step", "pytorch")
@@ -80,7 +92,8 @@ if HAVE_TRITON:
         sqrt_abar_t = tl.sqrt(abar_t)
         sqrt_one_minus_abar_t = tl.sqrt(1.0 - abar_t)
         sigma = eta * tl.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
-        direction_scale = tl.sqrt(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0))
+        kept = (1.0 - eta * eta) + eta * eta * abar_t * (1.0 - abar_prev) / (abar_prev * (1.0 - abar_t))
+        direction_scale = tl.sqrt(tl.maximum((1.0 - abar_prev) * kept, 0.0))
         if NOISE:
             n0, n1, n2, n3 = gaussian_quarters(tl.load(keys_ptr + sample), t, counters)
         for j in tl.static_range(4):
