@@ -25,6 +25,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import weakref
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -286,6 +287,7 @@ class _TarMembers(Mapping):
         with open(path, "rb") as probe:
             compressed = probe.read(6).startswith(_COMPRESSED_MAGIC)
         self._file = tempfile.TemporaryFile() if compressed else open(path, "rb")
+        weakref.finalize(self, self._file.close)  # closed with the index (a source holds it as long as it reads)
         try:
             with tarfile.open(path, "r|*" if compressed else "r:") as tar:
                 while (member := tar.next()) is not None:
