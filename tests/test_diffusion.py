@@ -105,7 +105,6 @@ def test_ddim_with_eta_one_over_all_steps_is_the_ddpm_posterior(schedule):
     torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
 
 
-
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_the_ddim_update_in_float32_is_the_float64_one_at_every_step_of_a_10_step_plan(kernels, schedule_name, eta):
@@ -124,6 +123,7 @@ def test_the_ddim_update_in_float32_is_the_float64_one_at_every_step_of_a_10_ste
         x_t = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1) * eps.to(dtype)  # as the update computes it: x_0 = 0
         x_prev[dtype] = kernels.ddim_step(x_t, eps.to(dtype), t, t_prev, keys, alphas_cumprod, eta, False, False)
     torch.testing.assert_close(x_prev[torch.float32].double(), x_prev[torch.float64], rtol=1e-4, atol=1e-6)
+
 
 def test_no_noise_is_added_at_the_last_step(schedule):
     x0, eps, _ = _batch()

@@ -23,11 +23,11 @@ Tolerances: the losses came out bit for bit the same with one and two threads, t
 (another summation order in the network's reductions), which is also what another torch release changes
 (float32 rounding, ~1e-7 relative per op; not tried here on 2.11). Another machine (an AVX2 AMD EPYC against
 the one that wrote them) moved the losses by 1e-7 relative and the DPM-Solver digest by 1e-9; the DDIM digest
-moved by 2e-4 until the DDIM update lost its cancellation (kernels/ddim_step.py), which is how that was found. The smallest deliberate changes tried
-(the cosine offset s 0.008 -> 0.0081, beta_end 0.02 -> 0.0201, DDIM's eta or every DPM-Solver coefficient
-off by 1e-3 or 1e-4 relative) move some number by 2e-5 relative or more. Hence rtol 1e-5 on the losses and
-on the sample digests, with atol 1e-6 for digest values near zero: 50 times the rounding seen, below the
-smallest change.
+moved by 2e-4 until the DDIM update lost its cancellation (kernels/ddim_step.py), which is how that was found.
+The smallest deliberate changes tried (the cosine offset s 0.008 -> 0.0081, beta_end 0.02 -> 0.0201, DDIM's
+eta or every DPM-Solver coefficient off by 1e-3 or 1e-4 relative) move some number by 2e-5 relative or more.
+Hence rtol 1e-5 on the losses and on the sample digests, with atol 1e-6 for digest values near zero: 50 times
+the rounding seen, below the smallest change.
 """
 
 import json
