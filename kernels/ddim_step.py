@@ -13,6 +13,8 @@ The direction's scale is computed as sqrt((1 - abar_prev) ((1 - eta^2) + eta^2 a
 (abar_prev (1 - abar_t)))), the same number without the cancellation: at eta = 1 and the first step of a
 cosine schedule, 1 - abar_prev - sigma^2 is 1e-9 of its terms, and in float32 it came out as 0 or as
 rounding noise of ~2e-4 by the order of the float operations (so the samples depended on the machine).
+Likewise sigma's 1 - abar_t / abar_prev is computed as (abar_prev - abar_t) / abar_prev: the subtraction of two
+close floats is exact, where rounding abar_t / abar_prev first cost sigma 2e-4 relative between adjacent steps.
 t_prev = -1 means the data end (abar_prev = 1). With eta = 0 the update is deterministic; otherwise z
 is drawn inside the kernel from (noise_keys[b], t[b]) as `kernels.noise` specifies.
 """
@@ -46,7 +48,7 @@ def formula(x_t, eps, t, t_prev, noise, alphas_cumprod, eta: float, clip_denoise
 def noise_and_direction_scales(abar_t, abar_prev, eta: float):
     """sigma and sqrt(1 - abar_prev - sigma^2), the second in its cancellation-free form (module docstring)."""
     one_minus_prev = 1 - abar_prev
-    sigma = eta * (one_minus_prev / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    sigma = eta * (one_minus_prev / (1 - abar_t) * ((abar_prev - abar_t) / abar_prev)).sqrt()
     kept = (1 - eta * eta) + eta * eta * abar_t * one_minus_prev / (abar_prev * (1 - abar_t))
     return sigma, (one_minus_prev * kept).clamp_min(0).sqrt()
 
@@ -91,7 +93,7 @@ if HAVE_TRITON:
         abar_prev = tl.where(t_prev >= 0, tl.load(alphas_cumprod_ptr + tl.maximum(t_prev, 0)), 1.0)
         sqrt_abar_t = tl.sqrt(abar_t)
         sqrt_one_minus_abar_t = tl.sqrt(1.0 - abar_t)
-        sigma = eta * tl.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+        sigma = eta * tl.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * ((abar_prev - abar_t) / abar_prev))
         kept = (1.0 - eta * eta) + eta * eta * abar_t * (1.0 - abar_prev) / (abar_prev * (1.0 - abar_t))
         direction_scale = tl.sqrt(tl.maximum((1.0 - abar_prev) * kept, 0.0))
         if NOISE:
