@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 
+import forked_cli
 from benchmarks import recipe as bench_recipe
 from benchmarks import sample_quality
 from engine.config import load_config
 from engine.lr_schedule import peak_lr
-import forked_cli
 
 
 def test_images_to_reach_interpolates_in_log_images_and_says_when_never():
