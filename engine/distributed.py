@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -93,6 +95,23 @@ def gather_to_main(value) -> list | None:
     return gathered
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, every_rank_done: bool = False) -> None:
+    """Leave the process group; with `every_rank_done`, once every rank has got here (a barrier first)."""
     if dist.is_available() and dist.is_initialized():
+        if every_rank_done:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def leaving_together() -> Iterator[None]:
+    """The process group is left when the block ends: after the other ranks have finished too when it ends without
+    an error. A rank that left while another still worked (rank 0 writing a run's closing grid) sometimes aborted as
+    its process exited (gloo: 'terminate called without an active exception', exit -6 for a finished run). After
+    an error there is no barrier: a rank stuck in a collective would never reach it (torchrun stops the others)."""
+    try:
+        yield
+    except BaseException:
+        shutdown_distributed()
+        raise
+    shutdown_distributed(every_rank_done=True)

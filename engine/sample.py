@@ -24,7 +24,7 @@ import torch
 from engine import cli, solvers
 from engine.config import Config, ConfigError, apply_override, config_from_dict
 from engine.diffusers_format import is_diffusers_folder
-from engine.distributed import DistributedContext, gather_to_main, init_distributed, shutdown_distributed
+from engine.distributed import DistributedContext, gather_to_main, init_distributed, leaving_together
 from engine.images import save_grid, save_image, to_uint8
 from engine.run_dir import EMA_HELP, RunDir, chosen_ema, load_run, weights_label
 from engine.sampling import Sampler, in_image_order
@@ -167,7 +167,7 @@ def sample_from_run(args: argparse.Namespace) -> None:
     """The command: every rank draws its share, rank 0 reports and writes the files."""
     with cli.reading_inputs():  # e.g. --device cuda where there is none
         context = init_distributed(args.device, setting="--device")
-    try:
+    with leaving_together():
         sampler, step = load_sampler(args, context.device)
         started = time.perf_counter()
         images = draw(args, sampler, context)
@@ -179,8 +179,6 @@ def sample_from_run(args: argparse.Namespace) -> None:
               f"{context.world_size} x {context.device.type}, {options.sampler}{guided}, step {step}, "
               f"{weights_label(options.use_ema, chosen_ema(sampler.config, options.use_ema, args.ema))} weights")
         write_outputs(args, sampler, images)
-    finally:
-        shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

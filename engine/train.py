@@ -25,7 +25,7 @@ from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, read_manifest
 from engine.data.remote import is_url
 from engine.diffusers_format import init_state_dict
-from engine.distributed import init_distributed, shutdown_distributed
+from engine.distributed import init_distributed, leaving_together
 from engine.evaluate import EvaluationError, inception_path, load_feature_network
 from engine.lr_schedule import describe as describe_lr
 from engine.maintenance import TrainingError
@@ -119,12 +119,10 @@ def train(config: Config) -> dict[str, Any]:
     """Run (or resume) training to `train.steps`; returns a summary of the run."""
     with cli.reading_inputs():  # train.device=cuda where there is none
         context = init_distributed(config.train.device)
-    try:
+    with leaving_together():
         manifest = check_data(config)
         initial_weights = check_extras(config)
         return TrainingRun(config, context, manifest, initial_weights).run()
-    finally:
-        shutdown_distributed()
 
 
 def train_command(args: argparse.Namespace) -> int:

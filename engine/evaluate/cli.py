@@ -26,6 +26,7 @@ them all). Computing statistics from a source reads all of its images once; save
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from engine.config import ConfigError
 from engine.data import DataError
 from engine.data.image_sets import open_images
 from engine.diffusers_format import is_diffusers_folder
-from engine.distributed import init_distributed, is_distributed, rank_and_world_size, rank_slice, shutdown_distributed
+from engine.distributed import init_distributed, is_distributed, leaving_together, rank_and_world_size, rank_slice
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.feature_network import (DEFAULT_BATCH_SIZE, DEFAULT_INCEPTION, INCEPTION_ENV, FeatureNetwork,
                                              load_feature_network)
@@ -205,11 +206,8 @@ def _evaluate_command(args: argparse.Namespace) -> None:
     with cli.one_line_warnings("evaluate"):
         with cli.reading_inputs():  # e.g. --device cuda without CUDA
             context = init_distributed(args.device, setting="--device")
-        try:
+        with leaving_together() if joined_here else contextlib.nullcontext():
             _run(args, context.is_main, context.device)
-        finally:
-            if joined_here:
-                shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
