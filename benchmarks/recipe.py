@@ -2,6 +2,7 @@
 
     python -m benchmarks.recipe                      # quick scale: 16x16 CIFAR-10, a 1.1M-parameter UNet, every part
     python -m benchmarks.recipe --scale protocol     # 32x32 at issue 12's model size (2.2M parameters): main, ema
+    python -m benchmarks.recipe --scale protocol-long  # the same at 4x the images (393k; hours per run)
     python -m benchmarks.recipe --recipe hot=fast,optim.lr=3e-3 --parts main   # any recipe: a preset and changes
 
 A recipe is a preset's recipe keys (`RECIPE_GROUPS`): `paper` is configs/cifar.yaml (the DDPM paper's recipe),
@@ -105,6 +106,8 @@ PROTOCOL_UNET = ("model.base_channels=32", "model.channel_mult=[1,2,2,2]", "mode
 SCALES = {
     "quick": Scale(16, SMALL_UNET, first_budget=6144, budgets=6, seeds=(0, 1), ablation_budgets=5),
     "protocol": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=5, seeds=(0,)),
+    # 4x protocol's images: 768 steps at batch 512, the steps fast at batch 128 takes at protocol (hours per run)
+    "protocol-long": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=7, seeds=(0,)),
     # tests/test_recipe_benchmark.py's: seconds
     "test": Scale(16, ("model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
                        "model.attention_resolutions=[]", "model.dropout=0.0"), first_budget=256, budgets=2,
@@ -576,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or ROOT / "runs" / f"recipe-{args.scale}"
     scale = SCALES[args.scale]
-    parts = args.parts if args.scale != "protocol" or args.parts != PARTS else ["main", "ema"]
+    protocol_default = args.scale.startswith("protocol") and args.parts == PARTS
+    parts = ["main", "ema"] if protocol_default else args.parts
     results = run(scale, out, args.cifar, args.cache, parts, args.recipe, args.jobs)
     if "paper" in results["curves"]:
         results["summary"] = summary(results)
