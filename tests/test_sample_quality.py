@@ -2,8 +2,9 @@
 than diffusers', both models trained in this test from the same seed and scored by
 benchmarks/sample_quality.py's measure (the Fréchet distance, FD, in a small CIFAR-10 classifier's
 features against held-out images). At this size (100 steps) diffusers' UNet2DModel, with PyTorch's default
-initialisation, is still mostly noise, so the end-to-end comparison is loose; the sharp check is our
-sampler against diffusers' DDIMScheduler on the same weights, which is what issue 12's bug broke."""
+initialisation, is still mostly noise, so the end-to-end comparison is loose. The sharp check, our sampler
+against diffusers' DDIMScheduler on the same weights (what issue 12's bug broke), is exact and cheap:
+tests/test_solver_export.py runs diffusers' DDIM loop on an exported model and compares the samples."""
 
 import pytest
 
@@ -13,13 +14,10 @@ from benchmarks import sample_quality
 pytestmark = pytest.mark.slow
 THEIRS = "diffusers model, diffusers DDIM"
 OURS = "ours model, engine.sample now (network's eps)"
-OURS_IN_THEIRS = "ours model, diffusers DDIM"
 # Calibration (benchmarks/SAMPLE_QUALITY.md). At 300 steps, training seeds 0 and 1: ours 5.5 / 8.8, diffusers
-# 25.5 / 25.5, our sampler minus diffusers' on our weights -0.4 / +0.8, the old clipped-eps convention 15.1 / 14.4.
-# At this test's 100 steps and 32-wide classifier, seeds 0 and 1: ours 15.0 / 12.7, diffusers 20.7 / 21.2,
-# diffusers' sampler on our weights 15.4 / 13.8, the old convention 29.6 / 31.3.
+# 25.5 / 25.5, the old clipped-eps convention 15.1 / 14.4. At this test's 100 steps and 32-wide classifier, seeds
+# 0 and 1: ours 15.0 / 12.7, diffusers 20.7 / 21.2, the old convention 29.6 / 31.3.
 TRAINING_SPREAD = 3.5
-SAMPLER_SPREAD = 2.0
 
 
 @pytest.mark.skipif(not sample_quality.DEFAULT_CIFAR.exists(), reason="needs ../shared/data/cifar10-train.tar.gz")
@@ -27,10 +25,8 @@ def test_our_samples_are_at_least_as_good_as_diffusers_at_equal_budget(tmp_path)
     pytest.importorskip("diffusers")
     preset = sample_quality.PRESETS["test"]
     results = sample_quality.run(preset, sample_quality.DEFAULT_CIFAR, tmp_path / "out", tmp_path / "cache",
-                                 seed=0, rows=[THEIRS, OURS, OURS_IN_THEIRS], compare=False,
-                                 launch=forked_cli.launch)
+                                 seed=0, rows=[THEIRS, OURS], compare=False, launch=forked_cli.launch)
     rows = results["rows"]
     assert results["classifier_accuracy"] > 0.4, "the feature network must tell CIFAR-10 classes apart"
     assert results["real_floor"]["fd"] < 0.25 * rows[OURS]["fd"], "the measure must separate real from generated"
     assert rows[OURS]["fd"] <= rows[THEIRS]["fd"] + TRAINING_SPREAD, rows
-    assert rows[OURS]["fd"] <= rows[OURS_IN_THEIRS]["fd"] + SAMPLER_SPREAD, rows

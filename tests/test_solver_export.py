@@ -274,3 +274,32 @@ def test_other_schedulers_read_as_before():
     assert sample == {"clip_denoised": False, "timestep_spacing": "trailing"}
     with pytest.raises(DiffusersFormatError, match="thresholding"):
         diffusion_fields_from_scheduler_config({"_class_name": "DDIMScheduler", "thresholding": True})
+
+
+@pytest.mark.parametrize("spacing, clip, clipped_eps", [("leading", True, False), ("leading", True, True),
+                                                        ("trailing", False, False)])
+def test_diffusers_ddim_loop_on_the_export_reproduces_our_ddim_samples(tmp_path, spacing, clip, clipped_eps):
+    """What DDIMPipeline runs on an exported run (a DDIMScheduler made from the folder's DDPMScheduler config, eta 0,
+    leading spacing by default) gives, from our x_T, the samples of our ddim sampler at the same spacing: the
+    timesteps, the last step to abar = 1, the x0 clipping and which eps the update uses (the network's, or the
+    clipped x0's: issue 12's bug). tests/test_sample_quality.py scores the trained models' samples."""
+    diffusers = pytest.importorskip("diffusers")
+    config = tiny_config(sample={"sampler": "ddim", "steps": 10, "timestep_spacing": spacing, "eta": 0.0,
+                                 "clip_denoised": clip, "use_clipped_model_output": clipped_eps})
+    model = random_unet(config, seed=5)
+    write_diffusers_folder(tmp_path, config, model.state_dict())
+    pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path)
+    scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing=spacing)
+    shape = (BATCH, config.data.channels, config.data.image_size, config.data.image_size)
+    x = randn(noise_keys(SEED, torch.arange(BATCH)), torch.full((BATCH,), config.diffusion.num_timesteps),
+              math.prod(shape[1:])).view(shape)
+    scheduler.set_timesteps(config.sample.steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipeline.unet(x, t).sample, t, x, eta=0.0,
+                               use_clipped_model_output=clipped_eps).prev_sample
+        ours = engine_sample(config, model)
+    assert sorted(scheduler.timesteps.tolist()) == diffusion.ddim_timesteps(1000, 10, spacing)
+    assert x.abs().max() > 0.1  # not a trivially small sample
+    error = ((ours - x).abs().max() / x.abs().max()).item()
+    assert error < TOLERANCE, f"relative difference {error:.1e}"
