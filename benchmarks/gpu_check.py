@@ -116,27 +116,31 @@ CUDA_TESTS = ["tests/test_gpu.py", "tests/test_kernels.py",
               "tests/test_distributed.py::test_the_training_step_never_waits_for_the_gpu"]
 # (name, files, -k selection, BENCH_BATCH_SIZE, share of the part's box); on CUDA the kernels run as Triton
 BENCHMARK_GROUPS = [
-    ("kernels", "benchmarks/test_bench_kernels.py", "", 128, 0.12),
-    ("train-128", "benchmarks/test_bench_train_step.py",
+    ("kernels", ["benchmarks/test_bench_kernels.py"], "", 128, 0.12),
+    ("train-128", ["benchmarks/test_bench_train_step.py"],
      "(test_train_step and triton and not blocks) or diffusers or (precision_and_attention and bf16 and sdpa)", 128, 0.5),
-    ("train-256", "benchmarks/test_bench_train_step.py",
+    ("train-256", ["benchmarks/test_bench_train_step.py"],
      "(test_train_step and triton and (eager or compiled-model)) or diffusers", 256, 0.2),
     # compiled (CUDA graphs) for DDPM, DDIM and one step count of two solvers: each compile takes a while
-    ("sampling", "benchmarks/test_bench_sampling.py",
+    ("sampling", ["benchmarks/test_bench_sampling.py"],
      "(sampling_run and not (compiled and (-10- or dpm++3m or sde))) or guidance_step", 128, 0.18),
 ]
+# one process for the three files (each pytest start imports torch and the engine again): a kernel, a train step
+# beside diffusers', a sampling run
 SMOKE_BENCHMARK_GROUPS = [
-    ("kernels", "benchmarks/test_bench_kernels.py", "q_sample and not uint8 and (copy or eager)", 4, 0.3),
-    ("train-2", "benchmarks/test_bench_train_step.py", "(test_train_step and eager and pytorch) or diffusers", 2, 0.4),
-    ("sampling", "benchmarks/test_bench_sampling.py", "sampling_run and ddim and eager and not diffusers", 2, 0.3),
+    ("smoke", ["benchmarks/test_bench_kernels.py", "benchmarks/test_bench_train_step.py",
+               "benchmarks/test_bench_sampling.py"],
+     "(test_bench_kernels and q_sample and not uint8 and (copy or eager)) or (test_bench_train_step and "
+     "((test_train_step and eager and pytorch) or diffusers)) or (test_bench_sampling and sampling_run and ddim "
+     "and eager and not diffusers)", 2, 1.0),
 ]
 SMOKE_TIMING = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.001", "--benchmark-warmup=off"]
 
 
 def benchmark_commands(out: Path, smoke: bool) -> list[tuple[list[str], float]]:
     commands = []
-    for name, path, select, batch, share in SMOKE_BENCHMARK_GROUPS if smoke else BENCHMARK_GROUPS:
-        argv = python(*PYTEST, path, "--benchmark-only", f"--benchmark-json={out / f'bench-{name}.json'}",
+    for name, files, select, batch, share in SMOKE_BENCHMARK_GROUPS if smoke else BENCHMARK_GROUPS:
+        argv = python(*PYTEST, *files, "--benchmark-only", f"--benchmark-json={out / f'bench-{name}.json'}",
                       *(SMOKE_TIMING if smoke else []), *(["-k", select] if select else []))
         commands.append((["env", f"BENCH_BATCH_SIZE={batch}", *argv], share))
     return commands
