@@ -13,6 +13,7 @@ OpenMP's thread pool does not survive a fork. Elsewhere a fresh interpreter runs
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib
 import io
 import os
@@ -57,6 +58,7 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
         return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **env})
     main = importlib.import_module(module).main  # imported here, once, rather than in every child
+    _import_what_every_run_imports()
     port = _free_port() if ranks else None
     rank_envs = [{**env, **_torchrun_environment(rank, ranks, port)} for rank in range(ranks)] if ranks else [env]
     files = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in rank_envs]
@@ -75,6 +77,17 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
         for out, err in files:
             out.close()
             err.close()
+
+
+@functools.cache
+def _import_what_every_run_imports() -> None:
+    """What the CLIs import only when first used, imported once here rather than in each child: matplotlib for
+    the loss curve a run ends with, torch._dynamo for the first optimizer (about a second of CPU each per child)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # as engine.plot sets it
+    import matplotlib.pyplot  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
 
 def launch(module: str, args: list[str], env: dict[str, str] | None = None, log=None) -> subprocess.CompletedProcess:
