@@ -55,8 +55,18 @@ def train(run_dir, data, *overrides, launcher=None, ranks=0):
 
 
 def losses(run_dir):
-    records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return losses_in((Path(run_dir) / "metrics.jsonl").read_text())
+
+
+def losses_in(text: str) -> dict:
+    records = map(json.loads, text.splitlines())
     return {r["step"]: r["loss"] for r in records if "loss" in r}  # evaluation records have no loss
+
+
+def last_logged_step(metrics: Path) -> int:
+    """The last step a live run's metrics.jsonl holds in full: its last line may be half written as it is read."""
+    text = metrics.read_text() if metrics.is_file() else ""
+    return max(losses_in(text[:text.rfind("\n") + 1]), default=0)
 
 
 def test_a_tiny_batch_is_overfit():
@@ -305,7 +315,7 @@ def train_until_killed(run_dir, data, kill_after_step: int, *overrides, launcher
                                start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.monotonic() + 180
-    while not (metrics.is_file() and max(losses(run_dir), default=0) >= kill_after_step):
+    while last_logged_step(metrics) < kill_after_step:
         assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the whole process group at once
