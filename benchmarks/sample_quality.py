@@ -74,7 +74,7 @@ PRESETS = {
     "protocol": Preset(image_size=32, train_steps=1200, num_images=1000),
     "quick": Preset(image_size=16, train_steps=1200, num_images=500),
     # the guard test's size (tests/test_sample_quality.py): minutes on 2 cores
-    "test": Preset(image_size=16, train_steps=100, num_images=100, batch_size=32, ddim_steps=20, base_channels=32,
+    "test": Preset(image_size=16, train_steps=100, num_images=100, batch_size=16, ddim_steps=20, base_channels=32,
                    channel_mult=(1, 2), num_res_blocks=1, train_images=8000, held_out=2000, every=5,
                    classifier_width=32),
 }

@@ -16,8 +16,8 @@ THEIRS = "diffusers model, diffusers DDIM"
 OURS = "ours model, engine.sample now (network's eps)"
 # Calibration (benchmarks/SAMPLE_QUALITY.md). At 300 steps, training seeds 0 and 1: ours 5.5 / 8.8, diffusers
 # 25.5 / 25.5, the old clipped-eps convention 15.1 / 14.4. At this test's 100 steps and 32-wide classifier, seeds
-# 0 and 1, 200 images: ours 15.0 / 12.7, diffusers 20.7 / 21.2, the old convention 29.6 / 31.3; at its 100
-# images (the first 100 of the same samples): ours 13.5 / 12.7, diffusers 21.0 / 21.5, real images 0.71.
+# 0 and 1, batch 32, 200 images: ours 15.0 / 12.7, diffusers 20.7 / 21.2, the old convention 29.6 / 31.3; at this
+# test's batch 16 and 100 images: ours 11.0 / 11.1, diffusers 20.9 / 20.4, the old convention 29.7 / 31.0.
 TRAINING_SPREAD = 3.5
 
 
