@@ -4,7 +4,8 @@ A fresh interpreter spends about three seconds of CPU importing torch and the en
 anything, and the suite starts a couple of hundred CLIs: most of its time on two cores. A fork of the test
 process (which has imported them already) runs the module's `main(ARGS)` as `python -m` would, with its own
 stdout, stderr, working directory, environment, warnings filters, signal handlers and exit code, and
-returns what `subprocess.run(..., capture_output=True, text=True)` returns.
+returns what `subprocess.run(..., capture_output=True, text=True)` returns. `Started` does the same in the
+background, for the tests that kill -9 a run.
 
 Forking is used only where the test process runs torch on one thread (`make test`'s pytest-xdist workers):
 OpenMP's thread pool does not survive a fork. Elsewhere a fresh interpreter runs it (torchrun for ranks).
@@ -79,6 +80,46 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
             err.close()
 
 
+class Started:
+    """`python -m module args` running in the background, its output discarded, in a session (process group) of
+    its own as `Popen(..., start_new_session=True)` starts one, so that killing the group takes its data workers
+    too: a forked child where `can_fork()`, else a fresh interpreter. `pid`, `poll()` and `wait()` as Popen's."""
+
+    def __init__(self, module: str, args: list, *, cwd, env: dict[str, str] | None = None):
+        args, env = [str(arg) for arg in args], env or {}
+        self._process, self._returncode = None, None
+        if not can_fork():
+            self._process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env={**os.environ, **env},
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=True)
+            self.pid = self._process.pid
+            return
+        main = importlib.import_module(module).main
+        _import_what_every_run_imports()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.setsid()
+            null = os.open(os.devnull, os.O_WRONLY)
+            _run_in_child(main, args, cwd, env, null, null)  # never returns
+
+    def poll(self) -> int | None:
+        """The exit code once it has ended, else None."""
+        if self._process is not None:
+            return self._process.poll()
+        if self._returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self._returncode = os.waitstatus_to_exitcode(status)
+        return self._returncode
+
+    def wait(self) -> int:
+        while self.poll() is None:
+            time.sleep(0.01)
+        return self._returncode if self._process is None else self._process.returncode
+
+
 @functools.cache
 def _import_what_every_run_imports() -> None:
     """What the CLIs import only when first used, imported once here rather than in each child: matplotlib for
@@ -86,8 +127,8 @@ def _import_what_every_run_imports() -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # as engine.plot sets it
-    import matplotlib.pyplot  # noqa: F401
-    import torch._dynamo  # noqa: F401
+    importlib.import_module("matplotlib.pyplot")
+    importlib.import_module("torch._dynamo")
 
 
 def launch(module: str, args: list[str], env: dict[str, str] | None = None, log=None) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.schedule import NoiseSchedule
 from engine.unet import UNet
-from forked_cli import run_module, torchrun
+from forked_cli import Started, run_module, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model and run small enough for seconds on 2 cores; every other setting comes from the preset.
@@ -304,15 +303,18 @@ def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_devic
 
 
 def train_until_killed(run_dir, data, kill_after_step: int, *overrides, launcher=None):
-    """Start training, kill -9 it (with its workers, or torchrun and its ranks) once metrics.jsonl
-    reaches `kill_after_step`: a real crash, no cleanup."""
+    """Start training (as tests/forked_cli.py runs a CLI, or under `launcher`), kill -9 it (with its workers, or
+    torchrun and its ranks) once metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup."""
     import signal
     import time
 
-    command = [*(launcher or [sys.executable, "-m"]), "engine.train", "configs/tiny.yaml", *SMALL,
-               f"data.path={data}", f"train.run_dir={run_dir}", *overrides]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+    args = ["configs/tiny.yaml", *SMALL, f"data.path={data}", f"train.run_dir={run_dir}", *overrides]
+    quiet = {"PYTHONWARNINGS": "ignore::UserWarning"}
+    if launcher is None:
+        process = Started("engine.train", args, cwd=ROOT, env=quiet)
+    else:
+        process = subprocess.Popen([*launcher, "engine.train", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **quiet})
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while last_logged_step(metrics) < kill_after_step:
@@ -360,12 +362,10 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_falls_back_to_the_previous_c
     run_dir = tmp_path / "run"
     folder = run_dir / "checkpoints"
     every_step = ["train.steps=100000", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
-    command = [sys.executable, "-m", "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={shapes16}",
-               f"train.run_dir={run_dir}", *every_step]
+    args = ["configs/tiny.yaml", *SMALL, f"data.path={shapes16}", f"train.run_dir={run_dir}", *every_step]
     caught = None
     for _ in range(5):  # a write lasts milliseconds; a few runs are enough to land in one
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
+        process = Started("engine.train", args, cwd=ROOT)
         deadline = time.monotonic() + 60
         while caught is None and time.monotonic() < deadline and process.poll() is None:
             partial = list(folder.glob(".step-*.tmp-*")) if folder.is_dir() else []
