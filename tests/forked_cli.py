@@ -81,17 +81,19 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
 
 
 class Started:
-    """`python -m module args` running in the background, its output discarded, in a session (process group) of
-    its own as `Popen(..., start_new_session=True)` starts one, so that killing the group takes its data workers
-    too: a forked child where `can_fork()`, else a fresh interpreter. `pid`, `poll()` and `wait()` as Popen's."""
+    """`python -m module args` running in the background, in a session (process group) of its own as
+    `Popen(..., start_new_session=True)` starts one, so that killing the group takes its data workers too: a forked
+    child where `can_fork()`, else a fresh interpreter. `pid`, `returncode`, `poll()`, `wait()`, `send_signal()`
+    and `communicate()` as Popen's; its output is kept for `communicate()` with `capture`, else discarded."""
 
-    def __init__(self, module: str, args: list, *, cwd, env: dict[str, str] | None = None):
+    def __init__(self, module: str, args: list, *, cwd, env: dict[str, str] | None = None, capture: bool = False):
         args, env = [str(arg) for arg in args], env or {}
         self._process, self._returncode = None, None
+        self._files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()] if capture else None
         if not can_fork():
+            out, err = self._files or [subprocess.DEVNULL] * 2
             self._process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env={**os.environ, **env},
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                             start_new_session=True)
+                                             stdout=out, stderr=err, start_new_session=True)
             self.pid = self._process.pid
             return
         main = importlib.import_module(module).main
@@ -101,8 +103,12 @@ class Started:
         self.pid = os.fork()
         if self.pid == 0:
             os.setsid()
-            null = os.open(os.devnull, os.O_WRONLY)
-            _run_in_child(main, args, cwd, env, null, null)  # never returns
+            out, err = [file.fileno() for file in self._files] if capture else [os.open(os.devnull, os.O_WRONLY)] * 2
+            _run_in_child(main, args, cwd, env, out, err)  # never returns
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
 
     def poll(self) -> int | None:
         """The exit code once it has ended, else None."""
@@ -114,10 +120,26 @@ class Started:
                 self._returncode = os.waitstatus_to_exitcode(status)
         return self._returncode
 
-    def wait(self) -> int:
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"{self.pid}", timeout)
             time.sleep(0.01)
-        return self._returncode if self._process is None else self._process.returncode
+        return self.poll()
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Its stdout and stderr (empty unless `capture`), once it has ended."""
+        self.wait(timeout)
+        if self._files is None:
+            return "", ""
+        out, err = (_read([file]) for file in self._files)
+        for file in self._files:
+            file.close()
+        return out, err
 
 
 @functools.cache

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from engine.checkpoint import load_latest_checkpoint
+from forked_cli import Started
 from test_train_cli import ROOT, SMALL, losses, train
 
 
@@ -23,10 +24,9 @@ def _wait_for(condition, timeout: float = 120.0) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_checkpoints_the_current_step_and_the_same_command_resumes(tmp_path, shapes16, sig):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={shapes16}",
-               f"train.run_dir={run_dir}", "train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+    args = ["configs/tiny.yaml", *SMALL, f"data.path={shapes16}", f"train.run_dir={run_dir}", "train.steps=100000",
+            "train.log_every=1", "train.checkpoint_every=100000"]
+    process = Started("engine.train", args, cwd=ROOT, env={"PYTHONWARNINGS": "ignore::UserWarning"}, capture=True)
     metrics = run_dir / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3)
     process.send_signal(sig)
