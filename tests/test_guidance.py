@@ -130,7 +130,7 @@ def test_guidance_and_class_settings_are_checked(model, sample, message):
         config_from_dict(raw, where="test")
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 3), ("unipc", 3)])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 3), ("unipc", 3), ("ddpm", None)])
 def test_guided_sampling_with_the_triton_kernels_draws_what_the_pytorch_reference_draws(unet, sampler, steps):
     """The guided prediction feeds the registry's update kernels: Triton's (in the interpreter here) and the
     PyTorch reference's give the same images."""
@@ -139,7 +139,7 @@ def test_guided_sampling_with_the_triton_kernels_draws_what_the_pytorch_referenc
     schedule = NoiseSchedule.create("linear", 20)
     guided = diffusion.classifier_free_guidance(unet, 2.5, NUM_CLASSES)
     kernels = [resolve_kernels(dict.fromkeys(OPS, choice), "cpu", check=False) for choice in ("pytorch", "triton")]
-    assert kernels[1].names["ddim_step"] == kernels[1].names["unipc_step"] == "triton"
+    assert {kernels[1].names[op] for op in ("ddim_step", "unipc_step", "posterior_step")} == {"triton"}
     images = [diffusion.sample(guided, schedule, chosen, (2, 3, 16, 16), seed=5, sampler=sampler, steps=steps,
                                class_labels=torch.tensor([1, 0])) for chosen in kernels]
     assert images[0].isfinite().all() and images[0].std() > 0.1

@@ -168,11 +168,12 @@ def test_cuda_asked_for_on_a_machine_without_it_is_one_clear_line(tmp_path, shap
 def test_sample_cli_writes_a_grid_and_uint8_npz_with_ema_or_raw_weights(tmp_path, shapes16):
     run_dir = tmp_path / "run"
     assert train(run_dir, shapes16, "train.steps=3").returncode == 0
-    for sampler in (["--sampler", "ddim", "--steps", "3"], ["--sampler", "ddpm"]):
-        result = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, *sampler, "--out", tmp_path / "g.png",
-                     "--npz", tmp_path / "s.npz", "--seed", 3)
+    drawn = {}
+    for sampler, steps in (("ddim", ["--steps", 3]), ("ddpm", [])):
+        result = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, "--sampler", sampler, *steps,
+                     "--out", tmp_path / "g.png", "--npz", tmp_path / "s.npz", "--seed", 3)
         assert result.returncode == 0, result.stderr
-        images = np.load(tmp_path / "s.npz")["arr_0"]
+        images = drawn[sampler] = np.load(tmp_path / "s.npz")["arr_0"]
         assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
         assert (tmp_path / "g.png").is_file()
     again = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, "--sampler", "ddpm", "--seed", 3,
@@ -181,12 +182,13 @@ def test_sample_cli_writes_a_grid_and_uint8_npz_with_ema_or_raw_weights(tmp_path
     raw = run("engine.sample", run_dir, "--num", 5, "--batch-size", 2, "--sampler", "ddpm", "--seed", 3, "--raw",
               "--out", tmp_path / "g3.png", "--npz", tmp_path / "s3.npz")
     assert raw.returncode == 0 and "raw weights" in raw.stdout and again.returncode == 0
-    # Image i is keyed by (seed, i): another batch size and the Triton update kernel (interpreted here)
-    # give the same images, up to float rounding at the uint8 boundary.
-    fused = run("engine.sample", run_dir, "--num", 5, "--batch-size", 5, "--sampler", "ddpm", "--seed", 3,
-                "--kernel", "posterior_step=triton", "--out", tmp_path / "g4.png", "--npz", tmp_path / "s4.npz")
+    # Image i is keyed by (seed, i): another batch size and the Triton update kernel (interpreted here, so DDIM's
+    # 3 steps rather than DDPM's 50; tests/test_kernels.py holds every kernel to its reference) give the same
+    # images, up to float rounding at the uint8 boundary.
+    fused = run("engine.sample", run_dir, "--num", 5, "--batch-size", 5, "--sampler", "ddim", "--steps", 3, "--seed", 3,
+                "--kernel", "ddim_step=triton", "--out", tmp_path / "g4.png", "--npz", tmp_path / "s4.npz")
     assert fused.returncode == 0, fused.stderr
-    difference = np.abs(np.load(tmp_path / "s4.npz")["arr_0"].astype(int) - images.astype(int))
+    difference = np.abs(np.load(tmp_path / "s4.npz")["arr_0"].astype(int) - drawn["ddim"].astype(int))
     assert difference.max() <= 1 and difference.mean() < 0.01
     unknown = run("engine.sample", run_dir, "--kernel", "posterior_step=no_such_kernel")
     assert unknown.returncode == 2 and "kernels.posterior_step" in unknown.stderr
