@@ -13,7 +13,9 @@ One benchmark group per op (`q_sample`, `q_sample_uint8`, `noise_loss`, `posteri
   arithmetic operation (the noise tensor is written, and for the loss stored and read back);
 - `compiled`: the op's PyTorch implementation (the one registered as `pytorch`) under
   torch.compile(dynamic=False), i.e. Inductor fusing the reference's elementwise chain, noise
-  generation included;
+  generation included. In the smoke run on the CPU (`--benchmark-disable`) only with BENCH_COMPILE=1: it
+  is a baseline, not an engine path (the engine calls the ops as opaque custom ops, which
+  tests/test_kernels.py compiles), and its seven compiles were 30 CPU-seconds of the smoke run;
 - `triton`: the registered Triton kernel. Timed on CUDA only; on the CPU with TRITON_INTERPRET=1 it
   runs once in the interpreter, is checked against the reference, and is skipped.
 
@@ -47,6 +49,7 @@ faster than `eager` at CIFAR batch 128. CPU timings are for ratios within a grou
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -391,6 +394,8 @@ def _run(benchmark, device, case: OpCase, variant: str, copy_bandwidth: dict[str
             _assert_matches(case.eager_check(), expected, f"{case.op} eager")
             fn = case.eager
         elif variant == "compiled":
+            if benchmark.disabled and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
+                pytest.skip("a timing baseline: compiled on the CPU when timed, or with BENCH_COMPILE=1")
             _, implementation = load_implementation(case.op, "pytorch", device)
             compiled = torch.compile(implementation, dynamic=False)
 
