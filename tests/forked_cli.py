@@ -5,7 +5,8 @@ anything, and the suite starts a couple of hundred CLIs: most of its time on two
 process (which has imported them already) runs the module's `main(ARGS)` as `python -m` would, with its own
 stdout, stderr, working directory, environment, warnings filters, signal handlers and exit code, and
 returns what `subprocess.run(..., capture_output=True, text=True)` returns. `Started` does the same in the
-background, for the tests that kill -9 a run.
+background, for the tests that signal a run. Not for kill -9: a fork killed while it held a lock it shares with
+the test process (tqdm's multiprocessing write lock) leaves it held, and every later fork waits on it.
 
 Forking is used only where the test process runs torch on one thread (`make test`'s pytest-xdist workers):
 OpenMP's thread pool does not survive a fork. Elsewhere a fresh interpreter runs it (torchrun for ranks).

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from engine.data.prepare import prepare
 from engine.schedule import NoiseSchedule
 from engine.unet import UNet
-from forked_cli import Started, run_module, torchrun
+from forked_cli import run_module, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model and run small enough for seconds on 2 cores; every other setting comes from the preset.
@@ -305,18 +306,17 @@ def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_devic
 
 
 def train_until_killed(run_dir, data, kill_after_step: int, *overrides, launcher=None):
-    """Start training (as tests/forked_cli.py runs a CLI, or under `launcher`), kill -9 it (with its workers, or
-    torchrun and its ranks) once metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup."""
+    """Start training in a fresh interpreter (or under `launcher`), kill -9 it (with its workers, or torchrun and its
+    ranks) once metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup. Not in a fork of the test
+    process (tests/forked_cli.py): a forked run killed while it held a lock it shares with its parent (tqdm's
+    multiprocessing write lock) leaves it held, and the next forked run waits for it forever."""
     import signal
     import time
 
-    args = ["configs/tiny.yaml", *SMALL, f"data.path={data}", f"train.run_dir={run_dir}", *overrides]
-    quiet = {"PYTHONWARNINGS": "ignore::UserWarning"}
-    if launcher is None:
-        process = Started("engine.train", args, cwd=ROOT, env=quiet)
-    else:
-        process = subprocess.Popen([*launcher, "engine.train", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **quiet})
+    command = [*(launcher or [sys.executable, "-m"]), "engine.train", "configs/tiny.yaml", *SMALL,
+               f"data.path={data}", f"train.run_dir={run_dir}", *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while last_logged_step(metrics) < kill_after_step:
@@ -364,10 +364,12 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_falls_back_to_the_previous_c
     run_dir = tmp_path / "run"
     folder = run_dir / "checkpoints"
     every_step = ["train.steps=100000", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
-    args = ["configs/tiny.yaml", *SMALL, f"data.path={shapes16}", f"train.run_dir={run_dir}", *every_step]
+    command = [sys.executable, "-m", "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={shapes16}",
+               f"train.run_dir={run_dir}", *every_step]
     caught = None
-    for _ in range(5):  # a write lasts milliseconds; a few runs are enough to land in one
-        process = Started("engine.train", args, cwd=ROOT)
+    for _ in range(5):  # a write lasts milliseconds; a few runs land in one (fresh ones: train_until_killed says why)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
         deadline = time.monotonic() + 60
         while caught is None and time.monotonic() < deadline and process.poll() is None:
             partial = list(folder.glob(".step-*.tmp-*")) if folder.is_dir() else []
