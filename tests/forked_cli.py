@@ -5,8 +5,7 @@ anything, and the suite starts a couple of hundred CLIs: most of its time on two
 process (which has imported them already) runs the module's `main(ARGS)` as `python -m` would, with its own
 stdout, stderr, working directory, environment, warnings filters, signal handlers and exit code, and
 returns what `subprocess.run(..., capture_output=True, text=True)` returns. `Started` does the same in the
-background, for the tests that signal a run. Not for kill -9: a fork killed while it held a lock it shares with
-the test process (tqdm's multiprocessing write lock) leaves it held, and every later fork waits on it.
+background, for the tests that signal a run.
 
 Forking is used only where the test process runs torch on one thread (`make test`'s pytest-xdist workers):
 OpenMP's thread pool does not survive a fork. Elsewhere a fresh interpreter runs it (torchrun for ranks).
@@ -59,20 +58,13 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
     if not can_fork():
         return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **env})
-    main = importlib.import_module(module).main  # imported here, once, rather than in every child
-    _import_what_every_run_imports()
+    main = _main_of(module)
     port = _free_port() if ranks else None
     rank_envs = [{**env, **_torchrun_environment(rank, ranks, port)} for rank in range(ranks)] if ranks else [env]
     files = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in rank_envs]
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pids = []
-        for rank_env, (out, err) in zip(rank_envs, files):
-            pid = os.fork()
-            if pid == 0:
-                _run_in_child(main, args, cwd, rank_env, out.fileno(), err.fileno())  # never returns
-            pids.append(pid)
+        pids = [_fork(main, args, cwd, rank_env, out.fileno(), err.fileno())
+                for rank_env, (out, err) in zip(rank_envs, files)]
         returncode = _wait(pids, timeout, command)
         return subprocess.CompletedProcess(command, returncode, *(_read(stream) for stream in zip(*files)))
     finally:
@@ -82,30 +74,21 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
 
 
 class Started:
-    """`python -m module args` running in the background, in a session (process group) of its own as
-    `Popen(..., start_new_session=True)` starts one, so that killing the group takes its data workers too: a forked
-    child where `can_fork()`, else a fresh interpreter. `pid`, `returncode`, `poll()`, `wait()`, `send_signal()`
-    and `communicate()` as Popen's; its output is kept for `communicate()` with `capture`, else discarded."""
+    """`python -m module args` running in the background, as `run_module` runs it (a fork where `can_fork()`, else a
+    fresh interpreter), for the tests that signal a run; `pid`, `returncode`, `poll()`, `wait()`, `send_signal()`
+    and `communicate()` as Popen's. Not for kill -9: a fork killed while it held a lock it shares with the test
+    process (tqdm's multiprocessing write lock) leaves it held, and every later fork waits on it."""
 
-    def __init__(self, module: str, args: list, *, cwd, env: dict[str, str] | None = None, capture: bool = False):
+    def __init__(self, module: str, args: list, *, cwd, env: dict[str, str] | None = None):
         args, env = [str(arg) for arg in args], env or {}
         self._process, self._returncode = None, None
-        self._files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()] if capture else None
-        if not can_fork():
-            out, err = self._files or [subprocess.DEVNULL] * 2
+        self._files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+        if can_fork():
+            self.pid = _fork(_main_of(module), args, cwd, env, *(file.fileno() for file in self._files))
+        else:
             self._process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env={**os.environ, **env},
-                                             stdout=out, stderr=err, start_new_session=True)
+                                             stdout=self._files[0], stderr=self._files[1])
             self.pid = self._process.pid
-            return
-        main = importlib.import_module(module).main
-        _import_what_every_run_imports()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            os.setsid()
-            out, err = [file.fileno() for file in self._files] if capture else [os.open(os.devnull, os.O_WRONLY)] * 2
-            _run_in_child(main, args, cwd, env, out, err)  # never returns
 
     @property
     def returncode(self) -> int | None:
@@ -133,14 +116,28 @@ class Started:
         os.kill(self.pid, signum)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        """Its stdout and stderr (empty unless `capture`), once it has ended."""
+        """Its stdout and stderr, once it has ended."""
         self.wait(timeout)
-        if self._files is None:
-            return "", ""
         out, err = (_read([file]) for file in self._files)
         for file in self._files:
             file.close()
         return out, err
+
+
+def _main_of(module: str):
+    """The module's `main`, imported here once (with what its runs import lazily) rather than in every child."""
+    _import_what_every_run_imports()
+    return importlib.import_module(module).main
+
+
+def _fork(main, args: list[str], cwd, env: dict[str, str], out: int, err: int) -> int:
+    """A child that runs `main(args)` as `python -m` would, its output to the `out` and `err` descriptors."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _run_in_child(main, args, cwd, env, out, err)  # never returns
+    return pid
 
 
 @functools.cache

@@ -26,7 +26,7 @@ def test_a_signal_checkpoints_the_current_step_and_the_same_command_resumes(tmp_
     run_dir = tmp_path / "run"
     args = ["configs/tiny.yaml", *SMALL, f"data.path={shapes16}", f"train.run_dir={run_dir}", "train.steps=100000",
             "train.log_every=1", "train.checkpoint_every=100000"]
-    process = Started("engine.train", args, cwd=ROOT, env={"PYTHONWARNINGS": "ignore::UserWarning"}, capture=True)
+    process = Started("engine.train", args, cwd=ROOT, env={"PYTHONWARNINGS": "ignore::UserWarning"})
     metrics = run_dir / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3)
     process.send_signal(sig)
