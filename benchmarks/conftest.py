@@ -53,6 +53,12 @@ def synchronized(fn, device):
     return run
 
 
+def skip_compiling_on_the_cpu(device, why: str) -> None:
+    """A compiled variant runs on the CPU only with BENCH_COMPILE=1: Inductor's C++ builds take minutes there."""
+    if device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
+        pytest.skip(f"set BENCH_COMPILE=1 to compile on the CPU ({why})")
+
+
 def diffusers_unet(config) -> torch.nn.Module:
     """diffusers' UNet2DModel laid out as engine.unet's UNet for `config` (engine.diffusers_format's mapping;
     for configs/cifar.yaml, the layout of google/ddpm-cifar10-32): the same blocks, widths and parameters."""

@@ -49,7 +49,6 @@ faster than `eager` at CIFAR batch 128. CPU timings are for ratios within a grou
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,7 +56,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import synchronized
+from benchmarks.conftest import skip_compiling_on_the_cpu, synchronized
 from engine.solvers import alpha_sigma, log_snr, solver_plan, unipc_rhos
 from kernels.noise import noise_keys, randn_like
 from kernels.posterior_step import schedule_tables
@@ -394,8 +393,8 @@ def _run(benchmark, device, case: OpCase, variant: str, copy_bandwidth: dict[str
             _assert_matches(case.eager_check(), expected, f"{case.op} eager")
             fn = case.eager
         elif variant == "compiled":
-            if benchmark.disabled and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
-                pytest.skip("a timing baseline: compiled on the CPU when timed, or with BENCH_COMPILE=1")
+            if benchmark.disabled:  # a timing baseline: compiled on the CPU when timed
+                skip_compiling_on_the_cpu(device, "or time it: --benchmark-only")
             _, implementation = load_implementation(case.op, "pytorch", device)
             compiled = torch.compile(implementation, dynamic=False)
 

@@ -17,12 +17,11 @@ ratios, never CPU times.
 """
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
-from benchmarks.conftest import diffusers_unet, synchronized
+from benchmarks.conftest import diffusers_unet, skip_compiling_on_the_cpu, synchronized
 from engine import diffusion, solvers
 from engine.diffusers_format import diffusers_scheduler_config, unet_to_diffusers
 from engine.sampling import Sampler
@@ -60,8 +59,8 @@ def record_images_per_sec(benchmark, images: int) -> None:
 @pytest.mark.parametrize("variant", ["eager", "compiled"])
 @pytest.mark.parametrize("sampler,steps", RUNS)
 def test_sampling_run(benchmark, device, bench_config, batch_size, sampler, steps, variant):
-    if variant == "compiled" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
-        pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (about a minute per sampler)")
+    if variant == "compiled":
+        skip_compiling_on_the_cpu(device, "about a minute per sampler")
     config = run_config(bench_config, device, sampler, steps)
     config.sample.compile = variant == "compiled"  # on CUDA, the compiled step is a CUDA-graph replay
     torch.manual_seed(0)

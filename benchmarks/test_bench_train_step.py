@@ -18,7 +18,6 @@ kernels are timed on CUDA only.
 import contextlib
 import dataclasses
 import importlib.util
-import os
 import time
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.conftest import diffusers_unet, synchronized
+from benchmarks.conftest import diffusers_unet, skip_compiling_on_the_cpu, synchronized
 from engine.diffusers_format import diffusers_scheduler_config
 from engine.distributed import DistributedContext
 from engine.ema import build_ema, update_ema
@@ -62,8 +61,8 @@ def record_throughput(benchmark, device: torch.device, batch_size: int, flops_pe
 @pytest.mark.parametrize("kernel_impl", ["pytorch", "triton"])
 @pytest.mark.parametrize("variant", ["eager", "compiled-model", "compiled-blocks", "compiled-step"])
 def test_train_step(benchmark, device, bench_config, batch_size, flops_per_image, variant, kernel_impl):
-    if variant != "eager" and device.type == "cpu" and not os.environ.get("BENCH_COMPILE"):
-        pytest.skip("set BENCH_COMPILE=1 to compile on the CPU (minutes)")
+    if variant != "eager":
+        skip_compiling_on_the_cpu(device, "minutes")
     if kernel_impl == "triton" and device.type != "cuda":
         pytest.skip("the Triton kernels are timed on CUDA (tests check them in the interpreter)")
     compiled, _, scope = variant.partition("-")
