@@ -138,13 +138,13 @@ def engine_sample(config, model):
                             **step_options(config))
 
 
-def diffusers_sample(config, folder):
+def diffusers_sample(config, folder, scheduler_from=None, **step_options):
     """diffusers' sampling loop on the exported folder, from our x_T (the noise of counter t = T) and, for the SDE,
-    with our noise of each step (counter t) as variance_noise."""
+    with our noise of each step (counter t) as variance_noise; the folder's scheduler, or `scheduler_from(it)`."""
     from diffusers import DDPMPipeline
 
     pipeline = DDPMPipeline.from_pretrained(folder)
-    unet, scheduler = pipeline.unet.eval(), pipeline.scheduler
+    unet, scheduler = pipeline.unet.eval(), (scheduler_from or (lambda saved: saved))(pipeline.scheduler)
     shape = (BATCH, config.data.channels, config.data.image_size, config.data.image_size)
     numel = math.prod(shape[1:])
     keys = noise_keys(SEED, torch.arange(BATCH))
@@ -154,7 +154,7 @@ def diffusers_sample(config, folder):
         extra = {}
         if config.sample.sampler == "dpm++2m-sde":
             extra["variance_noise"] = randn(keys, t.expand(BATCH), numel).view(shape)
-        x = scheduler.step(unet(x, t).sample, t, x, **extra).prev_sample
+        x = scheduler.step(unet(x, t).sample, t, x, **extra, **step_options).prev_sample
     return x, scheduler.timesteps
 
 
@@ -288,18 +288,12 @@ def test_diffusers_ddim_loop_on_the_export_reproduces_our_ddim_samples(tmp_path,
                                  "clip_denoised": clip, "use_clipped_model_output": clipped_eps})
     model = random_unet(config, seed=5)
     write_diffusers_folder(tmp_path, config, model.state_dict())
-    pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path)
-    scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing=spacing)
-    shape = (BATCH, config.data.channels, config.data.image_size, config.data.image_size)
-    x = randn(noise_keys(SEED, torch.arange(BATCH)), torch.full((BATCH,), config.diffusion.num_timesteps),
-              math.prod(shape[1:])).view(shape)
-    scheduler.set_timesteps(config.sample.steps)
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(pipeline.unet(x, t).sample, t, x, eta=0.0,
-                               use_clipped_model_output=clipped_eps).prev_sample
+        theirs, timesteps = diffusers_sample(
+            config, tmp_path, lambda saved: diffusers.DDIMScheduler.from_config(saved.config, timestep_spacing=spacing),
+            eta=0.0, use_clipped_model_output=clipped_eps)
         ours = engine_sample(config, model)
-    assert sorted(scheduler.timesteps.tolist()) == diffusion.ddim_timesteps(1000, 10, spacing)
-    assert x.abs().max() > 0.1  # not a trivially small sample
-    error = ((ours - x).abs().max() / x.abs().max()).item()
+    assert sorted(timesteps.tolist()) == diffusion.ddim_timesteps(1000, 10, spacing)
+    assert theirs.abs().max() > 0.1  # not a trivially small sample
+    error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     assert error < TOLERANCE, f"relative difference {error:.1e}"
