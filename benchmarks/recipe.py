@@ -3,6 +3,7 @@
     python -m benchmarks.recipe                      # quick scale: 16x16 CIFAR-10, a 1.1M-parameter UNet, every part
     python -m benchmarks.recipe --scale protocol     # 32x32 at issue 12's model size (2.2M parameters): main, ema
     python -m benchmarks.recipe --scale protocol-long  # the same at 4x the images (393k; hours per run)
+    python -m benchmarks.recipe --scale protocol-quarter-batch  # protocol's images at a quarter of every batch
     python -m benchmarks.recipe --recipe hot=fast,optim.lr=3e-3 --parts main   # any recipe: a preset and changes
 
 A recipe is a preset's recipe keys (`RECIPE_GROUPS`): `paper` is configs/cifar.yaml (the DDPM paper's recipe),
@@ -108,6 +109,9 @@ SCALES = {
     "protocol": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=5, seeds=(0,)),
     # 4x protocol's images: 768 steps at batch 512, the steps fast at batch 128 takes at protocol (hours per run)
     "protocol-long": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=7, seeds=(0,)),
+    # protocol's images, every preset's batch / 4 (paper 32, fast 128): 4x the steps of both at protocol's cost, so
+    # that batch 512 is not 192 steps; the batch ratio, the learning-rate rules and durations in images are kept
+    "protocol-quarter-batch": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=5, seeds=(0,), batch_divisor=4),
     # tests/test_recipe_benchmark.py's: seconds
     "test": Scale(16, ("model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
                        "model.attention_resolutions=[]", "model.dropout=0.0"), first_budget=256, budgets=2,

@@ -23,8 +23,9 @@ def test_images_to_reach_interpolates_in_log_images_and_says_when_never():
     assert bench_recipe.images_to_reach(points, 12.0) == 1000  # reached at the first budget
 
 
-def test_a_scale_shrinks_every_duration_with_the_run_and_keeps_the_presets_recipe():
-    scale = bench_recipe.SCALES["quick"]
+@pytest.mark.parametrize("name", ["quick", "protocol-quarter-batch"])  # the presets' batches, and a quarter of them
+def test_a_scale_shrinks_every_duration_with_the_run_and_keeps_the_presets_recipe(name):
+    scale = bench_recipe.SCALES[name]
     shrink = scale.images / bench_recipe.PAPER_IMAGES
     paper = dict(o.split("=", 1) for o in bench_recipe.scaled_overrides(bench_recipe.Recipe("paper", "paper"), scale))
     batch = int(paper["train.batch_size"])
