@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -76,8 +77,7 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
 class Started:
     """`python -m module args` running in the background, as `run_module` runs it (a fork where `can_fork()`, else a
     fresh interpreter), for the tests that signal a run; `pid`, `returncode`, `poll()`, `wait()`, `send_signal()`
-    and `communicate()` as Popen's. Not for kill -9: a fork killed while it held a lock it shares with the test
-    process (tqdm's multiprocessing write lock) leaves it held, and every later fork waits on it."""
+    and `communicate()` as Popen's. Not for kill -9 (tests/test_train_cli.py's train_until_killed says why)."""
 
     def __init__(self, module: str, args: list, *, cwd, env: dict[str, str] | None = None):
         args, env = [str(arg) for arg in args], env or {}
@@ -245,3 +245,21 @@ def _fresh_interpreter_state() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
+    _own_progress_bar_lock()
+
+
+def _own_progress_bar_lock() -> None:
+    """A tqdm write lock of this process's own (each forked run's). tqdm keeps one multiprocessing lock for a process
+    and its forks (a semaphore in shared memory): a fork killed -9 while it held it (drawing a bar) would leave it
+    held, and every later fork, and the test process, would wait on it for ever."""
+    from tqdm.std import TqdmDefaultWriteLock, tqdm
+
+    if "mp_lock" in vars(TqdmDefaultWriteLock):
+        del TqdmDefaultWriteLock.mp_lock  # the next instance makes its own
+    TqdmDefaultWriteLock.th_lock = threading.RLock()  # one a parent's thread held at the fork would never be released
+    classes = [tqdm]
+    for cls in classes:  # tqdm.auto's class keeps its own when its first bar came before any of tqdm's
+        classes.extend(cls.__subclasses__())
+        if "_lock" in vars(cls):
+            del cls._lock
+    tqdm.set_lock(TqdmDefaultWriteLock())

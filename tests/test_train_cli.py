@@ -308,8 +308,9 @@ def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_devic
 def train_until_killed(run_dir, data, kill_after_step: int, *overrides, launcher=None):
     """Start training in a fresh interpreter (or under `launcher`), kill -9 it (with its workers, or torchrun and its
     ranks) once metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup. Not in a fork of the test
-    process (tests/forked_cli.py): a forked run killed while it held a lock it shares with its parent (tqdm's
-    multiprocessing write lock) leaves it held, and the next forked run waits for it forever."""
+    process (tests/forked_cli.py): a fork shares the test process's state, and a lock it held when killed stays
+    held for the next fork. tqdm's, the one that stalled a run here, is each fork's own now (tests/test_forked_cli.py);
+    a fresh interpreter rules out the others."""
     import signal
     import time
 
