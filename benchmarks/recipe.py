@@ -110,7 +110,7 @@ SCALES = {
     # 4x protocol's images: 768 steps at batch 512, the steps fast at batch 128 takes at protocol (hours per run)
     "protocol-long": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=7, seeds=(0,)),
     # protocol's images, every preset's batch / 4 (paper 32, fast 128): 4x the steps of both at protocol's cost, so
-    # that batch 512 is not 192 steps; the batch ratio, the learning-rate rules and durations in images are kept
+    # that fast's recipe takes 768 steps, not 192; the batch ratio, the learning-rate rules, durations in images kept
     "protocol-quarter-batch": Scale(32, PROTOCOL_UNET, first_budget=6144, budgets=5, seeds=(0,), batch_divisor=4),
     # tests/test_recipe_benchmark.py's: seconds
     "test": Scale(16, ("model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
