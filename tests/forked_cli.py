@@ -77,7 +77,7 @@ def run_module(module: str, args: list, *, cwd, env: dict[str, str] | None = Non
 class Started:
     """`python -m module args` running in the background, as `run_module` runs it (a fork where `can_fork()`, else a
     fresh interpreter), for the tests that signal a run; `pid`, `returncode`, `poll()`, `wait()`, `send_signal()`
-    and `communicate()` as Popen's. Not for kill -9 (tests/test_train_cli.py's train_until_killed says why)."""
+    and `communicate()` as Popen's. Not for kill -9 (tests/test_train_cli.py's start_training_to_kill says why)."""
 
     def __init__(self, module: str, args: list, *, cwd, env: dict[str, str] | None = None):
         args, env = [str(arg) for arg in args], env or {}

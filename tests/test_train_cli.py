@@ -305,19 +305,25 @@ def test_a_resumed_run_continues_the_uninterrupted_losses_bit_for_bit_with_devic
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exactly equal floats
 
 
+def start_training_to_kill(run_dir, data, *overrides, launcher=None) -> subprocess.Popen:
+    """Training in a fresh interpreter (or under `launcher`), in a session of its own so that killing the group
+    takes its data workers (or torchrun's ranks) too. Not in a fork of the test process (tests/forked_cli.py): a
+    fork shares the test process's state, and a lock it held when killed stays held for the next fork. tqdm's, the
+    one that stalled a run here, is each fork's own now (tests/test_forked_cli.py); a fresh interpreter rules out
+    the others."""
+    command = [*(launcher or [sys.executable, "-m"]), "engine.train", "configs/tiny.yaml", *SMALL,
+               f"data.path={data}", f"train.run_dir={run_dir}", *overrides]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+
+
 def train_until_killed(run_dir, data, kill_after_step: int, *overrides, launcher=None):
-    """Start training in a fresh interpreter (or under `launcher`), kill -9 it (with its workers, or torchrun and its
-    ranks) once metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup. Not in a fork of the test
-    process (tests/forked_cli.py): a fork shares the test process's state, and a lock it held when killed stays
-    held for the next fork. tqdm's, the one that stalled a run here, is each fork's own now (tests/test_forked_cli.py);
-    a fresh interpreter rules out the others."""
+    """Start training (`start_training_to_kill`), kill -9 it (with its workers, or torchrun and its ranks) once
+    metrics.jsonl reaches `kill_after_step`: a real crash, no cleanup."""
     import signal
     import time
 
-    command = [*(launcher or [sys.executable, "-m"]), "engine.train", "configs/tiny.yaml", *SMALL,
-               f"data.path={data}", f"train.run_dir={run_dir}", *overrides]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"})
+    process = start_training_to_kill(run_dir, data, *overrides, launcher=launcher)
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while last_logged_step(metrics) < kill_after_step:
@@ -365,12 +371,9 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_falls_back_to_the_previous_c
     run_dir = tmp_path / "run"
     folder = run_dir / "checkpoints"
     every_step = ["train.steps=100000", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
-    command = [sys.executable, "-m", "engine.train", "configs/tiny.yaml", *SMALL, f"data.path={shapes16}",
-               f"train.run_dir={run_dir}", *every_step]
     caught = None
-    for _ in range(5):  # a write lasts milliseconds; a few runs land in one (fresh ones: train_until_killed says why)
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
+    for _ in range(5):  # a write lasts milliseconds; a few runs are enough to land in one
+        process = start_training_to_kill(run_dir, shapes16, *every_step)
         deadline = time.monotonic() + 60
         while caught is None and time.monotonic() < deadline and process.poll() is None:
             partial = list(folder.glob(".step-*.tmp-*")) if folder.is_dir() else []
