@@ -261,7 +261,7 @@ def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = Non
             "sample.sampler=ddim", "sample.steps=10", "sample.timestep_spacing=linspace"]
     run_dir.mkdir(parents=True, exist_ok=True)
     recorded, resolved = run_dir / "benchmark-config.json", load_config(args[0], args[1:]).to_dict()
-    if recorded.exists() and json.loads(recorded.read_text()) != resolved:  # a preset changed since: not this run
+    if recorded.exists() and not same_run(json.loads(recorded.read_text()), resolved):  # a preset changed since
         raise RuntimeError(f"{run_dir} was trained with other settings ({recorded}); delete it, or pass another --out")
     recorded.write_text(json.dumps(resolved))
     log = run_dir.parent / f"{run_dir.name}.log"
@@ -269,6 +269,15 @@ def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = Non
     if result.returncode != 0:
         raise RuntimeError(f"training {run_dir.name} failed ({result.returncode}); see {log}")
     return run_dir
+
+
+def same_run(recorded: dict, resolved: dict) -> bool:
+    """Whether a run trained with the `recorded` settings goes on as `resolved`: train.steps only says where it
+    stops (a run cut at fewer budgets is extended), unless a cosine schedule decays to it."""
+    if resolved["optim"]["lr_schedule"] == "cosine":
+        return recorded == resolved
+    return ({**recorded, "train": {**recorded["train"], "steps": 0}}
+            == {**resolved, "train": {**resolved["train"], "steps": 0}})
 
 
 def budget_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -98,6 +98,18 @@ def test_the_budgets_are_the_runs_checkpoint_grid_and_a_stopped_runs_checkpoint_
         (6144, "step-00000048.pt"), (12288, "step-00000096.pt"), (24576, "step-00000192.pt")]
 
 
+def test_a_run_cut_at_fewer_budgets_is_extended_but_not_one_with_other_settings():
+    """train.steps only says where a run stops, so a run trained to 4 budgets goes on to 5; any other key, or the
+    length of a cosine schedule, makes it another run."""
+    def resolved(*overrides):
+        return load_config(bench_recipe.PRESETS["fast"], list(overrides)).to_dict()
+    assert bench_recipe.same_run(resolved("train.steps=384"), resolved("train.steps=768"))
+    assert not bench_recipe.same_run(resolved("train.steps=384"), resolved("train.steps=768", "optim.lr=2e-3"))
+    cosine = "optim.lr_schedule=cosine,optim.warmup_steps=10".split(",")
+    assert not bench_recipe.same_run(resolved("train.steps=384", *cosine), resolved("train.steps=768", *cosine))
+    assert bench_recipe.same_run(resolved("train.steps=768", *cosine), resolved("train.steps=768", *cosine))
+
+
 def test_a_missing_cifar_archive_is_one_line_and_status_2(tmp_path, capsys):
     missing = tmp_path / "cifar.tar.gz"
     assert bench_recipe.main(["--cifar", str(missing), "--out", str(tmp_path / "out")]) == 2
