@@ -274,10 +274,9 @@ def train_run(bench: Bench, recipe: Recipe, seed: int, budgets: int | None = Non
 def same_run(recorded: dict, resolved: dict) -> bool:
     """Whether a run trained with the `recorded` settings goes on as `resolved`: train.steps only says where it
     stops (a run cut at fewer budgets is extended), unless a cosine schedule decays to it."""
-    if resolved["optim"]["lr_schedule"] == "cosine":
-        return recorded == resolved
-    return ({**recorded, "train": {**recorded["train"], "steps": 0}}
-            == {**resolved, "train": {**resolved["train"], "steps": 0}})
+    if resolved["optim"]["lr_schedule"] != "cosine":
+        recorded, resolved = ({**c, "train": {**c["train"], "steps": 0}} for c in (recorded, resolved))
+    return recorded == resolved
 
 
 def budget_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
