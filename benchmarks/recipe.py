@@ -33,10 +33,10 @@ against 5,000 held-out images. The parts (`--parts`):
 
 The batch policy is the ablation's batch row against fast: fast at the paper's batch of 128 (B) and its own 512 (4B)
 at equal images, the learning rate by fast's rule.
-OUT gets recipe.md (the tables), recipe.json, recipe.png (FD against images), the runs and their samples; an
-interrupted benchmark resumes (training resumes its runs; finished scores are kept in scores.json). Needs
-../shared/data/cifar10-train.tar.gz (or --cifar); `--jobs` runs that many trainings or samplings at once, one
-thread each (default 2: one per core of a 2-core machine).
+OUT gets recipe.md (the tables), recipe.json, recipe.png (FD against images), the runs and their samples, the
+report written again after each part; an interrupted benchmark resumes (training resumes its runs; finished
+scores are kept in scores.json). Needs ../shared/data/cifar10-train.tar.gz (or --cifar); `--jobs` runs that many
+trainings or samplings at once, one thread each (default 2: one per core of a 2-core machine).
 """
 
 from __future__ import annotations
@@ -429,7 +429,9 @@ def prepare_bench(scale: Scale, out: Path, cifar: Path, cache: Path, jobs: int) 
 
 
 def run(scale: Scale, out: Path, cifar: Path, cache: Path, parts: list[str], extra: list[Recipe],
-        jobs: int = 2) -> dict:
+        jobs: int = 2, report: Callable[[dict], None] = lambda results: None) -> dict:
+    """The parts asked for, in order; `report` gets the results after each (a run of hours shows its main table
+    as soon as it is scored, and an interrupted one keeps the report of what it finished)."""
     bench = prepare_bench(scale, out, cifar, cache, jobs)
     main_recipes = [Recipe("paper", "paper"), Recipe("fast", "fast")]
     results = {"scale": dataclasses.asdict(scale), "floor": bench.floor, "curves": {}, "ablation": {}, "samplers": {},
@@ -439,12 +441,16 @@ def run(scale: Scale, out: Path, cifar: Path, cache: Path, parts: list[str], ext
         results["curves"] = curves(bench, main_recipes, scale.seeds)
     if extra:
         results["curves"].update(curves(bench, extra, scale.seeds[:1]))
+    report(results)
     if "ema" in parts:
         results["ema"] = ema_table(bench, main_recipes + extra)
+        report(results)
     if "ablation" in parts:
         results["ablation"] = ablation(bench)
+        report(results)
     if "samplers" in parts:
         results["samplers"] = sampler_table(bench, main_recipes)
+        report(results)
     return results
 
 
@@ -576,6 +582,15 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def write_report(results: dict, out: Path) -> None:
+    """OUT/recipe.json, and once the paper's curve is in, recipe.md (the tables) and recipe.png."""
+    if "paper" in results["curves"]:
+        results["summary"] = summary(results)
+        (out / "recipe.md").write_text(markdown(results))
+        plot(results, out / "recipe.png")
+    (out / "recipe.json").write_text(json.dumps(results, indent=1, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="quick")
@@ -593,13 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale]
     protocol_default = args.scale.startswith("protocol") and args.parts == PARTS
     parts = ["main", "ema"] if protocol_default else args.parts
-    results = run(scale, out, args.cifar, args.cache, parts, args.recipe, args.jobs)
+    results = run(scale, out, args.cifar, args.cache, parts, args.recipe, args.jobs,
+                  report=lambda so_far: write_report(so_far, out))
     if "paper" in results["curves"]:
-        results["summary"] = summary(results)
-        (out / "recipe.md").write_text(markdown(results))
-        plot(results, out / "recipe.png")
         print(markdown(results))
-    (out / "recipe.json").write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 

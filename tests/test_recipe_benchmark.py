@@ -87,6 +87,27 @@ def test_the_report_gives_the_ablation_against_fast_and_the_batch_table():
     assert "| unipc-3 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 |" in text
 
 
+def test_a_benchmark_stopped_after_its_main_part_has_written_that_parts_report(tmp_path, monkeypatch):
+    """The report is written after each part: an EMA part that fails (a run of hours killed there) leaves the
+    main table and the plot of the part before it."""
+    scale = bench_recipe.SCALES["test"]
+    monkeypatch.setattr(bench_recipe, "prepare_bench", lambda *args: bench_recipe.Bench(
+        scale, tmp_path, tmp_path, None, jobs=1, scores={}))
+    monkeypatch.setattr(bench_recipe, "curves", lambda bench, recipes, seeds: {
+        "paper": {0: [(256, 20.0), (512, 9.0)]}, "fast": {0: [(256, 12.0), (512, 6.0)]}})
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_recipe, "ema_table", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench_recipe.run(scale, tmp_path, tmp_path, tmp_path, ["main", "ema"], [],
+                         report=lambda so_far: bench_recipe.write_report(so_far, tmp_path))
+    text = (tmp_path / "recipe.md").read_text()
+    assert "| paper | 0 | 20.00 | 9.00 |" in text and "| fast | 0 | 12.00 | 6.00 |" in text
+    assert (tmp_path / "recipe.png").stat().st_size > 0 and "EMA of" not in text
+
+
 def test_the_budgets_are_the_runs_checkpoint_grid_and_a_stopped_runs_checkpoint_is_not_one(tmp_path):
     """A run stopped by SIGTERM at step 13 and resumed keeps step-13's checkpoint; the budgets stay 48, 96, 192."""
     config = load_config(bench_recipe.PRESETS["fast"], ["train.batch_size=128", "train.checkpoint_every=48"])
