@@ -13,6 +13,7 @@ steps), then the maintenance concerns that are due (engine.maintenance).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from engine.lr_schedule import describe as describe_lr
 from engine.maintenance import TrainingError
 from engine.metrics_log import tensorboard_writer_class, wandb_module
 from engine.trainer import build_trainer, train_step  # noqa: F401 (the trainer and the step a run trains with)
+from engine.trainer import micro_batch_size
 from engine.training_run import TrainingRun
 from engine.unet import build_unet, count_parameters
 from kernels.registry import KernelError, resolve_kernels_from_config
@@ -117,6 +119,9 @@ def dry_run(config: Config) -> int:
 
 def train(config: Config) -> dict[str, Any]:
     """Run (or resume) training to `train.steps`; returns a summary of the run."""
+    # a batch that does not split is said before the process group exists: a rank that leaves while another is still
+    # joining it makes gloo fail there (connectFullMesh) instead of the one line
+    micro_batch_size(config.train.batch_size, int(os.environ.get("WORLD_SIZE", 1)), config.train.grad_accum_steps)
     with cli.reading_inputs():  # train.device=cuda where there is none
         context = init_distributed(config.train.device)
     with leaving_together():
