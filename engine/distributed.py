@@ -46,11 +46,16 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun launched (its WORLD_SIZE; 1 outside torchrun), known before the group exists."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init_distributed(requested_device: str = "auto", setting: str = "train.device") -> DistributedContext:
     """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = launched_world_size()
     device = choose_device(requested_device, local_rank, setting)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -16,7 +16,6 @@ allocator fragmentation; `fits` keeps 10% of the card free for them.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 from engine.config import Config
-from engine.distributed import compute_dtype
+from engine.distributed import compute_dtype, launched_world_size
 from engine.unet import AttentionBlock, Checkpointable, ResnetBlock, UNet, build_unet, count_parameters
 
 GIB = 2**30
@@ -162,10 +161,9 @@ def estimate_memory(config: Config, device_type: str = "cuda") -> MemoryEstimate
 
 
 def per_gpu_batch(config: Config) -> int:
-    """The micro-batch one GPU runs: train.batch_size over the world size (WORLD_SIZE, as torchrun sets it; 1
-    otherwise) and the accumulation steps."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    return max(1, config.train.batch_size // (world_size * config.train.grad_accum_steps))
+    """The micro-batch one GPU runs: train.batch_size over the ranks torchrun launched and the accumulation
+    steps."""
+    return max(1, config.train.batch_size // (launched_world_size() * config.train.grad_accum_steps))
 
 
 def describe(estimate: MemoryEstimate, batch: int, chosen: str) -> list[str]:

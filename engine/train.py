@@ -13,7 +13,6 @@ steps), then the maintenance concerns that are due (engine.maintenance).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from engine.config import Config, ConfigError, load_config
 from engine.data import DataError, read_manifest
 from engine.data.remote import is_url
 from engine.diffusers_format import init_state_dict
-from engine.distributed import init_distributed, leaving_together
+from engine.distributed import init_distributed, launched_world_size, leaving_together
 from engine.evaluate import EvaluationError, inception_path, load_feature_network
 from engine.lr_schedule import describe as describe_lr
 from engine.maintenance import TrainingError
@@ -121,7 +120,7 @@ def train(config: Config) -> dict[str, Any]:
     """Run (or resume) training to `train.steps`; returns a summary of the run."""
     # a batch that does not split is said before the process group exists: a rank that leaves while another is still
     # joining it makes gloo fail there (connectFullMesh) instead of the one line
-    micro_batch_size(config.train.batch_size, int(os.environ.get("WORLD_SIZE", 1)), config.train.grad_accum_steps)
+    micro_batch_size(config.train.batch_size, launched_world_size(), config.train.grad_accum_steps)
     with cli.reading_inputs():  # train.device=cuda where there is none
         context = init_distributed(config.train.device)
     with leaving_together():
