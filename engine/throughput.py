@@ -114,7 +114,7 @@ def small_micro_batch_warning(config: Config, device_type: str, world_size: int)
         return None
     wanted = -(-BUSY_PIXELS_PER_MICRO_BATCH // (size * size))
     suggested = wanted * world_size * train.grad_accum_steps
-    preset = " or the configs/cifar-fast.yaml preset (batch 512, its learning rate scaled by batch)" if size == 32 else ""
+    preset = " or the configs/cifar-fast.yaml preset (batch 512, the same learning rate at any batch)" if size == 32 else ""
     return (f"train.batch_size={train.batch_size} over {world_size} ranks x {train.grad_accum_steps} micro-batches is "
             f"{micro_batch} images of {size}x{size} per GPU per micro-batch, too little work to keep a GPU busy (at "
             f"least {wanted}): use train.batch_size={suggested} with optim.lr_scaling=sqrt{preset}")
